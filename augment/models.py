@@ -1,0 +1,240 @@
+"""Model presets and loading for the diffusion-flavour recipe.
+
+`--model` takes a preset name, a hub id, or a local folder in diffusers' pipeline layout
+(unet/, vae/, scheduler/, optionally text_encoder*/ tokenizer*/). Weights load from safetensors
+only. Text encoders are loaded only for `--cond empty`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SDXL_BASE = "stabilityai/stable-diffusion-xl-base-1.0"
+SSD_1B = "segmind/SSD-1B"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    base: str                      # hub id or folder in pipeline layout (vae/, scheduler/, ...)
+    unet: str | None = None        # a separate UNet repo/folder (the LCM UNets ship alone)
+    scheduler: str = "auto"        # auto | euler | lcm
+    note: str = ""
+
+
+PRESETS: dict[str, ModelSpec] = {
+    "sdxl": ModelSpec(SDXL_BASE, note="SDXL base 1.0"),
+    "ssd-1b": ModelSpec(SSD_1B, note="Segmind SSD-1B (distilled SDXL)"),
+    "lcm-sdxl": ModelSpec(SDXL_BASE, unet="latent-consistency/lcm-sdxl", scheduler="lcm",
+                          note="LCM-distilled SDXL UNet; VAE and config from SDXL base"),
+    "lcm-ssd-1b": ModelSpec(SSD_1B, unet="latent-consistency/lcm-ssd-1b", scheduler="lcm",
+                            note="LCM-distilled SSD-1B UNet; VAE and config from SSD-1B"),
+    "tiny-random": ModelSpec("tiny-random", note="tiny SDXL-shaped random model built in code (offline demos/tests)"),
+    "tiny-random-lcm": ModelSpec("tiny-random-lcm", scheduler="lcm",
+                                 note="tiny-random with an LCM-style UNet (time_cond_proj_dim)"),
+}
+
+
+class ModelLoadError(Exception):
+    """A model that cannot be loaded; the message is one line for the user."""
+
+
+@dataclass
+class DiffusionComponents:
+    unet: Any
+    vae: Any
+    scheduler: Any
+    text_encoder: Any = None
+    text_encoder_2: Any = None
+    tokenizer: Any = None
+    tokenizer_2: Any = None
+    names: dict[str, str] = field(default_factory=dict)  # provenance: model, unet, vae, scheduler
+
+
+# -- tiny random models ---------------------------------------------------------------------------
+def _byte_level_alphabet() -> list[str]:
+    """The 256 printable stand-ins byte-level BPE (GPT-2, CLIP) uses for raw bytes."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) \
+        + list(range(ord("®"), ord("ÿ") + 1))
+    extra = [b for b in range(256) if b not in printable]
+    return [chr(b) for b in printable] + [chr(256 + i) for i in range(len(extra))]
+
+
+def _tiny_clip_tokenizer(folder: str):
+    """A CLIP BPE tokenizer with only byte-level tokens (no merges): enough to tokenize "" and
+    any text, built offline."""
+    from transformers import CLIPTokenizer
+
+    chars = _byte_level_alphabet()
+    vocab = {}
+    for tok in chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]:
+        vocab.setdefault(tok, len(vocab))
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as f:
+        json.dump(vocab, f)
+    with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as f:
+        f.write("#version: 0.2\n")
+    return CLIPTokenizer(os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"))
+
+
+def build_tiny_random(lcm: bool = False, text_encoders: bool = False, workdir: str | None = None) -> DiffusionComponents:
+    """SDXL-shaped UNet (text_time added conditioning, cross-attention), an 8x-downsampling
+    AutoencoderKL and SDXL's scheduler config, with seeded random weights."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, LCMScheduler, UNet2DConditionModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=32, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(32, 64), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
+        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=8, transformer_layers_per_block=(1, 1),
+        projection_class_embeddings_input_dim=6 * 8 + 32, norm_num_groups=32,
+        time_cond_proj_dim=32 if lcm else None,
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=8,
+        block_out_channels=(8, 16, 16, 16), down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, sample_size=128, scaling_factor=0.13025,
+        force_upcast=True,
+    )
+    sdxl_schedule = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                         beta_schedule="scaled_linear", steps_offset=1, timestep_spacing="leading",
+                         prediction_type="epsilon")
+    scheduler = (LCMScheduler(**sdxl_schedule, original_inference_steps=50) if lcm
+                 else EulerDiscreteScheduler(**sdxl_schedule, interpolation_type="linear"))
+    comps = DiffusionComponents(unet=unet, vae=vae, scheduler=scheduler)
+    if text_encoders:
+        from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+        cfg = dict(vocab_size=514, hidden_size=16, intermediate_size=32, num_attention_heads=2,
+                   num_hidden_layers=2, max_position_embeddings=77, projection_dim=32,
+                   bos_token_id=512, eos_token_id=513, pad_token_id=513)
+        comps.text_encoder = CLIPTextModel(CLIPTextConfig(**cfg))
+        comps.text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**cfg))
+        tok_dir = os.path.join(workdir or _tiny_cache_dir(), "tokenizer")
+        comps.tokenizer = _tiny_clip_tokenizer(tok_dir)
+        comps.tokenizer_2 = _tiny_clip_tokenizer(tok_dir)
+    name = "tiny-random-lcm" if lcm else "tiny-random"
+    comps.names = {"model": name, "unet": name, "vae": name, "scheduler": type(scheduler).__name__}
+    return comps
+
+
+def _tiny_cache_dir() -> str:
+    import tempfile
+
+    return tempfile.mkdtemp(prefix="ddaug-tiny-")
+
+
+def save_tiny_random(folder: str, lcm: bool = False) -> str:
+    """Write tiny-random in diffusers' pipeline layout (model_index.json, unet/, vae/, ...),
+    loadable by `--model FOLDER` and by StableDiffusionXLImg2ImgPipeline.from_pretrained."""
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+
+    c = build_tiny_random(lcm=lcm, text_encoders=True, workdir=folder)
+    pipe = StableDiffusionXLImg2ImgPipeline(
+        vae=c.vae, text_encoder=c.text_encoder, text_encoder_2=c.text_encoder_2,
+        tokenizer=c.tokenizer, tokenizer_2=c.tokenizer_2, unet=c.unet, scheduler=c.scheduler,
+        requires_aesthetics_score=False, force_zeros_for_empty_prompt=True, add_watermarker=False)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+# -- loading ---------------------------------------------------------------------------------------
+def resolve_spec(model: str, unet: str | None = None, scheduler: str = "auto") -> ModelSpec:
+    spec = PRESETS.get(model)
+    if spec is None:
+        if model.startswith((".", "/", "~")) and not os.path.isdir(os.path.expanduser(model)):
+            raise ModelLoadError(f"--model {model}: no such folder")
+        spec = ModelSpec(os.path.expanduser(model))
+    return ModelSpec(spec.base, unet or spec.unet,
+                     scheduler if scheduler != "auto" else spec.scheduler, spec.note)
+
+
+def _from_pretrained(cls, repo: str, subfolder: str | None, **kwargs):
+    try:
+        return cls.from_pretrained(repo, subfolder=subfolder, use_safetensors=True, **kwargs)
+    except Exception as exc:  # hub/network/format errors all mean the same to the user
+        where = f"{repo}/{subfolder}" if subfolder else repo
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"cannot load {cls.__name__} from {where} (safetensors only): {first_line}") from None
+
+
+def _scheduler_for(kind: str, base_scheduler, unet) -> Any:
+    from diffusers import EulerDiscreteScheduler, LCMScheduler
+
+    if kind == "auto":
+        kind = "lcm" if getattr(unet.config, "time_cond_proj_dim", None) else "keep"
+    if kind == "lcm" and not isinstance(base_scheduler, LCMScheduler):
+        return LCMScheduler.from_config(base_scheduler.config)
+    if kind == "euler" and not isinstance(base_scheduler, EulerDiscreteScheduler):
+        return EulerDiscreteScheduler.from_config(base_scheduler.config)
+    return base_scheduler
+
+
+def load_components(spec: ModelSpec, *, vae: str | None = None, text_encoders: bool = False,
+                    trust_remote_code: bool = False) -> DiffusionComponents:
+    """Load fp32 components (the recipe casts them). Tiny presets are built, not loaded."""
+    if spec.base in ("tiny-random", "tiny-random-lcm") and spec.unet is None and vae is None:
+        comps = build_tiny_random(lcm=spec.base == "tiny-random-lcm", text_encoders=text_encoders)
+        comps.scheduler = _scheduler_for(spec.scheduler, comps.scheduler, comps.unet)
+        comps.names["scheduler"] = type(comps.scheduler).__name__
+        return comps
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.schedulers import SchedulerMixin
+
+    unet = (_from_pretrained(UNet2DConditionModel, spec.unet, None) if spec.unet
+            else _from_pretrained(UNet2DConditionModel, spec.base, "unet"))
+    vae_model = (_from_pretrained(AutoencoderKL, vae, None if _is_model_root(vae) else "vae") if vae
+                 else _from_pretrained(AutoencoderKL, spec.base, "vae"))
+    try:
+        from diffusers import EulerDiscreteScheduler
+
+        config = EulerDiscreteScheduler.load_config(spec.base, subfolder="scheduler")
+        base_scheduler = _scheduler_class(config).from_config(config)
+    except Exception as exc:
+        raise ModelLoadError(f"cannot load the scheduler config from {spec.base}/scheduler: {exc}") from None
+    assert isinstance(base_scheduler, SchedulerMixin)
+    comps = DiffusionComponents(unet=unet, vae=vae_model,
+                                scheduler=_scheduler_for(spec.scheduler, base_scheduler, unet))
+    if text_encoders:
+        from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
+
+        try:
+            comps.text_encoder = CLIPTextModel.from_pretrained(spec.base, subfolder="text_encoder", use_safetensors=True)
+            comps.text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(
+                spec.base, subfolder="text_encoder_2", use_safetensors=True)
+            comps.tokenizer = AutoTokenizer.from_pretrained(spec.base, subfolder="tokenizer",
+                                                            trust_remote_code=trust_remote_code)
+            comps.tokenizer_2 = AutoTokenizer.from_pretrained(spec.base, subfolder="tokenizer_2",
+                                                              trust_remote_code=trust_remote_code)
+        except Exception as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ModelLoadError(f"--cond empty needs the text encoders of {spec.base}: {first}") from None
+    comps.names = {"model": spec.base, "unet": spec.unet or f"{spec.base}/unet",
+                   "vae": vae or f"{spec.base}/vae", "scheduler": type(comps.scheduler).__name__}
+    return comps
+
+
+def _is_model_root(path: str) -> bool:
+    """A VAE given as its own repo/folder (config.json at the root) rather than a pipeline."""
+    if os.path.isdir(path):
+        return os.path.exists(os.path.join(path, "config.json"))
+    return True  # hub ids for --vae (e.g. madebyollin/sdxl-vae-fp16-fix) are VAE repos
+
+
+def _scheduler_class(config: dict[str, Any]):
+    import diffusers
+
+    name = config.get("_class_name", "EulerDiscreteScheduler")
+    cls = getattr(diffusers, name, None)
+    if cls is None:
+        raise ModelLoadError(f"unknown scheduler class {name}")
+    return cls

@@ -1,0 +1,210 @@
+"""The diffusion-flavour recipe, done the way the user means it.
+
+Run literally through diffusers' SDXL img2img pipeline, "strength 0.025" takes 0 steps (a crash)
+below 40 inference steps and otherwise noises at t=1, not t~25 (shared/NOTES.md). Here:
+
+  latents = VAE.encode(x)            (posterior mean, or a seeded sample)
+  t       = round(strength * num_train_timesteps)        -> 25 for 0.025
+  noisy   = scheduler.add_noise(latents, noise, t)       (noise seeded per sample)
+  eps     = UNet(scale_model_input(noisy, t), t, zero or encoded-"" conditioning)   ONE call
+  out     = VAE.decode(scheduler.step(eps, t, noisy))
+
+which equals `StableDiffusionXLImg2ImgPipeline(strength=1.0, timesteps=[t])` fed the same latents,
+noise and embeddings (tests/test_reference.py). No classifier-free guidance. `mode="vae"` is
+the encode/decode round trip alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .models import DiffusionComponents
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclass(frozen=True)
+class RecipeSettings:
+    mode: str = "img2img"          # img2img | vae
+    strength: float = 0.025
+    cond: str = "zeros"            # zeros | empty
+    latent: str = "mean"           # mean | sample (of the VAE posterior)
+    seed: int = 0
+    dtype: str = "bf16"
+    lcm_guidance: float = 0.0      # what an LCM UNet's w-embedding is given (w = guidance - 1)
+
+
+def sample_seed(seed: int, key: str, image_index: int) -> int:
+    """Per-image noise seed from the run seed and the sample key: independent of batch size,
+    order and process count."""
+    digest = hashlib.sha256(f"{seed}:{key}:{image_index}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") & ((1 << 63) - 1)
+
+
+def guidance_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
+    """The sinusoidal w-embedding LCM UNets take as timestep_cond (w scaled by 1000, as the
+    LCM distillation used)."""
+    w = w.float() * 1000.0
+    half = dim // 2
+    freqs = torch.exp(torch.arange(half, dtype=torch.float32) * -(math.log(10000.0) / (half - 1)))
+    emb = w[:, None] * freqs[None, :]
+    emb = torch.cat([torch.sin(emb), torch.cos(emb)], dim=1)
+    return F.pad(emb, (0, 1)) if dim % 2 else emb
+
+
+class DiffusionFlavour:
+    def __init__(self, comps: DiffusionComponents, settings: RecipeSettings, device: str):
+        if not 0.0 < settings.strength <= 1.0:
+            raise ValueError("strength must be in (0, 1]")
+        self.comps = comps
+        self.settings = settings
+        self.device = torch.device(device)
+        self.dtype = DTYPES[settings.dtype]
+        vae_cfg = comps.vae.config
+        # The stock SDXL VAE overflows in fp16 (black/NaN images): upcast it. bf16 has fp32's
+        # range and needs no upcast.
+        self.vae_dtype = torch.float32 if (self.dtype == torch.float16 and vae_cfg.force_upcast) else self.dtype
+        self.vae = comps.vae.to(self.device, self.vae_dtype).eval()
+        self.unet = comps.unet.to(self.device, self.dtype).eval() if settings.mode == "img2img" else None
+        self.scheduler = comps.scheduler
+        self.vae_scale = 2 ** (len(vae_cfg.block_out_channels) - 1)
+        unet_down = len(comps.unet.config.down_block_types) - 1 if self.unet is not None else 0
+        # Pad to what both nets divide evenly, so the UNet never interpolates feature maps.
+        self.pad_multiple = self.vae_scale * 2 ** unet_down
+        self.scaling = vae_cfg.scaling_factor
+        self.shift = getattr(vae_cfg, "shift_factor", None) or 0.0
+        T = self.scheduler.config.num_train_timesteps
+        self.timestep = min(max(int(round(settings.strength * T)), 0), T - 1)
+        self._cond = self._conditioning() if self.unet is not None else None
+
+    # -- conditioning, computed once ----------------------------------------------------------
+    def _conditioning(self) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg = self.unet.config
+        text_dim = cfg.cross_attention_dim
+        pooled_dim = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+        if self.settings.cond == "zeros":
+            return (torch.zeros(1, 77, text_dim, device=self.device, dtype=self.dtype),
+                    torch.zeros(1, pooled_dim, device=self.device, dtype=self.dtype))
+        from diffusers import StableDiffusionXLImg2ImgPipeline
+
+        c = self.comps
+        if c.text_encoder_2 is None:
+            raise ValueError("--cond empty needs the model's text encoders")
+        pipe = StableDiffusionXLImg2ImgPipeline(
+            vae=c.vae, text_encoder=c.text_encoder, text_encoder_2=c.text_encoder_2,
+            tokenizer=c.tokenizer, tokenizer_2=c.tokenizer_2, unet=c.unet, scheduler=c.scheduler,
+            requires_aesthetics_score=False, add_watermarker=False)
+        for te in (c.text_encoder, c.text_encoder_2):
+            if te is not None:
+                te.to(self.device)
+        with torch.no_grad():
+            embeds, _, pooled, _ = pipe.encode_prompt("", device=self.device, num_images_per_prompt=1,
+                                                      do_classifier_free_guidance=False)
+        for te in (c.text_encoder, c.text_encoder_2):
+            if te is not None:
+                te.to("cpu")  # only needed once
+        return embeds.to(self.dtype), pooled.to(self.dtype)
+
+    # -- provenance -----------------------------------------------------------------------------
+    def provenance(self) -> dict[str, Any]:
+        s = self.settings
+        info = {"mode": s.mode, "model": self.comps.names.get("model"), "vae": self.comps.names.get("vae"),
+                "latent": s.latent, "dtype": s.dtype,
+                "vae_dtype": {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.vae_dtype]}
+        if s.mode == "img2img":
+            info.update({"unet": self.comps.names.get("unet"), "scheduler": self.comps.names.get("scheduler"),
+                         "strength": s.strength, "timestep": self.timestep, "cond": s.cond, "unet_calls": 1})
+            if self.unet.config.time_cond_proj_dim:
+                info["lcm_w"] = s.lcm_guidance - 1.0
+        return info
+
+    def padded_size(self, height: int, width: int) -> tuple[int, int]:
+        m = self.pad_multiple
+        return -(-height // m) * m, -(-width // m) * m
+
+    # -- the recipe -----------------------------------------------------------------------------
+    def _pad(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        ph, pw = self.padded_size(h, w)
+        if (ph, pw) == (h, w):
+            return x
+        # Reflection keeps edge statistics natural; tiny images can't reflect further than
+        # their own size, so they repeat the border instead.
+        mode = "reflect" if (ph - h) < h and (pw - w) < w else "replicate"
+        return F.pad(x, (0, pw - w, 0, ph - h), mode=mode)
+
+    def _generators(self, seeds: list[int]) -> list[torch.Generator]:
+        return [torch.Generator("cpu").manual_seed(s) for s in seeds]
+
+    def _randn(self, shape, generators: list[torch.Generator]) -> torch.Tensor:
+        # Drawn on the CPU per sample, so values do not depend on device or batch composition.
+        draws = [torch.randn((1, *shape[1:]), generator=g, dtype=torch.float32) for g in generators]
+        return torch.cat(draws).to(self.device)
+
+    @torch.no_grad()
+    def encode(self, pixels: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+        posterior = self.vae.encode(pixels.to(self.vae_dtype)).latent_dist
+        if self.settings.latent == "sample":
+            z = posterior.mean + posterior.std * self._randn(posterior.mean.shape, generators).to(posterior.mean.dtype)
+        else:
+            z = posterior.mean
+        return (z.float() - self.shift) * self.scaling
+
+    @torch.no_grad()
+    def denoise_once(self, latents: torch.Tensor, generators: list[torch.Generator],
+                     original_sizes: list[tuple[int, int]]) -> torch.Tensor:
+        batch = latents.shape[0]
+        sched = self.scheduler
+        sched.set_timesteps(timesteps=[self.timestep], device=self.device)
+        if hasattr(sched, "set_begin_index"):
+            sched.set_begin_index(0)
+        t = sched.timesteps[0]
+        noise = self._randn(latents.shape, generators)
+        noisy = sched.add_noise(latents, noise, sched.timesteps[:1].repeat(batch))
+        model_in = sched.scale_model_input(noisy, t).to(self.dtype)
+        prompt_embeds, pooled = self._cond
+        h, w = latents.shape[-2] * self.vae_scale, latents.shape[-1] * self.vae_scale
+        time_ids = torch.tensor([[oh, ow, 0, 0, h, w] for oh, ow in original_sizes],
+                                device=self.device, dtype=self.dtype)
+        timestep_cond = None
+        if self.unet.config.time_cond_proj_dim:
+            w_vec = torch.full((batch,), self.settings.lcm_guidance - 1.0)
+            timestep_cond = guidance_embedding(w_vec, self.unet.config.time_cond_proj_dim).to(self.device, self.dtype)
+        eps = self.unet(model_in, t, encoder_hidden_states=prompt_embeds.expand(batch, -1, -1),
+                        timestep_cond=timestep_cond,
+                        added_cond_kwargs={"text_embeds": pooled.expand(batch, -1), "time_ids": time_ids},
+                        return_dict=False)[0]
+        return sched.step(eps.float(), t, noisy, return_dict=False)[0]
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        z = latents / self.scaling + self.shift
+        return self.vae.decode(z.to(self.vae_dtype), return_dict=False)[0].float()
+
+    @torch.no_grad()
+    def __call__(self, images: list[np.ndarray], seeds: list[int]) -> list[np.ndarray | None]:
+        """Same-size HxWx3 uint8 images in; same-size uint8 images out (None where the output
+        was not finite, e.g. an fp16 overflow)."""
+        h, w = images[0].shape[:2]
+        batch = torch.from_numpy(np.stack(images)).to(self.device, non_blocking=True)
+        x = batch.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+        x = self._pad(x)
+        generators = self._generators(seeds)
+        latents = self.encode(x, generators)
+        if self.settings.mode == "img2img":
+            latents = self.denoise_once(latents, generators, [(h, w)] * len(images))
+        out = self.decode(latents)[:, :, :h, :w]
+        finite = torch.isfinite(out).flatten(1).all(dim=1).tolist()
+        pixels = ((out / 2 + 0.5).clamp_(0, 1) * 255).round_().to(torch.uint8)
+        pixels = pixels.permute(0, 2, 3, 1).contiguous().cpu().numpy()
+        return [p if ok else None for p, ok in zip(pixels, finite)]

@@ -1,0 +1,46 @@
+"""`ddaug augment` as a library call: options in, shards out."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from pipeline.command import RunOptions, UserError, execute
+from pipeline.job import JobSummary
+
+from .models import ModelLoadError, load_components, resolve_spec
+from .recipe import DiffusionFlavour, RecipeSettings
+from .stage import AugmentStage
+
+
+@dataclass
+class AugmentOptions:
+    model: str = "sdxl"
+    unet: str | None = None
+    vae: str | None = None
+    scheduler: str = "auto"
+    image_format: str = "png"
+    quality: int = 95
+    max_side: int | None = None
+    domain: str = "general"
+    stage: str | None = None
+    recipe: RecipeSettings = RecipeSettings()
+
+
+def run_augment(run: RunOptions, opts: AugmentOptions) -> JobSummary:
+    spec = resolve_spec(opts.model, opts.unet, opts.scheduler)
+    # Everything that changes output bytes; a rerun into the folder must match it.
+    config = {"model": opts.model, "unet": opts.unet, "vae": opts.vae, "scheduler": opts.scheduler,
+              "image_format": opts.image_format, "quality": opts.quality if opts.image_format == "jpeg" else None,
+              "max_side": opts.max_side, "domain": opts.domain, "stage": opts.stage,
+              "shard_size": run.shard_size, "prefix": run.prefix, **asdict(opts.recipe)}
+
+    def make_stage(placement):
+        try:
+            comps = load_components(spec, vae=opts.vae, text_encoders=opts.recipe.cond == "empty")
+            flavour = DiffusionFlavour(comps, opts.recipe, placement.device)
+        except ModelLoadError as exc:
+            raise UserError(str(exc)) from None
+        return AugmentStage(flavour, image_format=opts.image_format, quality=opts.quality,
+                            max_side=opts.max_side, tags={"domain": opts.domain, "stage": opts.stage})
+
+    return execute("augment", run, config, make_stage)

@@ -1,0 +1,103 @@
+"""`augment` as a pipeline Stage: decode -> DiffusionFlavour in size buckets -> encode members."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from pipeline import SampleFailure
+from shards.codec import FORMAT_EXT, encode_image
+from shards.schema import build_sample, count_image_tags, encode_sample_json, image_member_names
+from sources import ImageDecodeError, SourceItem, decode_image
+
+from .recipe import DiffusionFlavour, sample_seed
+
+
+@dataclass
+class ImageUnit:
+    pixels: np.ndarray
+    seed: int
+    padded: tuple[int, int]
+    source: dict[str, Any]
+
+
+def read_image(item: SourceItem, index: int, max_side: int | None = None) -> tuple[Image.Image, dict[str, Any]]:
+    """Read and decode one image of an item, with its source record; raises SampleFailure."""
+    ref = item.images[index]
+    try:
+        data = ref.read()
+    except OSError as exc:
+        raise SampleFailure("read", f"{exc.strerror or exc}: {ref.uri}") from None
+    try:
+        img, fmt = decode_image(data)
+    except ImageDecodeError as exc:
+        raise SampleFailure("decode", f"{exc}: {ref.uri}") from None
+    source = {"uri": ref.uri, "sha256": hashlib.sha256(data).hexdigest(), "width": img.width,
+              "height": img.height, "format": fmt}
+    if max_side and max(img.size) > max_side:
+        scale = max_side / max(img.size)
+        size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
+        img = img.resize(size, Image.Resampling.LANCZOS)
+        source["resized_to"] = [img.width, img.height]
+    return img, source
+
+
+def check_conversation(item: SourceItem) -> None:
+    tags = count_image_tags(item.messages)
+    if item.messages and tags != len(item.images):
+        raise SampleFailure("read", f"conversation has {tags} <image> tags for {len(item.images)} images")
+
+
+class AugmentStage:
+    command = "augment"
+
+    def __init__(self, flavour: DiffusionFlavour, *, image_format: str = "png", quality: int = 95,
+                 max_side: int | None = None, tags: dict[str, Any] | None = None):
+        self.flavour = flavour
+        self.image_format = image_format
+        self.quality = quality
+        self.max_side = max_side
+        self.tags = tags or {}
+        self.provenance = flavour.provenance()
+
+    def load(self, item: SourceItem) -> list[ImageUnit]:
+        check_conversation(item)
+        units = []
+        for i in range(len(item.images)):
+            img, source = read_image(item, i, self.max_side)
+            pixels = np.asarray(img, dtype=np.uint8)
+            units.append(ImageUnit(pixels, sample_seed(self.flavour.settings.seed, item.key, i),
+                                   self.flavour.padded_size(*pixels.shape[:2]), source))
+        return units
+
+    def bucket(self, unit: ImageUnit):
+        return unit.padded
+
+    def run(self, units: list[ImageUnit]) -> list[Any]:
+        outs = self.flavour([u.pixels for u in units], [u.seed for u in units])
+        return [(out, u) if out is not None else
+                SampleFailure("augment", "non-finite model output (NaN/inf); not written")
+                for out, u in zip(outs, units)]
+
+    def build(self, item: SourceItem, results: list[Any]) -> dict[str, bytes]:
+        ext = FORMAT_EXT[self.image_format]
+        names = image_member_names(item.key, [ext] * len(results))
+        files = {}
+        for name, (pixels, _) in zip(names, results):
+            files[name[len(item.key) + 1:]] = encode_image(pixels, self.image_format, self.quality)
+        tags = {"domain": "general", "task": "conversation" if item.messages else "image", "stage": None}
+        tags.update({k: v for k, v in item.tags.items() if k in ("domain", "task", "stage")})
+        tags.update({k: v for k, v in self.tags.items() if v is not None})
+        block = dict(self.provenance)
+        if self.flavour.settings.mode == "img2img" or self.flavour.settings.latent == "sample":
+            block["seeds"] = [u.seed for _, u in results]
+        block["run_seed"] = self.flavour.settings.seed
+        sample = build_sample(item.key, messages=item.messages, image_names=names,
+                              source={"uri": item.uri, "images": [u.source for _, u in results]},
+                              tags=tags, block_name="augment", block=block, extra=item.extra)
+        files["json"] = encode_sample_json(sample)
+        return files

@@ -1,0 +1,255 @@
+"""ddaug command line: parse options, call library code. Nothing else lives here."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import sys
+
+import click
+
+from augment.models import PRESETS
+
+log = logging.getLogger("ddaug")
+
+
+def _known_errors() -> tuple[type[Exception], ...]:
+    from augment.models import ModelLoadError
+    from pipeline.command import UserError
+    from shards.inspect import InspectError
+    from shards.store import StoreError
+    from sources import SourceError
+
+    return (UserError, StoreError, SourceError, InspectError, ModelLoadError)
+
+
+def user_errors(fn):
+    """User-fixable problems become one `Error: ...` line and exit code 1, never a traceback."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except _known_errors() as exc:
+            raise click.ClickException(str(exc)) from None
+    return wrapper
+
+
+def _setup_logging(verbose: int) -> None:
+    level = logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", force=True)
+    if verbose < 2:
+        # diffusers/transformers warn about benign things on every load (dtype casts, custom
+        # timestep schedules); keep the terminal for what the user needs.
+        from diffusers.utils import logging as dlog
+        from transformers.utils import logging as tlog
+
+        dlog.set_verbosity_error()
+        dlog.disable_progress_bar()
+        tlog.set_verbosity_error()
+        tlog.disable_progress_bar()
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", count=True, help="More logging (-vv: also library logs).")
+def cli(verbose: int) -> None:
+    """ddaug: diffusion-domain data for VLM fine-tuning.
+
+    \b
+    Remedies for a VLM that forgets general skills on diffusion-generated images:
+      augment   give natural general data diffusion traits (SDXL/SSD-1B/LCM, one step)
+      caption   recaption business images with a VLM (caption and instruct data)
+      inspect   summarise, verify and preview shards
+      demo      offline end-to-end run on bundled photos with tiny models
+    """
+    _setup_logging(verbose)
+
+
+def run_options(fn):
+    """Options every shard-writing command shares."""
+    options = [
+        click.option("-o", "--output", required=True, type=click.Path(file_okay=False),
+                     help="Output folder for shards, manifest.json, failures.jsonl, run.json."),
+        click.option("--media-dir", type=click.Path(file_okay=False), default=None,
+                     help="Base folder for image paths in .json/.jsonl datasets (default: the dataset's folder)."),
+        click.option("--device", default=None, help="torch device (default: cuda:LOCAL_RANK if available, else cpu)."),
+        click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
+                     help="Images per model call (same-size images are batched together)."),
+        click.option("--shard-size", type=click.IntRange(min=1), default=1000, show_default=True,
+                     help="Inputs per shard (failed inputs make a shard smaller)."),
+        click.option("--seed", type=int, default=0, show_default=True,
+                     help="Run seed; each sample's seed derives from it and the sample key."),
+        click.option("--prefix", default="shard", show_default=True, help="Shard file name prefix."),
+        click.option("--workers", type=click.IntRange(min=1), default=4, show_default=True,
+                     help="Threads for reading/decoding and for encoding output."),
+        click.option("--rank", type=click.IntRange(min=0), default=None,
+                     help="This process's part of the input (default: $RANK from accelerate/torchrun, else 0)."),
+        click.option("--world-size", type=click.IntRange(min=1), default=None,
+                     help="Number of processes sharing the input (default: $WORLD_SIZE, else 1)."),
+        click.option("--overwrite", is_flag=True, help="Delete earlier output in the folder and start fresh."),
+        click.option("-q", "--quiet", is_flag=True, help="No progress bar."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _run_options(kw: dict):
+    from pipeline.command import RunOptions
+
+    keys = ("output", "media_dir", "device", "batch_size", "shard_size", "seed", "prefix", "workers",
+            "rank", "world_size", "overwrite", "quiet")
+    return RunOptions(inputs=tuple(kw.pop("inputs")), **{k: kw.pop(k) for k in keys})
+
+
+def _validate_model(ctx, param, value: str) -> str:
+    if value in PRESETS or os.path.isdir(os.path.expanduser(value)) or value.count("/") == 1:
+        return value
+    raise click.BadParameter(f"{value!r} is not a preset ({', '.join(PRESETS)}), a folder, or a hub id (org/name)")
+
+
+def _report(command: str, summary, output: str) -> None:
+    click.echo(f"{command}: {summary.line()} -> {output}", err=True)
+
+
+@cli.command(epilog="""\b
+Examples:
+  ddaug augment photos/ -o out/general-sdxl                      # SDXL, strength 0.025, zeros
+  ddaug augment llava.json --media-dir imgs/ -o out/ --model ssd-1b
+  ddaug augment 'gen-{000..009}.tar' -o out/ --model lcm-sdxl --image-format webp
+  accelerate launch --num_processes 8 cli.py augment photos/ -o out/   # one part per GPU
+  ddaug augment photos/ -o out/ --model tiny-random --device cpu  # offline smoke test
+""")
+@click.argument("inputs", nargs=-1, required=True)
+@run_options
+@click.option("--model", default="sdxl", show_default=True, callback=_validate_model,
+              help=f"Preset ({', '.join(PRESETS)}), hub id, or local diffusers folder.")
+@click.option("--unet", default=None, help="Separate UNet hub id/folder (e.g. an LCM UNet).")
+@click.option("--vae", default=None, help="Override the VAE (hub id/folder), e.g. madebyollin/sdxl-vae-fp16-fix.")
+@click.option("--scheduler", type=click.Choice(["auto", "euler", "lcm"]), default="auto", show_default=True,
+              help="auto: LCM for LCM UNets, else the model's own (Euler for SDXL/SSD-1B).")
+@click.option("--mode", type=click.Choice(["img2img", "vae"]), default="img2img", show_default=True,
+              help="img2img: VAE + one UNet denoise step; vae: VAE round trip only.")
+@click.option("--strength", type=click.FloatRange(0, 1, min_open=True), default=0.025, show_default=True,
+              help="Noise to timestep round(strength*1000) (25 for 0.025), then ONE UNet call there.")
+@click.option("--cond", type=click.Choice(["zeros", "empty"]), default="zeros", show_default=True,
+              help="zeros: zero text/pooled embeddings, no text encoders loaded; empty: encode \"\" once.")
+@click.option("--latent", type=click.Choice(["mean", "sample"]), default="mean", show_default=True,
+              help="VAE latent: the posterior mean, or a sample seeded per image.")
+@click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default=None,
+              help="Compute dtype (default bf16 on GPU, fp32 on CPU). fp16 upcasts the SDXL VAE to fp32.")
+@click.option("--image-format", type=click.Choice(["png", "webp", "jpeg"]), default="png", show_default=True,
+              help="Output encoding; png/webp are lossless so the traits survive.")
+@click.option("--quality", type=click.IntRange(1, 100), default=95, show_default=True, help="JPEG quality.")
+@click.option("--max-side", type=click.IntRange(min=8), default=None,
+              help="Downsize images whose longer side exceeds this first (recorded). Default: native size.")
+@click.option("--domain", default="general", show_default=True, help="tags.domain of the output samples.")
+@click.option("--stage", "stage_tag", default=None, help="tags.stage of the output samples.")
+@user_errors
+def augment(**kw) -> None:
+    """Give natural images diffusion traits, keeping their conversations.
+
+    Each image is VAE-encoded, noised to t=round(strength*1000), denoised with exactly one
+    unguided UNet call (zero conditioning by default), decoded at its native size, and written
+    to webdataset shards with its conversation unchanged. Reruns resume; see README.
+    """
+    from augment.recipe import RecipeSettings
+    from augment.run import AugmentOptions, run_augment
+
+    run = _run_options(kw)
+    dtype = kw["dtype"] or ("fp32" if (run.device or "").startswith("cpu") or not _cuda() else "bf16")
+    recipe = RecipeSettings(mode=kw["mode"], strength=kw["strength"], cond=kw["cond"], latent=kw["latent"],
+                            seed=run.seed, dtype=dtype)
+    opts = AugmentOptions(model=kw["model"], unet=kw["unet"], vae=kw["vae"], scheduler=kw["scheduler"],
+                          image_format=kw["image_format"], quality=kw["quality"], max_side=kw["max_side"],
+                          domain=kw["domain"], stage=kw["stage_tag"], recipe=recipe)
+    _report("augment", run_augment(run, opts), run.output)
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@cli.command(epilog="""\b
+Examples:
+  ddaug inspect out/                       # summary of every shard in the folder
+  ddaug inspect out/ --verify              # decode everything, check schema and manifest
+  ddaug inspect 'out/shard-000-{000000..000009}.tar' --json
+  ddaug inspect out/ --show astronaut-1a2b3c4d5e6f --save-image a.png
+  ddaug inspect out/ --preview sheet.png   # source | output thumbnails with PSNR
+""")
+@click.argument("paths", nargs=-1, required=True)
+@click.option("--verify", is_flag=True, help="Decode every sample and check the schema; exit 1 on problems.")
+@click.option("--show", "show_key", default=None, help="Print one sample's json.")
+@click.option("--save-image", type=click.Path(dir_okay=False), default=None, help="With --show: save its first image.")
+@click.option("--preview", type=click.Path(dir_okay=False), default=None, help="Write a contact sheet PNG.")
+@click.option("--limit", type=click.IntRange(min=1), default=12, show_default=True, help="Rows in the contact sheet.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable summary.")
+@user_errors
+def inspect(paths, verify, show_key, save_image, preview, limit, as_json) -> None:
+    """Summarise, verify, show and preview shards."""
+    from shards import inspect as ins
+
+    if show_key:
+        sample = ins.find_sample(paths, show_key)
+        click.echo(json.dumps(sample.meta, ensure_ascii=False, indent=2))
+        if save_image:
+            with open(save_image, "wb") as f:
+                f.write(sample.members[sample.image_members()[0]])
+            click.echo(f"saved {save_image}", err=True)
+        return
+    report = ins.inspect_shards(paths, verify=verify)
+    if preview:
+        n = ins.contact_sheet(paths, preview, limit=limit)
+        click.echo(f"wrote {preview} ({n} rows)", err=True)
+    if as_json:
+        click.echo(json.dumps(report.to_json(), ensure_ascii=False, indent=1))
+    else:
+        click.echo(_format_report(report))
+    if verify and report.problems:
+        raise click.ClickException(f"{len(report.problems)} problem(s) found")
+
+
+def _format_report(report) -> str:
+    r = report.to_json()
+    lines = [f"shards   {r['shards']}", f"samples  {r['samples']}", f"bytes    {r['bytes']:,}",
+             f"formats  {r['formats']}", f"sizes    {r['sizes']} (longer side)"]
+    for k, v in r["tags"].items():
+        lines.append(f"tags.{k:<6} {v}")
+    if r["turns"]:
+        lines.append(f"turns    {r['turns']}")
+    if r["answer_chars"]:
+        lines.append(f"answers  {r['answer_chars']} chars")
+    if r["question_ids"]:
+        lines.append(f"questions {r['question_ids']}")
+    if r["flags"]:
+        lines.append(f"flags    {r['flags']}")
+    lines.append(f"failures {r['failures'] or 0} (failures.jsonl)")
+    for p in r["problems"]:
+        lines.append(f"PROBLEM  {p}")
+    return "\n".join(lines)
+
+
+@cli.command(epilog="""\b
+Example:
+  ddaug demo -o demo-out && open demo-out/preview.png
+""")
+@click.option("-o", "--output", type=click.Path(file_okay=False), default="demo-out", show_default=True)
+@user_errors
+def demo(output: str) -> None:
+    """Offline end-to-end run on CPU: bundled photos -> augment (tiny-random) -> inspect + preview."""
+    from pipeline.demo import run_demo
+
+    for line in run_demo(output):
+        click.echo(line)
+
+
+def main() -> None:
+    cli(prog_name="ddaug")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,78 @@
+"""What every shard-writing command does around its stage: read sources, place this process,
+open the output folder, build the stage (models load last, after the cheap checks), run."""
+
+from __future__ import annotations
+
+import logging
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Any, Callable
+
+from shards.store import OutputFolder
+from sources import read_sources
+
+from .job import Job, JobSummary, Stage
+from .placement import Placement, resolve_placement
+
+log = logging.getLogger(__name__)
+
+
+class UserError(Exception):
+    """A problem the user can fix; shown as one line, never a traceback."""
+
+
+@dataclass
+class RunOptions:
+    inputs: tuple[str, ...]
+    output: str
+    media_dir: str | None = None
+    device: str | None = None
+    batch_size: int = 8
+    shard_size: int = 1000
+    seed: int = 0
+    prefix: str = "shard"
+    workers: int = 4
+    rank: int | None = None
+    world_size: int | None = None
+    overwrite: bool = False
+    quiet: bool = False
+
+
+def package_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in ("ddaug", "torch", "diffusers", "transformers", "webdataset", "pillow", "accelerate"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def execute(command: str, opts: RunOptions, config: dict[str, Any],
+            make_stage: Callable[[Placement], Stage]) -> JobSummary:
+    items = read_sources(opts.inputs, opts.media_dir)
+    if not items:
+        raise UserError(f"no input images found in {', '.join(opts.inputs)}")
+    try:
+        placement = resolve_placement(opts.rank, opts.world_size, opts.device)
+    except ValueError as exc:
+        raise UserError(f"--rank/--world-size: {exc}") from None
+    run_info = {"versions": package_versions(), "argv": sys.argv, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    folder = OutputFolder(opts.output, prefix=opts.prefix, command=command, config=config,
+                          run_info=run_info, rank=placement.rank, overwrite=opts.overwrite)
+    try:
+        stage = make_stage(placement)
+        job = Job(stage, folder, shard_size=opts.shard_size, batch_size=opts.batch_size,
+                  rank=placement.rank, world_size=placement.world_size, workers=opts.workers,
+                  show_progress=not opts.quiet)
+        summary = job.run(items)
+        folder.refresh_summary()
+    finally:
+        folder.close()
+    if summary.total and summary.done == 0 and summary.skipped == 0:
+        raise UserError(f"nothing could be processed: all {summary.failed} inputs failed "
+                        f"(see {opts.output}/failures.jsonl)")
+    return summary

@@ -1,0 +1,226 @@
+"""The executor shared by `augment` and `caption`.
+
+    sources -> [loader threads: read + decode] -> size buckets -> stage.run (GPU, one thread)
+            -> [builder threads: encode members] -> ordered shard writer -> done marker
+
+A Stage says how to load one item into work units, how to batch units, what to run on a batch,
+and how to build the output sample. The job owns everything else: which items this process
+owns, what is already done, shard boundaries, failures, progress. Each shard holds a fixed
+chunk of this process's remaining inputs, in input order, so a rerun after a crash rebuilds
+the same shards byte for byte.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Callable, Hashable, Iterator, Protocol
+
+from tqdm import tqdm
+
+from shards.store import Failure, OutputFolder
+from sources import SourceItem, rank_of
+
+log = logging.getLogger(__name__)
+
+
+class SampleFailure(Exception):
+    """One sample cannot be made; stage ("read", "decode", "augment", ...) and reason go to
+    the failure ledger."""
+
+    def __init__(self, stage: str, reason: str):
+        super().__init__(reason)
+        self.stage = stage
+        self.reason = reason
+
+
+class Stage(Protocol):
+    command: str
+
+    def load(self, item: SourceItem) -> list[Any]:
+        """Read and decode an item into work units (runs in loader threads)."""
+
+    def bucket(self, unit: Any) -> Hashable:
+        """Units with equal bucket keys can share a batch (e.g. same padded size)."""
+
+    def run(self, units: list[Any]) -> list[Any]:
+        """Process a batch; per unit a result or a SampleFailure (runs on the job's thread)."""
+
+    def build(self, item: SourceItem, results: list[Any]) -> dict[str, bytes]:
+        """Encode the output members of one sample (runs in builder threads)."""
+
+
+@dataclass
+class JobSummary:
+    total: int = 0          # inputs owned by this process
+    skipped: int = 0        # already done by an earlier run
+    done: int = 0
+    failed: int = 0
+    shards: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    failure_reasons: collections.Counter = field(default_factory=collections.Counter)
+
+    def line(self) -> str:
+        return (f"done {self.done}, skipped {self.skipped} (already done), failed {self.failed}, "
+                f"{len(self.shards)} new shard(s) in {self.seconds:.1f}s")
+
+
+def _ordered_prefetch(pool: ThreadPoolExecutor, fn: Callable, items: list, window: int) -> Iterator:
+    """pool.map with a bounded look-ahead, so memory holds at most `window` loaded items."""
+    queue: collections.deque[Future] = collections.deque()
+    it = iter(items)
+    for item in it:
+        queue.append(pool.submit(fn, item))
+        if len(queue) >= window:
+            break
+    while queue:
+        yield queue.popleft().result()
+        nxt = next(it, None)
+        if nxt is not None:
+            queue.append(pool.submit(fn, nxt))
+
+
+class _ItemState:
+    __slots__ = ("item", "results", "remaining", "failure", "future")
+
+    def __init__(self, item: SourceItem, n_units: int):
+        self.item = item
+        self.results: list[Any] = [None] * n_units
+        self.remaining = n_units
+        self.failure: SampleFailure | None = None
+        self.future: Future | None = None
+
+
+class Job:
+    def __init__(self, stage: Stage, folder: OutputFolder, *, shard_size: int, batch_size: int,
+                 rank: int = 0, world_size: int = 1, workers: int = 4, show_progress: bool = True):
+        self.stage = stage
+        self.folder = folder
+        self.shard_size = shard_size
+        self.batch_size = batch_size
+        self.rank = rank
+        self.world_size = world_size
+        self.workers = max(1, workers)
+        self.show_progress = show_progress
+
+    def _load(self, item: SourceItem):
+        if item.error:
+            return item, SampleFailure("read", item.error)
+        try:
+            return item, self.stage.load(item)
+        except SampleFailure as exc:
+            return item, exc
+        except Exception as exc:  # a reader/decoder bug must not stop a million-image run
+            log.exception("unexpected error loading %s", item.uri)
+            return item, SampleFailure("read", f"{type(exc).__name__}: {exc}")
+
+    def _build(self, state: _ItemState) -> dict[str, bytes]:
+        return self.stage.build(state.item, state.results)
+
+    def _run_batch(self, units: list[Any]) -> list[Any]:
+        try:
+            return self.stage.run(units)
+        except Exception as exc:
+            if len(units) == 1:
+                log.warning("batch failed: %s", exc)
+                return [SampleFailure(self.stage.command, f"{type(exc).__name__}: {exc}")]
+            # One bad unit should not sink its batch mates: retry them one by one.
+            log.warning("batch of %d failed (%s); retrying one by one", len(units), exc)
+            return [r for u in units for r in self._run_batch([u])]
+
+    def run(self, items: list[SourceItem]) -> JobSummary:
+        t0 = time.monotonic()
+        summary = JobSummary()
+        mine = [it for it in items if rank_of(it.key, self.world_size) == self.rank]
+        done = self.folder.done_keys()
+        todo = [it for it in mine if it.key not in done]
+        summary.total, summary.skipped = len(mine), len(mine) - len(todo)
+        first_index = self.folder.next_index()
+        chunks = [todo[i:i + self.shard_size] for i in range(0, len(todo), self.shard_size)]
+        bar = tqdm(total=len(todo), unit="img", desc=self.stage.command, dynamic_ncols=True,
+                   disable=not self.show_progress, smoothing=0.1)
+        window = max(2 * self.batch_size, 4 * self.workers)
+        with ThreadPoolExecutor(self.workers, thread_name_prefix="load") as loaders, \
+                ThreadPoolExecutor(self.workers, thread_name_prefix="build") as builders:
+            loaded = _ordered_prefetch(loaders, self._load, todo, window)
+            for j, chunk in enumerate(chunks):
+                self._run_chunk(first_index + j, chunk, loaded, builders, bar, summary)
+        bar.close()
+        summary.seconds = time.monotonic() - t0
+        return summary
+
+    def _run_chunk(self, index: int, chunk: list[SourceItem], loaded: Iterator,
+                   builders: ThreadPoolExecutor, bar: tqdm, summary: JobSummary) -> None:
+        t0 = time.monotonic()
+        writer = self.folder.new_shard(index)
+        failures: list[Failure] = []
+        states: list[_ItemState] = []
+        buckets: dict[Hashable, list[tuple[_ItemState, int, Any]]] = {}
+        next_out = 0
+
+        def finish_ready(block: bool) -> None:
+            nonlocal next_out
+            while next_out < len(states):
+                st = states[next_out]
+                if st.failure is None and st.future is None:
+                    return  # units still queued
+                if st.failure is None:
+                    if not (block or st.future.done()):
+                        return
+                    try:
+                        writer.write(st.item.key, st.future.result())
+                    except SampleFailure as exc:
+                        st.failure = exc
+                if st.failure is not None:
+                    failures.append(Failure(st.item.key, st.item.uri, st.failure.stage, st.failure.reason))
+                    summary.failed += 1
+                    summary.failure_reasons[st.failure.stage] += 1
+                    log.info("failed %s (%s): %s", st.item.uri, st.failure.stage, st.failure.reason)
+                else:
+                    summary.done += 1
+                st.results = []  # free pixels as soon as the sample is written
+                next_out += 1
+                bar.update(1)
+                bar.set_postfix(failed=summary.failed, refresh=False)
+
+        def flush(bkey: Hashable) -> None:
+            batch = buckets.pop(bkey)
+            outputs = self._run_batch([u for _, _, u in batch])
+            for (st, ui, _), out in zip(batch, outputs):
+                if isinstance(out, SampleFailure):
+                    st.failure = st.failure or out
+                else:
+                    st.results[ui] = out
+                st.remaining -= 1
+                if st.remaining == 0 and st.failure is None:
+                    st.future = builders.submit(self._build, st)
+            finish_ready(block=False)
+
+        try:
+            for _ in chunk:
+                item, units = next(loaded)
+                if isinstance(units, SampleFailure):
+                    st = _ItemState(item, 0)
+                    st.failure = units
+                    states.append(st)
+                    continue
+                st = _ItemState(item, len(units))
+                states.append(st)
+                for ui, unit in enumerate(units):
+                    bkey = self.stage.bucket(unit)
+                    buckets.setdefault(bkey, []).append((st, ui, unit))
+                    if len(buckets[bkey]) >= self.batch_size:
+                        flush(bkey)
+            for bkey in list(buckets):
+                flush(bkey)
+            finish_ready(block=True)
+        except BaseException:
+            writer.abort()
+            raise
+        stats = self.folder.commit_shard(index, writer, covered_keys=[it.key for it in chunk],
+                                         failures=failures, seconds=time.monotonic() - t0)
+        if stats["shard"]:
+            summary.shards.append(stats["shard"])

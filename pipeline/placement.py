@@ -1,0 +1,40 @@
+"""Which part of the input this process owns and which device it uses.
+
+Under `accelerate launch` (or torchrun) the launcher sets RANK / WORLD_SIZE / LOCAL_RANK; for
+Slurm arrays and other schedulers pass --rank/--world-size. No process group is needed: the
+split is by key hash, so processes never talk to each other.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Placement:
+    rank: int
+    world_size: int
+    device: str
+
+
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name)
+    return int(value) if value not in (None, "") else None
+
+
+def resolve_placement(rank: int | None, world_size: int | None, device: str | None) -> Placement:
+    env_rank, env_world = _env_int("RANK"), _env_int("WORLD_SIZE")
+    rank = rank if rank is not None else (env_rank or 0)
+    world_size = world_size if world_size is not None else (env_world or 1)
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside world size {world_size}")
+    if device is None:
+        import torch
+
+        if torch.cuda.is_available():
+            local = _env_int("LOCAL_RANK") or 0
+            device = f"cuda:{local % torch.cuda.device_count()}"
+        else:
+            device = "cpu"
+    return Placement(rank=rank, world_size=world_size, device=device)

@@ -1,0 +1,294 @@
+"""Reading shards back for people and scripts: summary, verification, one sample, contact sheet."""
+
+from __future__ import annotations
+
+import collections
+import glob
+import io
+import json
+import math
+import os
+import statistics
+import tarfile
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from sources.readers import _split_member_name, expand_input
+
+from .schema import IMAGE_SUFFIXES, validate_sample
+from .store import FAILURES, MANIFEST
+
+
+class InspectError(Exception):
+    pass
+
+
+@dataclass
+class ShardSample:
+    shard: str
+    key: str
+    members: dict[str, bytes]
+
+    @property
+    def meta(self) -> Any:
+        return json.loads(self.members["json"].decode("utf-8")) if "json" in self.members else None
+
+    def image_members(self) -> list[str]:
+        return sorted(s for s in self.members if s.rsplit(".", 1)[-1].lower() in IMAGE_SUFFIXES)
+
+
+def find_shards(paths: tuple[str, ...] | list[str]) -> list[str]:
+    found = []
+    for arg in paths:
+        for p in expand_input(arg):
+            if os.path.isdir(p):
+                found.extend(sorted(glob.glob(os.path.join(glob.escape(p), "*.tar"))))
+            elif os.path.exists(p):
+                found.append(p)
+            else:
+                raise InspectError(f"no such shard or folder: {p}")
+    if not found:
+        raise InspectError(f"no .tar shards in {', '.join(paths)}")
+    return found
+
+
+def iter_shard(path: str) -> Iterator[ShardSample]:
+    """Samples of one tar, members grouped by key. Raises tarfile/OS errors on corruption
+    after yielding what was readable."""
+    current: ShardSample | None = None
+    with tarfile.open(path, mode="r:") as tf:
+        for member in tf:
+            if not member.isfile():
+                continue
+            key, suffix = _split_member_name(member.name)
+            f = tf.extractfile(member)
+            data = f.read() if f else b""
+            if len(data) != member.size:
+                raise tarfile.ReadError(f"member {member.name} cut short")
+            if current is None or current.key != key:
+                if current is not None:
+                    yield current
+                current = ShardSample(path, key, {})
+            current.members[suffix] = data
+    if current is not None:
+        yield current
+
+
+def _size_bucket(w: int, h: int) -> str:
+    side = max(w, h)
+    for limit in (256, 512, 1024, 2048):
+        if side <= limit:
+            return f"<={limit}"
+    return ">2048"
+
+
+@dataclass
+class Report:
+    shards: int = 0
+    samples: int = 0
+    bytes: int = 0
+    formats: collections.Counter = field(default_factory=collections.Counter)
+    sizes: collections.Counter = field(default_factory=collections.Counter)
+    tags: dict[str, collections.Counter] = field(default_factory=lambda: collections.defaultdict(collections.Counter))
+    turns: list[int] = field(default_factory=list)
+    answer_chars: list[int] = field(default_factory=list)
+    questions: collections.Counter = field(default_factory=collections.Counter)
+    flags: collections.Counter = field(default_factory=collections.Counter)
+    failures: collections.Counter = field(default_factory=collections.Counter)
+    problems: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        def stats(xs):
+            return ({"min": min(xs), "mean": round(statistics.fmean(xs), 2), "max": max(xs)} if xs else None)
+        return {"shards": self.shards, "samples": self.samples, "bytes": self.bytes,
+                "formats": dict(self.formats), "sizes": dict(sorted(self.sizes.items())),
+                "tags": {k: dict(v) for k, v in self.tags.items()}, "turns": stats(self.turns),
+                "answer_chars": stats(self.answer_chars), "question_ids": dict(self.questions),
+                "flags": dict(self.flags), "failures": dict(self.failures), "problems": self.problems}
+
+
+def _check_image(data: bytes) -> tuple[int, int]:
+    with Image.open(io.BytesIO(data)) as img:
+        img.load()
+        return img.size
+
+
+def inspect_shards(paths, verify: bool = False) -> Report:
+    rep = Report()
+    shard_paths = find_shards(paths)
+    folders = {os.path.dirname(os.path.abspath(p)) for p in shard_paths}
+    for shard in shard_paths:
+        rep.shards += 1
+        rep.bytes += os.path.getsize(shard)
+        seen: set[str] = set()
+        try:
+            for s in iter_shard(shard):
+                _summarise(rep, s, verify, seen)
+        except (tarfile.TarError, OSError, EOFError) as exc:
+            rep.problems.append(f"{shard}: unreadable tar ({exc})")
+    for folder in sorted(folders):
+        _read_failures(rep, folder)
+        if verify:
+            _check_manifest(rep, folder, shard_paths)
+    return rep
+
+
+def _summarise(rep: Report, s: ShardSample, verify: bool, seen: set[str]) -> None:
+    where = f"{s.shard}:{s.key}"
+    if s.key in seen:
+        rep.problems.append(f"{where}: duplicate key in shard")
+    seen.add(s.key)
+    rep.samples += 1
+    try:
+        meta = s.meta
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        rep.problems.append(f"{where}: json does not parse ({exc})")
+        return
+    if meta is None:
+        rep.problems.append(f"{where}: no json member")
+        return
+    for name in s.image_members():
+        rep.formats[name.rsplit(".", 1)[-1]] += 1
+    for src in (meta.get("source") or {}).get("images", []) if isinstance(meta, dict) else []:
+        if isinstance(src, dict) and "width" in src:
+            w, h = src.get("resized_to") or (src["width"], src["height"])
+            rep.sizes[_size_bucket(w, h)] += 1
+    if isinstance(meta, dict):
+        for k, v in (meta.get("tags") or {}).items():
+            rep.tags[k][str(v)] += 1
+        msgs = meta.get("messages") or []
+        rep.turns.append(len(msgs))
+        answers = [m.get("content", "") for m in msgs if isinstance(m, dict) and m.get("role") == "assistant"]
+        if answers:
+            rep.answer_chars.append(sum(len(a) for a in answers))
+        cap = meta.get("caption")
+        if isinstance(cap, dict):
+            if cap.get("question_id"):
+                rep.questions[cap["question_id"]] += 1
+            for flag in cap.get("flags", []):
+                rep.flags[flag] += 1
+    if verify:
+        for problem in validate_sample(s.key, meta, set(s.members)):
+            rep.problems.append(f"{where}: {problem}")
+        for name in s.image_members():
+            try:
+                _check_image(s.members[name])
+            except Exception as exc:
+                rep.problems.append(f"{where}: image {name} does not decode ({exc})")
+
+
+def _read_failures(rep: Report, folder: str) -> None:
+    path = os.path.join(folder, FAILURES)
+    if not os.path.exists(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                rep.failures[json.loads(line).get("stage", "?")] += 1
+
+
+def _check_manifest(rep: Report, folder: str, shard_paths: list[str]) -> None:
+    path = os.path.join(folder, MANIFEST)
+    if not os.path.exists(path):
+        return
+    import hashlib
+
+    with open(path, encoding="utf-8") as f:
+        manifest = json.load(f)
+    listed = {s["name"]: s for s in manifest.get("shards", [])}
+    on_disk = {os.path.basename(p) for p in shard_paths if os.path.dirname(os.path.abspath(p)) == folder}
+    for name in sorted(on_disk - set(listed)):
+        rep.problems.append(f"{folder}/{name}: not in manifest.json")
+    for name, entry in sorted(listed.items()):
+        p = os.path.join(folder, name)
+        if not os.path.exists(p):
+            rep.problems.append(f"{p}: listed in manifest.json but missing")
+            continue
+        with open(p, "rb") as f:
+            digest = hashlib.file_digest(f, "sha256").hexdigest()
+        if digest != entry.get("sha256"):
+            rep.problems.append(f"{p}: sha256 differs from manifest.json")
+
+
+def find_sample(paths, key: str) -> ShardSample:
+    for shard in find_shards(paths):
+        try:
+            for s in iter_shard(shard):
+                if s.key == key:
+                    return s
+        except (tarfile.TarError, OSError):
+            continue
+    raise InspectError(f"no sample with key {key!r}")
+
+
+# -- contact sheet ---------------------------------------------------------------------------------
+def _read_source(uri: str) -> Image.Image | None:
+    """The original image when it is still readable: a file path, or `tar#member`."""
+    try:
+        if "#" in uri and uri.split("#", 1)[0].endswith(".tar"):
+            tar_path, member = uri.split("#", 1)
+            with tarfile.open(tar_path, "r:") as tf:
+                data = tf.extractfile(member).read()
+        else:
+            with open(uri, "rb") as f:
+                data = f.read()
+        from sources import decode_image
+
+        return decode_image(data)[0]
+    except Exception:
+        return None
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10 * math.log10(255.0 ** 2 / mse)
+
+
+def contact_sheet(paths, out_path: str, limit: int = 12, thumb: int = 256) -> int:
+    """Rows of [source | output] thumbnails with PSNR, for a person to look at."""
+    rows = []
+    for shard in find_shards(paths):
+        try:
+            for s in iter_shard(shard):
+                meta = s.meta
+                for i, name in enumerate(s.image_members()):
+                    out_img = Image.open(io.BytesIO(s.members[name])).convert("RGB")
+                    src_info = (meta.get("source") or {}).get("images", [])
+                    src = _read_source(src_info[i]["uri"]) if i < len(src_info) else None
+                    label = s.key
+                    if src is not None:
+                        if src.size != out_img.size:
+                            src = src.resize(out_img.size, Image.Resampling.LANCZOS)
+                        label += f"  PSNR {psnr(np.asarray(src), np.asarray(out_img)):.1f} dB"
+                    rows.append((src, out_img, label))
+                    if len(rows) >= limit:
+                        break
+                if len(rows) >= limit:
+                    break
+        except (tarfile.TarError, OSError):
+            continue
+        if len(rows) >= limit:
+            break
+    if not rows:
+        raise InspectError("no samples to preview")
+    pad, label_h = 8, 18
+    sheet = Image.new("RGB", (2 * thumb + 3 * pad, len(rows) * (thumb + label_h + pad) + pad), "white")
+    draw = ImageDraw.Draw(sheet)
+    draw.text((pad, 0), "source | ddaug output", fill="black")
+    for r, (src, out_img, label) in enumerate(rows):
+        y = pad + r * (thumb + label_h + pad) + label_h // 2
+        for c, img in enumerate((src, out_img)):
+            x = pad + c * (thumb + pad)
+            if img is None:
+                draw.rectangle([x, y + label_h, x + thumb, y + label_h + thumb], outline="gray")
+                draw.text((x + 8, y + label_h + thumb // 2), "source not readable", fill="gray")
+                continue
+            t = img.copy()
+            t.thumbnail((thumb, thumb))
+            sheet.paste(t, (x, y + label_h))
+        draw.text((pad, y + 2), label, fill="black")
+    sheet.save(out_path)
+    return len(rows)
