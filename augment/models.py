@@ -81,7 +81,8 @@ def _tiny_clip_tokenizer(folder: str):
         json.dump(vocab, f)
     with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as f:
         f.write("#version: 0.2\n")
-    return CLIPTokenizer(os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"))
+    return CLIPTokenizer(os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"),
+                         model_max_length=77)
 
 
 def build_tiny_random(lcm: bool = False, text_encoders: bool = False, workdir: str | None = None) -> DiffusionComponents:

@@ -64,7 +64,11 @@ class OutputFolder:
         self.command = command
         self.config = config
         self._lock_file = None
-        self._open(run_info, overwrite)
+        try:
+            self._open(run_info, overwrite)
+        except BaseException:
+            self.close()  # a refused folder must not stay locked
+            raise
 
     # -- setup ---------------------------------------------------------------------------------
     def _open(self, run_info: dict[str, Any], overwrite: bool) -> None:

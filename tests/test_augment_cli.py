@@ -1,0 +1,279 @@
+"""`ddaug augment` through the CLI: sizes, resume, reruns, bad input, conversations, schema."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import subprocess
+import sys
+import tarfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from shards.schema import validate_sample
+
+from conftest import decode, invoke, read_samples, sample_meta
+
+FAST = ["--model", "tiny-random", "--device", "cpu", "-q"]
+
+
+def _assert_schema(folder):
+    samples = read_samples(folder)
+    assert samples
+    for key, members in samples.items():
+        assert validate_sample(key, sample_meta(members), set(members)) == [], key
+    return samples
+
+
+def test_folder_native_sizes_and_provenance(tmp_path, photo_dir, photos):
+    out = tmp_path / "out"
+    invoke("augment", photo_dir, "-o", out, *FAST, "--batch-size", "3")
+    samples = _assert_schema(out)
+    assert len(samples) == 4
+    by_name = {}
+    for key, members in samples.items():
+        meta = sample_meta(members)
+        name = os.path.splitext(os.path.basename(meta["source"]["uri"]))[0]
+        by_name[name] = (members, meta)
+        aug = meta["augment"]
+        assert aug["mode"] == "img2img" and aug["timestep"] == 25 and aug["strength"] == 0.025
+        assert aug["cond"] == "zeros" and aug["unet_calls"] == 1 and aug["scheduler"] == "EulerDiscreteScheduler"
+        assert meta["tags"] == {"domain": "general", "task": "image", "stage": None}
+    for name, arr in photos.items():
+        members, meta = by_name[name]
+        img = decode(members["png"])
+        assert img.shape == arr.shape, name          # native size, odd sizes included
+        src = meta["source"]["images"][0]
+        assert (src["width"], src["height"]) == (arr.shape[1], arr.shape[0])
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["samples"] == 4 and manifest["failed"] == 0
+    run = json.loads((out / "run.json").read_text())
+    assert run["config"]["strength"] == 0.025 and "torch" in run["versions"]
+    for shard in manifest["shards"]:
+        assert os.path.getsize(out / shard["name"]) == shard["bytes"]
+
+
+def test_odd_size_333x517(tmp_path):
+    from skimage import data
+
+    big = np.concatenate([data.astronaut(), data.astronaut()], axis=1)[:333, :517]
+    Image.fromarray(big).save(tmp_path / "odd.png")
+    out = tmp_path / "out"
+    invoke("augment", tmp_path / "odd.png", "-o", out, *FAST)
+    (members,) = read_samples(out).values()
+    assert decode(members["png"]).shape == (333, 517, 3)
+
+
+def test_results_do_not_depend_on_batch_size_or_process_split(tmp_path, photo_dir):
+    a, b = tmp_path / "a", tmp_path / "b"
+    invoke("augment", photo_dir, "-o", a, *FAST, "--batch-size", "1")
+    invoke("augment", photo_dir, "-o", b, *FAST, "--batch-size", "4", "--world-size", "2", "--rank", "0")
+    invoke("augment", photo_dir, "-o", b, *FAST, "--batch-size", "4", "--world-size", "2", "--rank", "1")
+    sa, sb = read_samples(a), read_samples(b)
+    assert set(sa) == set(sb)
+    assert len(glob.glob(str(b / "shard-000-*.tar"))) >= 1 and len(glob.glob(str(b / "shard-001-*.tar"))) >= 1
+    for key in sa:
+        assert np.abs(decode(sa[key]["png"]).astype(int) - decode(sb[key]["png"]).astype(int)).max() <= 1
+
+
+def test_rerun_is_idempotent_and_crash_leftovers_are_redone(tmp_path, photo_dir):
+    out = tmp_path / "out"
+    invoke("augment", photo_dir, "-o", out, *FAST, "--shard-size", "2")
+    shards = sorted(glob.glob(str(out / "*.tar")))
+    assert len(shards) == 2
+    original = {p: open(p, "rb").read() for p in shards}
+
+    # Rerun: nothing to do, nothing changes.
+    r = invoke("augment", photo_dir, "-o", out, *FAST, "--shard-size", "2")
+    assert "skipped 4" in r.output
+    assert {p: open(p, "rb").read() for p in shards} == original
+
+    # Simulate a crash while writing the second shard: its done marker is gone, a truncated
+    # temporary tar is left behind, and the final tar never got renamed.
+    last = shards[-1]
+    os.remove(last[:-4] + ".stats.json")
+    with open(last + ".tmp", "wb") as f:
+        f.write(original[last][:700])
+    os.remove(last)
+    r = invoke("augment", photo_dir, "-o", out, *FAST, "--shard-size", "2")
+    assert "done 2, skipped 2" in r.output
+    assert not glob.glob(str(out / "*.tmp*"))
+    assert {p: open(p, "rb").read() for p in shards} == original  # byte-identical rebuild
+
+    # A crash between the tar rename and the stats write leaves a tar without a done marker.
+    os.remove(last[:-4] + ".stats.json")
+    invoke("augment", photo_dir, "-o", out, *FAST, "--shard-size", "2")
+    assert open(last, "rb").read() == original[last]
+    assert len(read_samples(out)) == 4
+    assert invoke("inspect", out, "--verify").exit_code == 0
+
+
+def test_different_config_refused_unless_overwrite(tmp_path, photo_dir):
+    out = tmp_path / "out"
+    invoke("augment", photo_dir, "-o", out, *FAST)
+    r = invoke("augment", photo_dir, "-o", out, *FAST, "--strength", "0.05", expect_ok=False)
+    assert r.exit_code == 1 and "different config" in r.output and "strength" in r.output
+    assert "Traceback" not in r.output
+    invoke("augment", photo_dir, "-o", out, *FAST, "--strength", "0.05", "--overwrite")
+    meta = sample_meta(next(iter(read_samples(out).values())))
+    assert meta["augment"]["timestep"] == 50
+
+
+def test_broken_files_are_recorded_and_run_continues(tmp_path, photos):
+    d = tmp_path / "mixed"
+    d.mkdir()
+    Image.fromarray(photos["astronaut"]).save(d / "good.png")
+    (d / "empty.jpg").write_bytes(b"")
+    (d / "text.png").write_text("definitely not a png")
+    good = (tmp_path / "tmp.jpg")
+    Image.fromarray(photos["chelsea"]).save(good)
+    (d / "truncated.jpg").write_bytes(good.read_bytes()[:200])
+    out = tmp_path / "out"
+    r = invoke("augment", d, "-o", out, *FAST)
+    assert "done 1" in r.output and "failed 3" in r.output
+    ledger = [json.loads(line) for line in (out / "failures.jsonl").read_text().splitlines()]
+    reasons = {os.path.basename(f["source"]): f["reason"] for f in ledger}
+    assert set(reasons) == {"empty.jpg", "text.png", "truncated.jpg"}
+    assert "empty" in reasons["empty.jpg"] and "not an image" in reasons["text.png"]
+    assert all(f["stage"] == "decode" for f in ledger)
+
+
+def test_nothing_readable_exits_nonzero_with_one_line(tmp_path):
+    d = tmp_path / "bad"
+    d.mkdir()
+    (d / "a.png").write_text("nope")
+    r = invoke("augment", d, "-o", tmp_path / "out", *FAST, expect_ok=False)
+    assert r.exit_code == 1 and "nothing could be processed" in r.output
+    assert len(r.output.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--strength", "0"], "--strength"),
+    (["--strength", "1.5"], "--strength"),
+    (["--model", "not-a-preset"], "--model"),
+    (["--image-format", "gif"], "--image-format"),
+])
+def test_bad_flags_name_the_flag(tmp_path, photo_dir, args, needle):
+    r = invoke("augment", photo_dir, "-o", tmp_path / "o", "--device", "cpu", *args, expect_ok=False)
+    assert r.exit_code == 2 and needle in r.output and "Traceback" not in r.output
+
+
+def test_missing_input_and_unwritable_output(tmp_path, photo_dir):
+    r = invoke("augment", tmp_path / "nope", "-o", tmp_path / "o", *FAST, expect_ok=False)
+    assert r.exit_code == 1 and "input not found" in r.output
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x")
+    r = invoke("augment", photo_dir, "-o", a_file / "out", *FAST, expect_ok=False)
+    assert r.exit_code == 1 and "cannot create output folder" in r.output
+    locked = tmp_path / "ro"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if os.access(locked, os.W_OK):
+            return  # root writes anywhere; the file-parent case above covers this user
+        r = invoke("augment", photo_dir, "-o", locked, *FAST, expect_ok=False)
+        assert r.exit_code == 1 and "not writable" in r.output
+    finally:
+        locked.chmod(0o700)
+
+
+def test_llamafactory_json_conversation_and_multi_image(tmp_path, photos):
+    media = tmp_path / "media"
+    media.mkdir()
+    for name, arr in photos.items():
+        Image.fromarray(arr).save(media / f"{name}.jpg", quality=95)
+    records = [
+        {"messages": [{"role": "user", "content": "<image>What animal is this?"},
+                      {"role": "assistant", "content": "A cat."}], "images": ["chelsea.jpg"],
+         "system": "be brief"},
+        {"messages": [{"role": "user", "content": "<image><image>Compare the two pictures."},
+                      {"role": "assistant", "content": "A drink and a rocket."}],
+         "images": ["coffee.jpg", "rocket.jpg"]},
+        {"conversations": [{"from": "human", "value": "<image>Who is this?"},
+                           {"from": "gpt", "value": "An astronaut."}], "images": ["astronaut.jpg"]},
+        {"messages": [{"role": "user", "content": "<image>Bad"}], "images": ["missing.jpg"]},
+    ]
+    ds = tmp_path / "data" / "train.json"
+    ds.parent.mkdir()
+    ds.write_text(json.dumps(records))
+    out = tmp_path / "out"
+    r = invoke("augment", ds, "--media-dir", media, "-o", out, *FAST)
+    assert "done 3" in r.output and "failed 1" in r.output
+    samples = _assert_schema(out)
+    metas = {json.dumps(sample_meta(m)["messages"][0]["content"]): (m, sample_meta(m)) for m in samples.values()}
+    cat_members, cat = metas[json.dumps("<image>What animal is this?")]
+    assert cat["messages"] == records[0]["messages"] and cat["extra"] == {"system": "be brief"}
+    assert cat["tags"]["task"] == "conversation"
+    pair_members, pair = metas[json.dumps("<image><image>Compare the two pictures.")]
+    assert pair["images"] == [f"{pair['key']}.0.png", f"{pair['key']}.1.png"]
+    assert decode(pair_members["0.png"]).shape == photos["coffee"].shape
+    assert decode(pair_members["1.png"]).shape == photos["rocket"].shape
+    assert len(pair["augment"]["seeds"]) == 2
+    _, astro = metas[json.dumps("<image>Who is this?")]
+    assert astro["messages"][1] == {"role": "assistant", "content": "An astronaut."}
+    (failure,) = [json.loads(x) for x in (out / "failures.jsonl").read_text().splitlines()]
+    assert failure["stage"] == "read" and "missing.jpg" in failure["reason"]
+
+
+def test_shards_as_input_ours_and_foreign(tmp_path, photo_dir, photos):
+    first = tmp_path / "first"
+    invoke("augment", photo_dir, "-o", first, *FAST, "--shard-size", "2")
+    second = tmp_path / "second"
+    invoke("augment", str(first / "shard-000-{000000..000001}.tar"), "-o", second, *FAST, "--mode", "vae")
+    assert len(read_samples(second)) == 4
+    # A foreign tar: jpg + txt per sample, one sample whose json is broken.
+    foreign = tmp_path / "foreign.tar"
+    with tarfile.open(foreign, "w") as tf:
+        for name in ("astronaut", "rocket"):
+            p = tmp_path / f"{name}.jpg"
+            Image.fromarray(photos[name]).save(p)
+            tf.add(p, f"{name}.jpg")
+        txt = tmp_path / "cap.txt"
+        txt.write_text("a caption")
+        tf.add(txt, "astronaut.txt")
+        bad = tmp_path / "bad.json"
+        bad.write_text("{not json")
+        tf.add(bad, "rocket.json")
+    out = tmp_path / "third"
+    r = invoke("augment", foreign, "-o", out, *FAST)
+    assert "done 1" in r.output and "failed 1" in r.output
+    (meta,) = [sample_meta(m) for m in read_samples(out).values()]
+    assert meta["extra"]["text"] == "a caption"
+    assert "json does not parse" in (out / "failures.jsonl").read_text()
+
+
+def test_list_file_and_jpeg_output(tmp_path, photo_dir):
+    lst = tmp_path / "list.txt"
+    lst.write_text("# my list\nphotos/astronaut.png\nphotos/sub/coffee.png\n")
+    out = tmp_path / "out"
+    invoke("augment", lst, "-o", out, *FAST, "--image-format", "jpeg", "--quality", "90", "--max-side", "40")
+    samples = _assert_schema(out)
+    assert len(samples) == 2
+    for members in samples.values():
+        meta = sample_meta(members)
+        assert "jpg" in members and max(decode(members["jpg"]).shape[:2]) == 40
+        assert max(meta["source"]["images"][0]["resized_to"]) == 40
+
+
+def test_second_process_on_same_rank_is_refused(tmp_path, photo_dir):
+    from shards.store import OutputFolder, StoreError
+
+    out = tmp_path / "out"
+    holder = OutputFolder(str(out), prefix="shard", command="augment", config={}, run_info={})
+    try:
+        r = invoke("augment", photo_dir, "-o", out, *FAST, "--overwrite", expect_ok=False)
+        assert r.exit_code == 1 and "another ddaug process" in r.output
+    finally:
+        holder.close()
+    with pytest.raises(StoreError):
+        OutputFolder(str(out), prefix="shard", command="caption", config={}, run_info={})
+
+
+def test_console_script_help_and_python_cli(tmp_path):
+    for cmd in (["ddaug", "augment", "--help"], [sys.executable, "cli.py", "inspect", "--help"]):
+        r = subprocess.run(cmd, capture_output=True, text=True,
+                           cwd=os.path.dirname(os.path.dirname(__file__)))
+        assert r.returncode == 0 and "Examples:" in r.stdout, r.stderr

@@ -1,0 +1,90 @@
+"""ddaug's one-step recipe equals diffusers' own SDXL img2img pipeline driven exactly."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionXLImg2ImgPipeline
+
+from augment import DiffusionFlavour, RecipeSettings, load_components, resolve_spec
+
+
+def _pipeline_output(model_dir, latents, timestep, seed, original_size, target_size):
+    """The reference: the stock pipeline from the saved folder, strength=1.0, timesteps=[t],
+    zero embeddings, the same latents and a generator seeded like ddaug's per-sample one."""
+    pipe = StableDiffusionXLImg2ImgPipeline.from_pretrained(model_dir, use_safetensors=True)
+    pipe.set_progress_bar_config(disable=True)
+    unet_cfg = pipe.unet.config
+    pooled_dim = unet_cfg.projection_class_embeddings_input_dim - 6 * unet_cfg.addition_time_embed_dim
+    out = pipe(image=latents, strength=1.0, timesteps=[timestep], guidance_scale=0.0,
+               prompt_embeds=torch.zeros(1, 77, unet_cfg.cross_attention_dim),
+               pooled_prompt_embeds=torch.zeros(1, pooled_dim),
+               generator=torch.Generator("cpu").manual_seed(seed), output_type="pt",
+               original_size=original_size, target_size=target_size)
+    return out.images  # [0, 1]
+
+
+@pytest.mark.parametrize("which", ["euler", "lcm"])
+def test_one_step_matches_diffusers_pipeline(which, tiny_model_dir, tiny_lcm_dir, photos):
+    model_dir = tiny_model_dir if which == "euler" else tiny_lcm_dir
+    comps = load_components(resolve_spec(model_dir))
+    assert type(comps.scheduler).__name__ == ("EulerDiscreteScheduler" if which == "euler" else "LCMScheduler")
+    flavour = DiffusionFlavour(comps, RecipeSettings(strength=0.025, dtype="fp32"), "cpu")
+    assert flavour.timestep == 25
+
+    image = photos["coffee"]  # 61x83: exercises padding too
+    seed = 1234
+    ours = flavour([image], [seed])[0]
+
+    x = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 127.5 - 1
+    padded = flavour._pad(x)
+    latents = flavour.encode(padded, flavour._generators([seed]))
+    ref = _pipeline_output(model_dir, latents, 25, seed, image.shape[:2], tuple(padded.shape[-2:]))
+    ref_pixels = (ref[0, :, :61, :83].permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
+
+    assert ours.shape == image.shape
+    diff = np.abs(ours.astype(int) - ref_pixels.astype(int))
+    assert diff.max() <= 1, diff.max()          # float tolerance after uint8 rounding
+    assert (diff == 0).mean() > 0.99
+
+
+def test_strength_maps_to_timestep_and_one_unet_call(photos):
+    comps = load_components(resolve_spec("tiny-random"))
+    calls = []
+    comps.unet.register_forward_hook(lambda *a: calls.append(1))
+    for strength, t in [(0.025, 25), (0.1, 100), (1.0, 999)]:
+        flavour = DiffusionFlavour(comps, RecipeSettings(strength=strength, dtype="fp32"), "cpu")
+        assert flavour.timestep == t
+        assert flavour.provenance()["timestep"] == t
+    calls.clear()
+    flavour([photos["astronaut"], photos["chelsea"]], [1, 2])
+    assert len(calls) == 1  # one batched UNet call, no CFG duplicate
+
+
+def test_vae_mode_loads_no_unet_call(photos):
+    comps = load_components(resolve_spec("tiny-random"))
+    calls = []
+    comps.unet.register_forward_hook(lambda *a: calls.append(1))
+    flavour = DiffusionFlavour(comps, RecipeSettings(mode="vae", dtype="fp32"), "cpu")
+    out = flavour([photos["rocket"]], [0])[0]
+    assert out.shape == photos["rocket"].shape and not calls
+    assert "timestep" not in flavour.provenance()
+
+
+def test_cond_empty_encodes_the_empty_prompt(tiny_model_dir):
+    comps = load_components(resolve_spec(tiny_model_dir), text_encoders=True)
+    flavour = DiffusionFlavour(comps, RecipeSettings(cond="empty", dtype="fp32"), "cpu")
+    embeds, pooled = flavour._cond
+    assert embeds.shape == (1, 77, 32) and pooled.shape == (1, 32)
+    assert embeds.abs().sum() > 0  # the encoded "" is not zeros
+    zeros = DiffusionFlavour(comps, RecipeSettings(cond="zeros", dtype="fp32"), "cpu")._cond
+    assert zeros[0].abs().sum() == 0 and zeros[1].abs().sum() == 0
+
+
+def test_non_finite_output_is_not_returned(photos):
+    comps = load_components(resolve_spec("tiny-random"))
+    flavour = DiffusionFlavour(comps, RecipeSettings(mode="vae", dtype="fp32"), "cpu")
+    with torch.no_grad():
+        next(comps.vae.decoder.conv_out.parameters()).fill_(float("nan"))
+    assert flavour([photos["rocket"]], [0]) == [None]
