@@ -277,3 +277,48 @@ def test_console_script_help_and_python_cli(tmp_path):
         r = subprocess.run(cmd, capture_output=True, text=True,
                            cwd=os.path.dirname(os.path.dirname(__file__)))
         assert r.returncode == 0 and "Examples:" in r.stdout, r.stderr
+
+
+def test_odd_image_modes_decode_to_rgb_at_display_size(tmp_path, photos):
+    d = tmp_path / "modes"
+    d.mkdir()
+    base = Image.fromarray(photos["coffee"])  # 83x61 (w x h)
+    base.convert("CMYK").save(d / "cmyk.jpg")
+    Image.fromarray((np.asarray(base.convert("L")).astype(np.uint16) * 257)).save(d / "gray16.png")
+    pal = base.convert("P", palette=Image.Palette.ADAPTIVE)
+    pal.info["transparency"] = 0
+    pal.save(d / "palette.png", transparency=0)
+    rgba = base.convert("RGBA")
+    rgba.putalpha(0)  # fully transparent: composited on white
+    rgba.save(d / "transparent.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees on display
+    base.save(d / "rotated.jpg", exif=exif.tobytes())
+    frames = [base, base.transpose(Image.Transpose.FLIP_LEFT_RIGHT)]
+    frames[0].save(d / "anim.gif", save_all=True, append_images=frames[1:], duration=100)
+    out = tmp_path / "out"
+    r = invoke("augment", d, "-o", out, *FAST, "--mode", "vae")
+    assert "done 6" in r.output and "failed 0" in r.output
+    got = {}
+    for members in read_samples(out).values():
+        meta = sample_meta(members)
+        src = meta["source"]["images"][0]
+        got[os.path.basename(src["uri"])] = (decode(members["png"]).shape, src)
+    assert got["rotated.jpg"][0] == (83, 61, 3)  # EXIF applied: width and height swap
+    for name in ("cmyk.jpg", "gray16.png", "palette.png", "transparent.png", "anim.gif"):
+        assert got[name][0] == (61, 83, 3), name
+    assert got["cmyk.jpg"][1]["format"] == "JPEG" and got["anim.gif"][1]["format"] == "GIF"
+
+
+def test_transparent_pixels_become_white():
+    import io
+
+    from sources import decode_image
+
+    buf = io.BytesIO()
+    Image.new("RGBA", (4, 4), (10, 20, 30, 0)).save(buf, format="PNG")
+    rgb, _ = decode_image(buf.getvalue())
+    assert rgb.mode == "RGB" and rgb.getpixel((0, 0)) == (255, 255, 255)
+    buf = io.BytesIO()
+    Image.new("I;16", (4, 4), 65535).save(buf, format="PNG")
+    assert decode_image(buf.getvalue())[0].getpixel((0, 0)) == (255, 255, 255)
