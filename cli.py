@@ -118,7 +118,7 @@ Examples:
   ddaug augment photos/ -o out/general-sdxl                      # SDXL, strength 0.025, zeros
   ddaug augment llava.json --media-dir imgs/ -o out/ --model ssd-1b
   ddaug augment 'gen-{000..009}.tar' -o out/ --model lcm-sdxl --image-format webp
-  accelerate launch --num_processes 8 cli.py augment photos/ -o out/   # one part per GPU
+  accelerate launch --multi_gpu --num_processes 8 cli.py augment photos/ -o out/  # per GPU
   ddaug augment photos/ -o out/ --model tiny-random --device cpu  # offline smoke test
 """)
 @click.argument("inputs", nargs=-1, required=True)

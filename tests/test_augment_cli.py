@@ -322,3 +322,19 @@ def test_transparent_pixels_become_white():
     buf = io.BytesIO()
     Image.new("I;16", (4, 4), 65535).save(buf, format="PNG")
     assert decode_image(buf.getvalue())[0].getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_two_processes_under_a_launcher_split_the_input(tmp_path, photo_dir):
+    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK exactly as `accelerate launch --multi_gpu` does."""
+    out = tmp_path / "out"
+    repo = os.path.dirname(os.path.dirname(__file__))
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                        os.path.join(repo, "cli.py"), "augment", str(photo_dir), "-o", str(out),
+                        *FAST], capture_output=True, text=True, timeout=600, cwd=repo)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert sorted(os.path.basename(p) for p in glob.glob(str(out / "*.tar"))) == \
+        ["shard-000-000000.tar", "shard-001-000000.tar"]
+    samples = read_samples(out)
+    assert len(samples) == 4  # disjoint, nothing lost
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["samples"] == 4 and len(manifest["shards"]) == 2
