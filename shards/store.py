@@ -177,7 +177,15 @@ class OutputFolder:
         return stats
 
     def refresh_summary(self) -> None:
-        """Rebuild manifest.json and failures.jsonl from the done markers on disk."""
+        """Rebuild manifest.json and failures.jsonl from the done markers on disk.
+
+        Ranks share these files: under a folder-wide lock, whoever writes last has read every
+        done marker written before it, so a stale summary can never replace a newer one."""
+        with open(os.path.join(self.path, ".lock-summary"), "a+") as lock:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+            self._write_summary()
+
+    def _write_summary(self) -> None:
         finished = sorted(self.finished(), key=lambda s: (s["rank"], s["index"]))
         shards = [{"name": s["shard"], "samples": s["samples"], "bytes": s["bytes"],
                    "sha256": s["sha256"]} for s in finished if s["shard"]]
