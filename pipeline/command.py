@@ -70,6 +70,11 @@ def execute(command: str, opts: RunOptions, config: dict[str, Any],
                   show_progress=not opts.quiet)
         summary = job.run(items)
         folder.refresh_summary()
+    except OSError as exc:
+        # Disk full, folder removed, permissions changed mid-run: finished shards are complete
+        # (atomic renames), the unfinished one was discarded, and a rerun resumes.
+        raise UserError(f"writing to {opts.output} failed ({exc.strerror or exc}); finished shards "
+                        f"are intact, rerun the same command to resume") from None
     finally:
         folder.close()
     if summary.total and summary.done == 0 and summary.skipped == 0:

@@ -118,7 +118,13 @@ class Job:
             return item, SampleFailure("read", f"{type(exc).__name__}: {exc}")
 
     def _build(self, state: _ItemState) -> dict[str, bytes]:
-        return self.stage.build(state.item, state.results)
+        try:
+            return self.stage.build(state.item, state.results)
+        except SampleFailure:
+            raise
+        except Exception as exc:  # one sample's encoding bug must not stop the run
+            log.exception("unexpected error building %s", state.item.uri)
+            raise SampleFailure(self.stage.command, f"{type(exc).__name__}: {exc}") from None
 
     def _run_batch(self, units: list[Any]) -> list[Any]:
         try:

@@ -253,11 +253,20 @@ def contact_sheet(paths, out_path: str, limit: int = 12, thumb: int = 256) -> in
     for shard in find_shards(paths):
         try:
             for s in iter_shard(shard):
-                meta = s.meta
+                try:
+                    meta = s.meta
+                except ValueError:  # json that does not parse: show the output alone
+                    meta = None
+                if not isinstance(meta, dict):
+                    meta = {}
                 for i, name in enumerate(s.image_members()):
-                    out_img = Image.open(io.BytesIO(s.members[name])).convert("RGB")
+                    try:
+                        out_img = Image.open(io.BytesIO(s.members[name])).convert("RGB")
+                    except OSError:
+                        continue  # --verify names undecodable images; the sheet shows the rest
                     src_info = (meta.get("source") or {}).get("images", [])
-                    src = _read_source(src_info[i]["uri"]) if i < len(src_info) else None
+                    entry = src_info[i] if i < len(src_info) and isinstance(src_info[i], dict) else {}
+                    src = _read_source(entry["uri"]) if "uri" in entry else None
                     label = s.key
                     if src is not None:
                         if src.size != out_img.size:

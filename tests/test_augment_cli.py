@@ -350,3 +350,51 @@ def test_two_processes_under_a_launcher_split_the_input(tmp_path, photo_dir):
     assert len(samples) == 4  # disjoint, nothing lost
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["samples"] == 4
+
+
+def test_disk_full_mid_run_stops_cleanly_and_rerun_completes(tmp_path, photo_dir, monkeypatch):
+    import errno
+
+    from shards.writer import ShardWriter
+
+    out = tmp_path / "out"
+    real_write = ShardWriter.write
+    calls = {"n": 0}
+
+    def failing_write(self, key, files):
+        calls["n"] += 1
+        if calls["n"] == 3:  # the first sample of the second shard
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(self, key, files)
+
+    monkeypatch.setattr(ShardWriter, "write", failing_write)
+    r = invoke("augment", photo_dir, "-o", out, *FAST, "--shard-size", "2", expect_ok=False)
+    assert r.exit_code == 1 and "No space left on device" in r.output and "rerun" in r.output
+    assert "Traceback" not in r.output and len(r.output.strip().splitlines()) == 1
+    assert len(glob.glob(str(out / "*.tar"))) == 1 and not glob.glob(str(out / "*.tmp*"))
+    assert invoke("inspect", out, "--verify").exit_code == 0  # the finished shard is valid
+
+    monkeypatch.setattr(ShardWriter, "write", real_write)  # space freed
+    r = invoke("augment", photo_dir, "-o", out, *FAST, "--shard-size", "2")
+    assert "done 2, skipped 2" in r.output
+    assert len(read_samples(out)) == 4
+
+
+def test_an_encoding_bug_fails_one_sample_not_the_run(tmp_path, photo_dir, monkeypatch):
+    import shards.codec
+
+    real_encode = shards.codec.encode_image
+    seen = {"n": 0}
+
+    def flaky_encode(pixels, image_format, quality=95):
+        seen["n"] += 1
+        if seen["n"] == 2:
+            raise RuntimeError("encoder exploded")
+        return real_encode(pixels, image_format, quality)
+
+    monkeypatch.setattr("augment.stage.encode_image", flaky_encode)
+    out = tmp_path / "out"
+    r = invoke("augment", photo_dir, "-o", out, *FAST, "--workers", "1")
+    assert "done 3" in r.output and "failed 1" in r.output
+    (failure,) = [json.loads(x) for x in (out / "failures.jsonl").read_text().splitlines()]
+    assert failure["stage"] == "augment" and "encoder exploded" in failure["reason"]

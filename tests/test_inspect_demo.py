@@ -72,3 +72,17 @@ def test_demo_runs_offline_as_the_readme_says(tmp_path):
     assert "0 problems" in r.stdout and "failures {'decode': 1}" in r.stdout
     assert os.path.exists(tmp_path / "demo" / "preview.png")
     assert len(read_samples(tmp_path / "demo" / "augmented")) == 4
+
+
+def test_preview_survives_a_sample_whose_json_is_broken(tmp_path, photo_dir):
+    out = _make_shards(tmp_path, photo_dir)
+    first = sorted(glob.glob(str(out / "*.tar")))[0]
+    raw = bytearray(open(first, "rb").read())
+    at = raw.find(b'{"augment"')
+    raw[at:at + 10] = b"#" * 10  # same length: tar intact, json broken
+    open(first, "wb").write(bytes(raw))
+    sheet = tmp_path / "sheet.png"
+    invoke("inspect", out, "--preview", sheet)
+    assert Image.open(sheet).height > 4 * 256  # every sample still drawn
+    r = invoke("inspect", out, "--verify", expect_ok=False)
+    assert r.exit_code == 1 and "json does not parse" in r.output
