@@ -17,12 +17,13 @@ log = logging.getLogger("ddaug")
 
 def _known_errors() -> tuple[type[Exception], ...]:
     from augment.models import ModelLoadError
+    from captioning import QuestionError, VLMLoadError
     from pipeline.command import UserError
     from shards.inspect import InspectError
     from shards.store import StoreError
     from sources import SourceError
 
-    return (UserError, StoreError, SourceError, InspectError, ModelLoadError)
+    return (UserError, StoreError, SourceError, InspectError, ModelLoadError, VLMLoadError, QuestionError)
 
 
 def user_errors(fn):
@@ -158,7 +159,7 @@ def augment(**kw) -> None:
     from augment.run import AugmentOptions, run_augment
 
     run = _run_options(kw)
-    dtype = kw["dtype"] or ("fp32" if (run.device or "").startswith("cpu") or not _cuda() else "bf16")
+    dtype = _dtype(kw["dtype"], run.device)
     recipe = RecipeSettings(mode=kw["mode"], strength=kw["strength"], cond=kw["cond"], latent=kw["latent"],
                             seed=run.seed, dtype=dtype)
     opts = AugmentOptions(model=kw["model"], unet=kw["unet"], vae=kw["vae"], scheduler=kw["scheduler"],
@@ -167,10 +168,101 @@ def augment(**kw) -> None:
     _report("augment", run_augment(run, opts), run.output)
 
 
-def _cuda() -> bool:
+def _dtype(requested: str | None, device: str | None) -> str:
+    """bf16 on GPU, fp32 on CPU unless asked otherwise."""
+    if requested:
+        return requested
     import torch
 
-    return torch.cuda.is_available()
+    return "fp32" if (device or "").startswith("cpu") or not torch.cuda.is_available() else "bf16"
+
+
+def _list_questions(ctx, param, value) -> None:
+    if not value or ctx.resilient_parsing:
+        return
+    from captioning import format_pools, load_questions_file
+
+    path = ctx.params.get("questions_file")
+    click.echo(format_pools(load_questions_file(path) if path else None))
+    ctx.exit()
+
+
+@cli.command(epilog="""\b
+Examples:
+  ddaug caption business/ -o out/cap-s1                       # Qwen2.5-VL-7B, English, stage1 wording
+  ddaug caption business/ -o out/cap-zh --lang zh --stage stage2 --vlm qwen2-vl-2b
+  ddaug caption business/ -o out/qa --task instruct --lang mix
+  ddaug caption business/ -o out/cap --backend openai --api-base http://localhost:8000/v1 \\
+        --vlm Qwen/Qwen2.5-VL-7B-Instruct --concurrency 32   # a vLLM/SGLang server; key: $OPENAI_API_KEY
+  ddaug caption --list-questions                              # the built-in question pools
+  ddaug caption imgs/ -o out/ --vlm tiny-random --device cpu  # offline smoke test
+""")
+@click.argument("inputs", nargs=-1, required=True)
+@run_options
+@click.option("--vlm", default="qwen2.5-vl-7b", show_default=True,
+              help="transformers: a preset (see README), hub id or local folder; openai: the served model name.")
+@click.option("--backend", type=click.Choice(["transformers", "openai"]), default="transformers", show_default=True,
+              help="transformers: run the VLM here; openai: call an OpenAI-compatible chat-completions server.")
+@click.option("--task", type=click.Choice(["caption", "instruct"]), default="caption", show_default=True,
+              help="caption: ask a detailed-description question; instruct: the VLM writes a question and its answer.")
+@click.option("--lang", type=click.Choice(["en", "zh", "mix"]), default="en", show_default=True,
+              help="Question language; mix picks one per sample (deterministically).")
+@click.option("--stage", default="stage1", show_default=True,
+              help="Question wording set (stage1, stage2: disjoint), also written to tags.stage.")
+@click.option("--questions", "questions_file", type=click.Path(exists=True, dir_okay=False), default=None,
+              is_eager=True, help="Replace the pools: .txt (one question per line) or .json ([{id, text}] or {id: text}).")
+@click.option("--list-questions", is_flag=True, expose_value=False, is_eager=True, callback=_list_questions,
+              help="Print the question pools (or the --questions file) and exit.")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=512, show_default=True,
+              help="Answer length limit; answers cut there are flagged 'truncated'.")
+@click.option("--max-pixels", type=click.IntRange(min=0), default=1024 * 1024, show_default=True,
+              help="Downsize what the VLM sees to at most this many pixels (0: no cap). The shard keeps the original.")
+@click.option("--temperature", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="0: greedy decoding; > 0 samples (seeded by --seed).")
+@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True,
+              help="Nucleus sampling, with --temperature > 0.")
+@click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default=None,
+              help="transformers backend compute dtype (default bf16 on GPU, fp32 on CPU).")
+@click.option("--trust-remote-code", is_flag=True, help="Allow the model repo's own Python code to run (off by default).")
+@click.option("--domain", default="business", show_default=True, help="tags.domain of the output samples.")
+@click.option("--drop-truncated", is_flag=True,
+              help="Send truncated or degenerate answers to failures.jsonl instead of writing them (flagged otherwise).")
+@click.option("--api-base", envvar="OPENAI_BASE_URL", default=None,
+              help="openai backend: server URL ending in /v1 (default: $OPENAI_BASE_URL). Key: $OPENAI_API_KEY.")
+@click.option("--concurrency", type=click.IntRange(min=1), default=8, show_default=True,
+              help="openai backend: requests in flight.")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=120.0, show_default=True,
+              help="openai backend: seconds per request before it is retried.")
+@click.option("--max-retries", type=click.IntRange(min=0), default=5, show_default=True,
+              help="openai backend: retries on 429/5xx/timeouts/resets, with exponential backoff.")
+@user_errors
+def caption(**kw) -> None:
+    """Recaption images with a VLM into caption or instruct data.
+
+    Each image is shown to the VLM with an image-independent question from the chosen
+    language/stage pool (a pure function of --seed and the sample key), and written to
+    webdataset shards with its bytes unchanged and a [user, assistant] conversation. Reruns
+    resume; failures go to failures.jsonl. See README for real models and vLLM servers.
+    """
+    from captioning import GenerationSettings
+    from captioning.run import CaptionOptions, run_caption
+    from captioning.vlm import VLM_PRESETS
+
+    run = _run_options(kw)
+    vlm = kw["vlm"]
+    if kw["backend"] == "transformers" and not (vlm in VLM_PRESETS or os.path.isdir(os.path.expanduser(vlm))
+                                                 or vlm.count("/") == 1):
+        raise click.BadParameter(f"{vlm!r} is not a preset ({', '.join(VLM_PRESETS)}), a folder, or a hub id",
+                                 param_hint="--vlm")
+    generation = GenerationSettings(max_new_tokens=kw["max_new_tokens"], temperature=kw["temperature"],
+                                    top_p=kw["top_p"], seed=run.seed)
+    opts = CaptionOptions(vlm=vlm, backend=kw["backend"], task=kw["task"], lang=kw["lang"], stage=kw["stage"],
+                          questions_file=kw["questions_file"], max_pixels=kw["max_pixels"] or None,
+                          generation=generation, dtype=_dtype(kw["dtype"], run.device),
+                          trust_remote_code=kw["trust_remote_code"], domain=kw["domain"],
+                          drop_truncated=kw["drop_truncated"], api_base=kw["api_base"],
+                          concurrency=kw["concurrency"], timeout=kw["timeout"], max_retries=kw["max_retries"])
+    _report("caption", run_caption(run, opts), run.output)
 
 
 @cli.command(epilog="""\b
@@ -223,6 +315,10 @@ def _format_report(report) -> str:
         lines.append(f"turns    {r['turns']}")
     if r["answer_chars"]:
         lines.append(f"answers  {r['answer_chars']} chars")
+    if r["completion_tokens"]:
+        lines.append(f"tokens   {r['completion_tokens']} per answer")
+    if r["pools"]:
+        lines.append(f"pools    {r['pools']}")
     if r["question_ids"]:
         lines.append(f"questions {r['question_ids']}")
     if r["flags"]:

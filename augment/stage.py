@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from pipeline import SampleFailure
+from pipeline.images import read_image
 from shards.codec import FORMAT_EXT, encode_image
 from shards.schema import build_sample, count_image_tags, encode_sample_json, image_member_names
-from sources import ImageDecodeError, SourceItem, decode_image
+from sources import SourceItem
 
 from .recipe import DiffusionFlavour, sample_seed
 
@@ -23,27 +22,6 @@ class ImageUnit:
     seed: int
     padded: tuple[int, int]
     source: dict[str, Any]
-
-
-def read_image(item: SourceItem, index: int, max_side: int | None = None) -> tuple[Image.Image, dict[str, Any]]:
-    """Read and decode one image of an item, with its source record; raises SampleFailure."""
-    ref = item.images[index]
-    try:
-        data = ref.read()
-    except OSError as exc:
-        raise SampleFailure("read", f"{exc.strerror or exc}: {ref.uri}") from None
-    try:
-        img, fmt = decode_image(data)
-    except ImageDecodeError as exc:
-        raise SampleFailure("decode", f"{exc}: {ref.uri}") from None
-    source = {"uri": ref.uri, "sha256": hashlib.sha256(data).hexdigest(), "width": img.width,
-              "height": img.height, "format": fmt}
-    if max_side and max(img.size) > max_side:
-        scale = max_side / max(img.size)
-        size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
-        img = img.resize(size, Image.Resampling.LANCZOS)
-        source["resized_to"] = [img.width, img.height]
-    return img, source
 
 
 def check_conversation(item: SourceItem) -> None:
@@ -68,10 +46,10 @@ class AugmentStage:
         check_conversation(item)
         units = []
         for i in range(len(item.images)):
-            img, source = read_image(item, i, self.max_side)
-            pixels = np.asarray(img, dtype=np.uint8)
+            loaded = read_image(item, i, self.max_side)
+            pixels = np.asarray(loaded.image, dtype=np.uint8)
             units.append(ImageUnit(pixels, sample_seed(self.flavour.settings.seed, item.key, i),
-                                   self.flavour.padded_size(*pixels.shape[:2]), source))
+                                   self.flavour.padded_size(*pixels.shape[:2]), loaded.source))
         return units
 
     def bucket(self, unit: ImageUnit):

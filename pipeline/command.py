@@ -14,7 +14,7 @@ from typing import Any, Callable
 from shards.store import OutputFolder
 from sources import read_sources
 
-from .job import Job, JobSummary, Stage
+from .job import Job, JobAbort, JobSummary, Stage
 from .placement import Placement, resolve_placement
 
 log = logging.getLogger(__name__)
@@ -70,6 +70,8 @@ def execute(command: str, opts: RunOptions, config: dict[str, Any],
                   show_progress=not opts.quiet)
         summary = job.run(items)
         folder.refresh_summary()
+    except JobAbort as exc:
+        raise UserError(str(exc)) from None
     except OSError as exc:
         # Disk full, folder removed, permissions changed mid-run: finished shards are complete
         # (atomic renames), the unfinished one was discarded, and a rerun resumes.

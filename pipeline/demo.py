@@ -37,6 +37,8 @@ def write_demo_inputs(folder: str) -> str:
 def run_demo(output: str) -> Iterator[str]:
     from augment.recipe import RecipeSettings
     from augment.run import AugmentOptions, run_augment
+    from captioning import GenerationSettings
+    from captioning.run import CaptionOptions, run_caption
     from shards.inspect import contact_sheet, inspect_shards
 
     from .command import RunOptions
@@ -57,4 +59,16 @@ def run_demo(output: str) -> Iterator[str]:
     contact_sheet([shards], sheet, limit=len(DEMO_PHOTOS))
     yield (f"contact sheet: {sheet} (tiny-random has random weights, so its outputs are noise; "
            f"real presets keep the picture: PSNR is how close they stay)")
-    yield f"next: ddaug inspect {shards} --show <key> | see {shards}/failures.jsonl"
+
+    # The augmented images are diffusion images now: recaption them as business data would be.
+    captions = os.path.join(output, "captioned")
+    summary = run_caption(
+        RunOptions(inputs=(shards,), output=captions, device="cpu", batch_size=4, shard_size=10,
+                   overwrite=True, quiet=True),
+        CaptionOptions(vlm="tiny-random", lang="mix", max_pixels=256 * 256, dtype="fp32",
+                       generation=GenerationSettings(max_new_tokens=16)))
+    yield f"caption (tiny-random Qwen2-VL, zh/en stage1 questions): {summary.line()}"
+    report = inspect_shards([captions], verify=True)
+    yield (f"inspect --verify: {report.samples} captioned samples, questions {dict(report.questions)}, "
+           f"flags {dict(report.flags)}, {len(report.problems)} problems (tiny-random answers are gibberish)")
+    yield f"next: ddaug inspect {captions} --show <key> | see {shards}/failures.jsonl"

@@ -37,6 +37,11 @@ class SampleFailure(Exception):
         self.reason = reason
 
 
+class JobAbort(Exception):
+    """Nothing more can be processed (e.g. the caption server is gone): stop the run. Finished
+    shards stay; the unfinished one is discarded; a rerun resumes."""
+
+
 class Stage(Protocol):
     command: str
 
@@ -62,10 +67,14 @@ class JobSummary:
     shards: list[str] = field(default_factory=list)
     seconds: float = 0.0
     failure_reasons: collections.Counter = field(default_factory=collections.Counter)
+    counts: collections.Counter = field(default_factory=collections.Counter)  # stage-specific (flags...)
 
     def line(self) -> str:
-        return (f"done {self.done}, skipped {self.skipped} (already done), failed {self.failed}, "
+        text = (f"done {self.done}, skipped {self.skipped} (already done), failed {self.failed}, "
                 f"{len(self.shards)} new shard(s) in {self.seconds:.1f}s")
+        if self.counts:
+            text += "; " + ", ".join(f"{k} {v}" for k, v in sorted(self.counts.items()))
+        return text
 
 
 def _ordered_prefetch(pool: ThreadPoolExecutor, fn: Callable, items: list, window: int) -> Iterator:
@@ -129,6 +138,8 @@ class Job:
     def _run_batch(self, units: list[Any]) -> list[Any]:
         try:
             return self.stage.run(units)
+        except JobAbort:
+            raise
         except Exception as exc:
             if len(units) == 1:
                 log.warning("batch failed: %s", exc)
@@ -155,6 +166,7 @@ class Job:
             for j, chunk in enumerate(chunks):
                 self._run_chunk(first_index + j, chunk, loaded, builders, bar, summary)
         bar.close()
+        summary.counts.update(getattr(self.stage, "counts", {}))
         summary.seconds = time.monotonic() - t0
         return summary
 

@@ -16,7 +16,7 @@ from typing import Any, Iterator
 import numpy as np
 from PIL import Image, ImageDraw
 
-from sources.readers import _split_member_name, expand_input
+from sources.readers import _split_member_name, expand_input, missing_tar_end
 
 from .schema import IMAGE_SUFFIXES, validate_sample
 from .store import FAILURES, MANIFEST
@@ -73,8 +73,11 @@ def iter_shard(path: str) -> Iterator[ShardSample]:
                     yield current
                 current = ShardSample(path, key, {})
             current.members[suffix] = data
+        cut = missing_tar_end(tf, path)
     if current is not None:
         yield current
+    if cut:
+        raise tarfile.ReadError(cut)
 
 
 def _size_bucket(w: int, h: int) -> str:
@@ -96,6 +99,8 @@ class Report:
     turns: list[int] = field(default_factory=list)
     answer_chars: list[int] = field(default_factory=list)
     questions: collections.Counter = field(default_factory=collections.Counter)
+    pools: collections.Counter = field(default_factory=collections.Counter)
+    completion_tokens: list[int] = field(default_factory=list)
     flags: collections.Counter = field(default_factory=collections.Counter)
     failures: collections.Counter = field(default_factory=collections.Counter)
     problems: list[str] = field(default_factory=list)
@@ -107,6 +112,7 @@ class Report:
                 "formats": dict(self.formats), "sizes": dict(sorted(self.sizes.items())),
                 "tags": {k: dict(v) for k, v in self.tags.items()}, "turns": stats(self.turns),
                 "answer_chars": stats(self.answer_chars), "question_ids": dict(self.questions),
+                "pools": dict(self.pools), "completion_tokens": stats(self.completion_tokens),
                 "flags": dict(self.flags), "failures": dict(self.failures), "problems": self.problems}
 
 
@@ -168,6 +174,10 @@ def _summarise(rep: Report, s: ShardSample, verify: bool, seen: set[str]) -> Non
         if isinstance(cap, dict):
             if cap.get("question_id"):
                 rep.questions[cap["question_id"]] += 1
+            if cap.get("pool"):
+                rep.pools[cap["pool"]] += 1
+            if isinstance(cap.get("completion_tokens"), int):
+                rep.completion_tokens.append(cap["completion_tokens"])
             for flag in cap.get("flags", []):
                 rep.flags[flag] += 1
     if verify:

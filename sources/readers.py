@@ -44,17 +44,22 @@ def _file_item(path: str, name: str | None = None) -> SourceItem:
 
 
 def read_directory(root: str) -> Iterator[SourceItem]:
-    """Every image file under root, recursively, in sorted order. Symlinked folders are not
-    followed, which also makes symlink loops harmless."""
-    found = []
+    """Every image file under root, recursively, in sorted order, then the samples of every
+    webdataset .tar under it (so a ddaug output folder is an input too). Symlinked folders are
+    not followed, which also makes symlink loops harmless."""
+    images, tars = [], []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False, onerror=None):
         dirnames.sort()
         for fn in filenames:
             if _is_image_name(fn):
-                found.append(os.path.join(dirpath, fn))
-    for path in sorted(found):
+                images.append(os.path.join(dirpath, fn))
+            elif fn.lower().endswith(".tar"):
+                tars.append(os.path.join(dirpath, fn))
+    for path in sorted(images):
         rel = os.path.relpath(path, root)
         yield _file_item(path, name=os.path.splitext(rel)[0])
+    for path in sorted(tars):
+        yield from read_tar(path)
 
 
 def read_path_list(list_file: str) -> Iterator[SourceItem]:
@@ -152,6 +157,17 @@ def _split_member_name(name: str) -> tuple[str, str]:
     return (os.path.join(dirname, stem) if dirname else stem), ext
 
 
+def missing_tar_end(tf: tarfile.TarFile, path: str) -> str | None:
+    """Python's tarfile takes a tar cut at a header boundary for a complete one; a complete tar
+    ends in two zero blocks right after its last member. Call after iterating tf."""
+    with open(path, "rb") as f:
+        f.seek(tf.offset)
+        end = f.read(2 * tarfile.BLOCKSIZE)
+    if end != bytes(2 * tarfile.BLOCKSIZE):
+        return "tar has no end-of-archive marker (cut short at a member boundary)"
+    return None
+
+
 def read_tar(path: str) -> Iterator[SourceItem]:
     """A webdataset tar (ddaug's own or foreign): members grouped by key; images plus optional
     json (ddaug schema, or any object with messages) and txt. Only member headers are read here;
@@ -167,6 +183,9 @@ def read_tar(path: str) -> Iterator[SourceItem]:
                         continue
                     key, ext = _split_member_name(member.name)
                     groups.setdefault(key, {})[ext] = member
+                cut = missing_tar_end(tf, abspath)
+                if cut:
+                    problem = f"{cut} after {len(groups)} samples"
             except (tarfile.TarError, OSError, EOFError) as exc:
                 problem = f"tar is truncated or corrupt after {len(groups)} samples: {exc}"
     except (tarfile.TarError, OSError) as exc:

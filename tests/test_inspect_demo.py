@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import tarfile
 import subprocess
 import sys
 
@@ -46,8 +47,11 @@ def test_verify_names_corrupt_shards_and_samples(tmp_path, photo_dir):
     assert invoke("inspect", out, "--verify").exit_code == 0
     first, second = sorted(glob.glob(str(out / "*.tar")))
     data = open(second, "rb").read()
+    with tarfile.open(second) as tf:
+        last = tf.getmembers()[-1].offset
     with open(second, "wb") as f:
-        f.write(data[: len(data) // 2])  # truncated tar
+        # Cut exactly at a member boundary: Python's tarfile alone reads this as a complete tar.
+        f.write(data[:last])
     # Corrupt one image member in place (same size, so the tar structure stays valid).
     raw = bytearray(open(first, "rb").read())
     png_at = raw.find(b"\x89PNG")
@@ -72,6 +76,10 @@ def test_demo_runs_offline_as_the_readme_says(tmp_path):
     assert "0 problems" in r.stdout and "failures {'decode': 1}" in r.stdout
     assert os.path.exists(tmp_path / "demo" / "preview.png")
     assert len(read_samples(tmp_path / "demo" / "augmented")) == 4
+    # the augmented (now diffusion) images were recaptioned, bytes unchanged
+    augmented, captioned = read_samples(tmp_path / "demo" / "augmented"), read_samples(tmp_path / "demo" / "captioned")
+    assert len(captioned) == 4 and "4 captioned samples" in r.stdout
+    assert sorted(m["png"] for m in captioned.values()) == sorted(m["png"] for m in augmented.values())
 
 
 def test_preview_survives_a_sample_whose_json_is_broken(tmp_path, photo_dir):

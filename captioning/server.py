@@ -1,0 +1,170 @@
+"""A small OpenAI-compatible chat-completions server on localhost.
+
+It serves any `respond(image, text) -> Reply` callable, by default a TransformersVLM (the tiny
+model in tests and demos), so the openai backend can be exercised offline end to end. Faults can
+be queued (429, 500, timeout, malformed body, connection reset) to test the client's retries.
+Not a production server: use vLLM or SGLang for real models.
+"""
+
+from __future__ import annotations
+
+import base64
+import collections
+import io
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Callable
+
+from PIL import Image
+
+from .replies import Reply
+from .vlm import Prompt
+
+Responder = Callable[[Image.Image, str, int], Reply]  # image, text, max_tokens
+FAULTS = ("429", "500", "timeout", "malformed", "reset", "no-content")
+
+
+def _image_from_url(url: str) -> Image.Image:
+    if not url.startswith("data:") or ";base64," not in url:
+        raise ValueError("only base64 data URLs are accepted")
+    data = base64.b64decode(url.split(";base64,", 1)[1], validate=True)
+    return Image.open(io.BytesIO(data)).convert("RGB")
+
+
+def _parse_request(body: dict) -> tuple[Image.Image, str]:
+    user = [m for m in body["messages"] if m.get("role") == "user"][-1]
+    parts = user["content"] if isinstance(user["content"], list) else [{"type": "text", "text": user["content"]}]
+    images = [_image_from_url(p["image_url"]["url"]) for p in parts if p.get("type") == "image_url"]
+    text = "".join(p.get("text", "") for p in parts if p.get("type") == "text")
+    if len(images) != 1:
+        raise ValueError(f"expected one image, got {len(images)}")
+    return images[0], text
+
+
+class ChatServer:
+    """`with ChatServer(respond, model="tiny") as srv: srv.url` -> http://127.0.0.1:PORT/v1"""
+
+    default_max_tokens = 256
+
+    def __init__(self, respond: Responder, model: str = "tiny-random", api_key: str | None = None,
+                 host: str = "127.0.0.1", port: int = 0, timeout_sleep: float = 5.0):
+        self.respond = respond
+        self.model = model
+        self.api_key = api_key
+        self.timeout_sleep = timeout_sleep
+        self.faults: collections.deque[str] = collections.deque()
+        self.requests: list[dict] = []     # what clients sent (headers without the key, body)
+        self._lock = threading.Lock()      # one generation at a time: models are not thread-safe
+        self._httpd = ThreadingHTTPServer((host, port), self._handler())
+        self._httpd.daemon_threads = True
+        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        host, port = self._httpd.server_address[:2]
+        return f"http://{host}:{port}/v1"
+
+    def inject(self, *faults: str) -> None:
+        """Queue faults; each request takes the next one (if any) instead of a normal answer."""
+        unknown = set(faults) - set(FAULTS)
+        if unknown:
+            raise ValueError(f"unknown faults {unknown}; known: {FAULTS}")
+        self.faults.extend(faults)
+
+    def __enter__(self) -> "ChatServer":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+
+    def _handler(self):
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):  # keep test and demo output clean
+                pass
+
+            def _send(self, status: int, body: bytes, headers: dict | None = None) -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                for k, v in (headers or {}).items():
+                    self.send_header(k, v)
+                self.end_headers()
+                self.wfile.write(body)
+
+            def _json(self, status: int, obj: dict, headers: dict | None = None) -> None:
+                self._send(status, json.dumps(obj, ensure_ascii=False).encode("utf-8"), headers)
+
+            def _authorized(self) -> bool:
+                if server.api_key and self.headers.get("Authorization") != f"Bearer {server.api_key}":
+                    self._json(401, {"error": {"message": "invalid api key"}})
+                    return False
+                return True
+
+            def do_GET(self):
+                if not self._authorized():
+                    return
+                if self.path.rstrip("/").endswith("/models"):
+                    self._json(200, {"object": "list", "data": [{"id": server.model, "object": "model"}]})
+                else:
+                    self._json(404, {"error": {"message": "not found"}})
+
+            def do_POST(self):
+                length = int(self.headers.get("Content-Length") or 0)
+                raw = self.rfile.read(length)
+                if not self._authorized():
+                    return
+                if not self.path.rstrip("/").endswith("/chat/completions"):
+                    return self._json(404, {"error": {"message": "not found"}})
+                fault = server.faults.popleft() if server.faults else None
+                headers = {k: v for k, v in self.headers.items() if k.lower() != "authorization"}
+                server.requests.append({"headers": headers, "body": raw.decode("utf-8", "replace"), "fault": fault})
+                if fault == "429":
+                    return self._json(429, {"error": {"message": "rate limited"}}, {"Retry-After": "0"})
+                if fault == "500":
+                    return self._json(500, {"error": {"message": "internal error"}})
+                if fault == "timeout":
+                    time.sleep(server.timeout_sleep)
+                    return self._json(503, {"error": {"message": "too slow"}})
+                if fault == "malformed":
+                    return self._send(200, b'{"choices": [{"message": {"content": "cut sh')
+                if fault == "reset":
+                    self.close_connection = True
+                    self.connection.shutdown(2)
+                    return None
+                try:
+                    body = json.loads(raw)
+                    image, text = _parse_request(body)
+                    max_tokens = int(body.get("max_tokens") or body.get("max_completion_tokens")
+                                     or server.default_max_tokens)
+                except (ValueError, KeyError, IndexError, TypeError) as exc:
+                    return self._json(400, {"error": {"message": f"bad request: {exc}"}})
+                with server._lock:
+                    reply = server.respond(image, text, max_tokens)
+                content = None if fault == "no-content" else reply.text
+                self._json(200, {
+                    "id": f"chatcmpl-{len(server.requests)}", "object": "chat.completion", "model": server.model,
+                    "choices": [{"index": 0, "finish_reason": reply.finish_reason,
+                                 "message": {"role": "assistant", "content": content}}],
+                    "usage": {"prompt_tokens": reply.prompt_tokens or 0,
+                              "completion_tokens": reply.completion_tokens or 0,
+                              "total_tokens": (reply.prompt_tokens or 0) + (reply.completion_tokens or 0)}})
+
+        return Handler
+
+
+def vlm_responder(vlm) -> Responder:
+    """Serve a TransformersVLM: one image + text per request."""
+    def respond(image: Image.Image, text: str, max_tokens: int) -> Reply:
+        return vlm.generate([Prompt(image, text)], max_new_tokens=max_tokens)[0]
+    return respond

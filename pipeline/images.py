@@ -1,0 +1,55 @@
+"""Reading one image of a SourceItem for a stage: bytes, decoded picture, and its source record."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+from PIL import Image
+
+from sources import ImageDecodeError, SourceItem, decode_image
+
+from .job import SampleFailure
+
+# Pillow format name -> the member extension that keeps the original bytes readable.
+FORMAT_MEMBER_EXT = {"PNG": "png", "JPEG": "jpg", "MPO": "jpg", "WEBP": "webp", "GIF": "gif",
+                     "BMP": "bmp", "TIFF": "tif"}
+
+
+@dataclass
+class LoadedImage:
+    data: bytes              # the file's bytes, untouched
+    image: Image.Image       # RGB, EXIF orientation applied, possibly downsized
+    source: dict[str, Any]   # uri, sha256, width, height, format (+ resized_to)
+
+
+def read_image(item: SourceItem, index: int, max_side: int | None = None,
+               max_pixels: int | None = None) -> LoadedImage:
+    """Read and decode image `index` of an item; raises SampleFailure("read"/"decode").
+
+    max_side / max_pixels downsize (LANCZOS, aspect kept) and record it in the source record.
+    """
+    ref = item.images[index]
+    try:
+        data = ref.read()
+    except OSError as exc:
+        raise SampleFailure("read", f"{exc.strerror or exc}: {ref.uri}") from None
+    try:
+        img, fmt = decode_image(data)
+    except ImageDecodeError as exc:
+        raise SampleFailure("decode", f"{exc}: {ref.uri}") from None
+    source = {"uri": ref.uri, "sha256": hashlib.sha256(data).hexdigest(), "width": img.width,
+              "height": img.height, "format": fmt}
+    scale = 1.0
+    if max_side and max(img.size) > max_side:
+        scale = max_side / max(img.size)
+    if max_pixels and img.width * img.height * scale * scale > max_pixels:
+        scale = (max_pixels / (img.width * img.height)) ** 0.5
+    if scale < 1.0:
+        size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
+        if max_pixels and size[0] * size[1] > max_pixels:  # rounding up must not break the cap
+            size = (max(1, int(img.width * scale)), max(1, int(img.height * scale)))
+        img = img.resize(size, Image.Resampling.LANCZOS)
+        source["resized_to"] = [img.width, img.height]
+    return LoadedImage(data, img, source)
