@@ -19,11 +19,14 @@ def _known_errors() -> tuple[type[Exception], ...]:
     from augment.models import ModelLoadError
     from captioning import QuestionError, VLMLoadError
     from pipeline.command import UserError
+    from shards.export import ExportError
     from shards.inspect import InspectError
+    from shards.loader import LoaderError
     from shards.store import StoreError
     from sources import SourceError
 
-    return (UserError, StoreError, SourceError, InspectError, ModelLoadError, VLMLoadError, QuestionError)
+    return (UserError, StoreError, SourceError, InspectError, ModelLoadError, VLMLoadError, QuestionError,
+            LoaderError, ExportError)
 
 
 def user_errors(fn):
@@ -62,6 +65,8 @@ def cli(verbose: int) -> None:
       augment   give natural general data diffusion traits (SDXL/SSD-1B/LCM, one step)
       caption   recaption business images with a VLM (caption and instruct data)
       inspect   summarise, verify and preview shards
+      plan      what a training recipe (sources, ratios, stages) will draw
+      export    shards -> LLaMA-Factory, ms-swift or Megatron-Energon datasets
       demo      offline end-to-end run on bundled photos with tiny models
     """
     _setup_logging(verbose)
@@ -327,6 +332,64 @@ def _format_report(report) -> str:
     for p in r["problems"]:
         lines.append(f"PROBLEM  {p}")
     return "\n".join(lines)
+
+
+@cli.command(epilog="""\b
+Example recipe (YAML):
+  seed: 0
+  global_batch_size: 64
+  sources: {business: out/cap-s1, general: [out/general-sdxl]}
+  stages:
+    - {name: bulk, samples: 200000, weights: {business: 10, general: 1}}
+    - {name: polish, steps: 500, weights: {business: 5, general: 1}, questions: stage2}
+\b
+Examples:
+  ddaug plan recipe.yaml
+  ddaug plan recipe.yaml --json
+""")
+@click.argument("recipe", type=click.Path(exists=True, dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable plan.")
+@user_errors
+def plan(recipe: str, as_json: bool) -> None:
+    """Print what a training recipe will draw: samples per source and stage, and the epochs of
+    each source that uses, before any training. The trainer loads the same file with
+    shards.load_recipe(path).dataset()."""
+    from shards.recipe import format_plan, load_recipe
+    from shards.recipe import plan as make_plan
+
+    p = make_plan(load_recipe(recipe))
+    click.echo(json.dumps(p, indent=1) if as_json else format_plan(p))
+
+
+@cli.command(epilog="""\b
+Examples:
+  ddaug export out/cap-s1 out/general -o lf/ --format llamafactory            # json + images/ + dataset_info.json
+  ddaug export out/cap-s1 -o lf/ --format llamafactory --embed --name cap    # parquet, image bytes inside
+  ddaug export out/cap-s1 out/general -o swift/ --format swift               # jsonl with channel = tags.domain
+  ddaug export out/cap-s1 -o energon/ --format energon                       # shards + .nv-meta (energon prepare)
+""")
+@click.argument("paths", nargs=-1, required=True)
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Output folder.")
+@click.option("--format", "fmt", required=True, type=click.Choice(["llamafactory", "swift", "energon"]))
+@click.option("--name", default="ddaug", show_default=True, help="Dataset name (file name and dataset_info key).")
+@click.option("--jsonl", is_flag=True, help="llamafactory: write jsonl instead of one json array.")
+@click.option("--embed", is_flag=True, help="llamafactory: parquet with the image bytes embedded (needs pyarrow).")
+@click.option("--channel-tag", default="domain", show_default=True, help="swift: the tag whose value becomes `channel`.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@user_errors
+def export(paths, output, fmt, name, jsonl, embed, channel_tag, quiet) -> None:
+    """Export shards for trainers that do not read tars. Keys from tars never write outside -o."""
+    from shards.export import export as run_export
+
+    if fmt != "llamafactory" and (jsonl or embed):
+        raise click.BadParameter("only with --format llamafactory", param_hint="--jsonl/--embed")
+    kwargs = {"show_progress": not quiet}
+    if fmt == "llamafactory":
+        kwargs.update(name=name, jsonl=jsonl, embed=embed)
+    elif fmt == "swift":
+        kwargs.update(name=name, channel_tag=channel_tag)
+    summary = run_export(paths, fmt, output, **kwargs)
+    click.echo(f"export ({fmt}): {summary.line()} -> {output} ({', '.join(summary.files)})", err=True)
 
 
 @cli.command(epilog="""\b

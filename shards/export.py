@@ -1,0 +1,249 @@
+"""`ddaug export`: shards -> the formats trainers that do not read tars document.
+
+llamafactory  {name}.json|.jsonl (+ images/), or {name}.parquet with embedded image bytes;
+              plus the dataset_info.json entry (sharegpt formatting, OpenAI-style role tags)
+swift         {name}.jsonl for ms-swift: messages + images + channel (per-source loss)
+energon       the shards plus the .nv-meta/ index that Megatron-Energon's loader needs,
+              made by Energon's own `energon prepare`
+
+Member names come from tars, which anyone can craft: every path written is checked to stay
+inside the output folder; a sample that would escape is skipped and reported.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+from tqdm import tqdm
+
+from .inspect import ShardSample, find_shards, iter_shard
+from .schema import count_image_tags
+from .writer import atomic_write_bytes, atomic_write_json
+
+log = logging.getLogger(__name__)
+FORMATS = ("llamafactory", "swift", "energon")
+
+
+class ExportError(Exception):
+    """Export cannot run as asked; one line for the user."""
+
+
+@dataclass
+class ExportSummary:
+    written: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
+    files: list[str] = field(default_factory=list)
+
+    def skip(self, reason: str) -> None:
+        self.skipped[reason] = self.skipped.get(reason, 0) + 1
+
+    def line(self) -> str:
+        skipped = ", ".join(f"{n} {r}" for r, n in sorted(self.skipped.items())) or "none"
+        return f"{self.written} samples written; skipped: {skipped}"
+
+
+def safe_join(root: str, relpath: str) -> str:
+    """root/relpath, or ValueError if relpath is absolute, climbs out (..), or resolves (through
+    symlinks) outside root."""
+    if not relpath or os.path.isabs(relpath) or relpath.startswith(("/", "\\")) or "\\" in relpath:
+        raise ValueError(f"unsafe member path {relpath!r}")
+    if any(part in ("..", "") for part in relpath.split("/")):
+        raise ValueError(f"unsafe member path {relpath!r}")
+    root_real = os.path.realpath(root)
+    target = os.path.realpath(os.path.join(root_real, relpath))
+    if os.path.commonpath([root_real, target]) != root_real:
+        raise ValueError(f"member path {relpath!r} escapes the output folder")
+    return target
+
+
+def _samples(paths: list[str], summary: ExportSummary, show_progress: bool) -> Iterator[ShardSample]:
+    shards = find_shards(paths)
+    for shard in tqdm(shards, unit="shard", desc="export", disable=not show_progress):
+        try:
+            yield from iter_shard(shard)
+        except Exception as exc:  # a corrupt shard loses its tail, not the export
+            log.warning("%s: %s; skipped the rest of this shard", shard, exc)
+            summary.skip("corrupt shard tail")
+
+
+def _conversation(s: ShardSample, summary: ExportSummary) -> tuple[dict, list[tuple[str, bytes]]] | None:
+    """(meta, [(image member suffix, bytes)]) of a trainable sample, else None (counted)."""
+    try:
+        meta = s.meta
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        summary.skip("json does not parse")
+        return None
+    if not isinstance(meta, dict) or not meta.get("messages"):
+        summary.skip("no conversation")
+        return None
+    images = []
+    for name in meta.get("images") or []:
+        suffix = str(name)[len(s.key) + 1:] if str(name).startswith(s.key + ".") else None
+        if suffix is None or suffix not in s.members:
+            summary.skip("image member missing")
+            return None
+        images.append((suffix, s.members[suffix]))
+    if count_image_tags(meta["messages"]) != len(images):
+        summary.skip("<image> tags do not match images")
+        return None
+    return meta, images
+
+
+def _write_images(out: str, key: str, images: list[tuple[str, bytes]]) -> list[str]:
+    rels = []
+    for suffix, data in images:
+        rel = f"images/{key}.{suffix}"
+        path = safe_join(out, rel)  # keys come from tars: never trust them
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as f:
+            f.write(data)
+        rels.append(rel)
+    return rels
+
+
+def _messages(meta: dict) -> list[dict]:
+    return [{"role": m["role"], "content": m["content"]} for m in meta["messages"]]
+
+
+def export_llamafactory(paths, out: str, *, name: str = "ddaug", jsonl: bool = False, embed: bool = False,
+                        show_progress: bool = True) -> ExportSummary:
+    summary = ExportSummary()
+    records = []
+    for s in _samples(paths, summary, show_progress):
+        conv = _conversation(s, summary)
+        if conv is None:
+            continue
+        meta, images = conv
+        try:
+            if embed:
+                safe_join(out, f"images/{s.key}")
+                image_field = [{"bytes": data, "path": f"{s.key}.{suffix}"} for suffix, data in images]
+            else:
+                image_field = _write_images(out, s.key, images)
+        except ValueError as exc:
+            log.warning("skipping %s: %s", s.key, exc)
+            summary.skip("unsafe key")
+            continue
+        rec = {"messages": _messages(meta), "images": image_field}
+        if meta.get("tags"):
+            rec["tags"] = json.dumps(meta["tags"], sort_keys=True) if embed else meta["tags"]
+        records.append(rec)
+        summary.written += 1
+    if embed:
+        try:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise ExportError("--embed writes parquet and needs pyarrow: pip install pyarrow") from None
+        file_name = f"{name}.parquet"
+        table = pa.Table.from_pylist(records)
+        tmp = os.path.join(out, file_name + ".tmp")
+        pq.write_table(table, tmp)
+        os.replace(tmp, os.path.join(out, file_name))
+    elif jsonl:
+        file_name = f"{name}.jsonl"
+        atomic_write_bytes(os.path.join(out, file_name),
+                           "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8"))
+    else:
+        file_name = f"{name}.json"
+        atomic_write_bytes(os.path.join(out, file_name),
+                           json.dumps(records, ensure_ascii=False, indent=1).encode("utf-8"))
+    info_path = os.path.join(out, "dataset_info.json")
+    info = {}
+    if os.path.exists(info_path):
+        with open(info_path, encoding="utf-8") as f:
+            info = json.load(f)
+    info[name] = {"file_name": file_name, "formatting": "sharegpt",
+                  "columns": {"messages": "messages", "images": "images"},
+                  "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user",
+                           "assistant_tag": "assistant", "system_tag": "system"}}
+    atomic_write_json(info_path, info)
+    summary.files = [file_name, "dataset_info.json"]
+    return summary
+
+
+def export_swift(paths, out: str, *, name: str = "ddaug", channel_tag: str = "domain",
+                 show_progress: bool = True) -> ExportSummary:
+    summary = ExportSummary()
+    lines = []
+    for s in _samples(paths, summary, show_progress):
+        conv = _conversation(s, summary)
+        if conv is None:
+            continue
+        meta, images = conv
+        try:
+            rels = _write_images(out, s.key, images)
+        except ValueError as exc:
+            log.warning("skipping %s: %s", s.key, exc)
+            summary.skip("unsafe key")
+            continue
+        rec: dict[str, Any] = {"messages": _messages(meta), "images": [os.path.join(os.path.abspath(out), r) for r in rels]}
+        channel = (meta.get("tags") or {}).get(channel_tag)
+        if channel is not None:
+            rec["channel"] = str(channel)
+        lines.append(json.dumps(rec, ensure_ascii=False) + "\n")
+        summary.written += 1
+    atomic_write_bytes(os.path.join(out, f"{name}.jsonl"), "".join(lines).encode("utf-8"))
+    summary.files = [f"{name}.jsonl"]
+    return summary
+
+
+def export_energon(paths, out: str, *, show_progress: bool = True) -> ExportSummary:
+    """Link (or copy) the shards into out/ and let Energon index them: its own `prepare` writes
+    .nv-meta/ (index, split, dataset.yaml for a CrudeWebdataset a TaskEncoder cooks)."""
+    try:
+        import megatron.energon  # noqa: F401
+    except ImportError:
+        raise ExportError("--format energon needs Megatron-Energon: pip install megatron-energon") from None
+    summary = ExportSummary()
+    names = []
+    used: set[str] = set()
+    for arg in paths:
+        # One subfolder per input: shard sets from different runs share file names.
+        folder = re.sub(r"[^A-Za-z0-9_.-]+", "_", os.path.basename(os.path.normpath(arg))) or "shards"
+        folder = folder.removesuffix(".tar")
+        n = 1
+        while folder in used:
+            n += 1
+            folder = f"{folder.rsplit('~', 1)[0]}~{n}"
+        used.add(folder)
+        for shard in find_shards([arg]):
+            rel = f"{folder}/{os.path.basename(shard)}"
+            target = safe_join(out, rel)
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            if os.path.exists(target):
+                os.remove(target)
+            try:
+                os.link(shard, target)
+            except OSError:
+                shutil.copy2(shard, target)
+            names.append(rel)
+            try:
+                summary.written += sum(1 for _ in iter_shard(target))
+            except Exception as exc:
+                raise ExportError(f"{shard} is corrupt ({exc}); Energon would refuse it: fix or drop it first") from None
+    cmd = [sys.executable, "-m", "megatron.energon.cli.main", "prepare", os.path.abspath(out),
+           "--non-interactive", "--split-ratio", "1,0,0", "--sample-type", "CrudeWebdataset",
+           "--force-overwrite", "--no-progress"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise ExportError(f"energon prepare failed: {tail[0]}")
+    summary.files = [f"{len(names)} shard(s)", ".nv-meta/"]
+    return summary
+
+
+def export(paths, fmt: str, out: str, **kwargs) -> ExportSummary:
+    if fmt not in FORMATS:
+        raise ExportError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
+    os.makedirs(out, exist_ok=True)
+    fn = {"llamafactory": export_llamafactory, "swift": export_swift, "energon": export_energon}[fmt]
+    return fn(list(paths), out, **kwargs)

@@ -1,0 +1,125 @@
+"""Training recipes: a small YAML file naming the shard sets, their ratios and the stages.
+
+    seed: 0
+    global_batch_size: 64          # needed only for stages given in steps
+    sources:
+      business: out/cap-s1         # a folder, a tar, a brace pattern, or a list of them
+      general: [out/general-sdxl, out/general-ssd1b]
+    stages:
+      - name: bulk                 # big, lower-quality data first
+        samples: 200000            # or steps: 3000
+        weights: {business: 10, general: 1}
+      - name: polish               # small, high-quality data last
+        steps: 500
+        weights: {business: 5, general: 1}
+        questions: stage2          # rewrite caption questions from the stage2 pool
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+from .loader import LoaderError, MixedShardDataset, ShardSource, TrainingStage
+
+
+@dataclass
+class Recipe:
+    sources: dict[str, ShardSource]
+    stages: list[TrainingStage]
+    seed: int = 0
+    global_batch_size: int | None = None
+
+    def dataset(self, **kwargs: Any) -> MixedShardDataset:
+        return MixedShardDataset(list(self.sources.values()), stages=self.stages, seed=self.seed, **kwargs)
+
+
+def _stage(i: int, raw: Any, batch: int | None) -> TrainingStage:
+    if not isinstance(raw, dict):
+        raise LoaderError(f"recipe: stage {i + 1} must be a mapping")
+    name = str(raw.get("name") or f"stage{i + 1}")
+    unknown = set(raw) - {"name", "samples", "steps", "weights", "questions"}
+    if unknown:
+        raise LoaderError(f"recipe: stage {name!r} has unknown keys: {', '.join(sorted(unknown))}")
+    if "samples" in raw and "steps" in raw:
+        raise LoaderError(f"recipe: stage {name!r}: give samples or steps, not both")
+    samples = raw.get("samples")
+    if "steps" in raw:
+        if not batch:
+            raise LoaderError(f"recipe: stage {name!r} is given in steps; set global_batch_size")
+        samples = int(raw["steps"]) * batch
+    weights = raw.get("weights")
+    if not isinstance(weights, dict):
+        raise LoaderError(f"recipe: stage {name!r} needs weights: {{source: weight}}")
+    return TrainingStage(name, {str(k): float(v) for k, v in weights.items()},
+                         None if samples is None else int(samples), raw.get("questions"))
+
+
+def load_recipe(path: str) -> Recipe:
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = yaml.safe_load(f)
+    except OSError as exc:
+        raise LoaderError(f"cannot read recipe {path}: {exc.strerror or exc}") from None
+    except yaml.YAMLError as exc:
+        raise LoaderError(f"recipe {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("sources"), dict) or not raw.get("stages"):
+        raise LoaderError(f"recipe {path} needs `sources:` (name: paths) and `stages:` (a list)")
+    batch = raw.get("global_batch_size")
+    sources = {str(name): ShardSource(str(name), paths) for name, paths in raw["sources"].items()}
+    stages = [_stage(i, s, batch) for i, s in enumerate(raw["stages"])]
+    for st in stages:
+        unknown = set(st.weights) - set(sources)
+        if unknown:
+            raise LoaderError(f"recipe: stage {st.name!r} names unknown sources: {', '.join(sorted(unknown))}")
+        if st.questions:
+            from captioning.questions import QuestionError, builtin_pool
+
+            lang, _, pool_stage = st.questions.rpartition("/")
+            try:
+                builtin_pool(lang or "en", pool_stage)
+            except QuestionError as exc:
+                raise LoaderError(f"recipe: stage {st.name!r}: {exc}") from None
+    for st in stages[:-1]:
+        if st.samples is None:
+            raise LoaderError(f"recipe: stage {st.name!r} needs samples or steps (only the last may be open)")
+    return Recipe(sources, stages, int(raw.get("seed", 0)), batch)
+
+
+def plan(recipe: Recipe) -> dict[str, Any]:
+    """What a run will draw: expected samples per source and stage, and how many epochs of each
+    source that consumes (cumulative). Expected counts; the draw is random with these weights."""
+    sizes = {name: src.sample_count() for name, src in recipe.sources.items()}
+    used = {name: 0.0 for name in sizes}
+    rows = []
+    for st in recipe.stages:
+        total_w = sum(st.weights.values())
+        length = st.samples
+        if length is None:  # open-ended: ends when the first source runs out of its epoch
+            length = min(sizes[n] * total_w / w for n, w in st.weights.items() if w > 0)
+        per = {n: length * w / total_w for n, w in st.weights.items() if w > 0}
+        for n, c in per.items():
+            used[n] += c
+        rows.append({"stage": st.name, "samples": round(length), "open_ended": st.samples is None,
+                     "questions": st.questions,
+                     "sources": {n: {"samples": round(c), "share": round(c / length, 4),
+                                     "epochs_after": round(used[n] / sizes[n], 3) if sizes[n] else None}
+                                 for n, c in per.items()}})
+    return {"seed": recipe.seed, "source_sizes": sizes, "stages": rows}
+
+
+def format_plan(p: dict[str, Any]) -> str:
+    lines = ["sources: " + ", ".join(f"{n} {c:,} samples" for n, c in p["source_sizes"].items())]
+    for row in p["stages"]:
+        head = f"stage {row['stage']}: {row['samples']:,} samples"
+        if row["open_ended"]:
+            head += " (open-ended: one pass, until a source runs out)"
+        if row["questions"]:
+            head += f", caption questions from pool {row['questions']}"
+        lines.append(head)
+        for n, s in row["sources"].items():
+            lines.append(f"  {n:<16} {s['samples']:>10,}  {s['share'] * 100:5.1f}%   "
+                         f"epochs of {n} used so far: {s['epochs_after']}")
+    return "\n".join(lines)
