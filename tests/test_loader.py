@@ -15,44 +15,8 @@ import torch
 from PIL import Image
 
 from captioning import builtin_pool
-from captioning.replies import Reply
-from captioning.server import ChatServer
 from conftest import invoke
 from shards import CheckpointableLoader, ChatCollator, LoaderError, MixedShardDataset, TrainingStage
-
-
-@pytest.fixture(scope="session")
-def shard_sets(tmp_path_factory, photos):
-    """Two real ddaug shard sets made through the CLI: 'business' (24 captioned images, 8 shards
-    of 3, written by `caption` against a localhost chat server) and 'general' (4 augmented
-    photos with conversations, 2 shards)."""
-    from pipeline.demo import write_demo_inputs
-
-    root = tmp_path_factory.mktemp("sets")
-    imgs = root / "business-images"
-    imgs.mkdir()
-    arrays = list(photos.values())
-    for i in range(24):
-        arr = arrays[i % 4]
-        img = Image.fromarray(arr).resize((arr.shape[1] + 2 * i, arr.shape[0] + i))
-        img.save(imgs / f"biz{i:02d}.{'png' if i % 2 else 'jpg'}")
-    answer = lambda image, text, n: Reply(f"A generated picture, {image.width} pixels wide.")  # noqa: E731
-    old = {k: os.environ.get(k) for k in ("NO_PROXY", "no_proxy")}
-    os.environ["NO_PROXY"] = os.environ["no_proxy"] = "127.0.0.1,localhost"
-    try:
-        with ChatServer(answer, model="m") as srv:
-            invoke("caption", imgs, "-o", root / "business", "--backend", "openai", "--api-base", srv.url,
-                   "--vlm", "m", "--shard-size", 3, "--lang", "mix", "-q")
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-    dataset = write_demo_inputs(str(root / "general-inputs"))
-    invoke("augment", dataset, "-o", root / "general", "--model", "tiny-random", "--device", "cpu",
-           "--shard-size", 2, "-q")
-    return {"business": str(root / "business"), "general": str(root / "general")}
 
 
 def _keys(samples):
