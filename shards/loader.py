@@ -133,6 +133,7 @@ class _SourceStream:
         self.resampled = resampled
         self.by_sample = not resampled and len(source.shards) < slots
         self.pos = [0, 0, 0]
+        self._warned_small = False
         self._index: dict[str, tuple[list[SampleIndex], str | None]] = {}
 
     def _shard_index(self, shard: str) -> list[SampleIndex]:
@@ -156,6 +157,14 @@ class _SourceStream:
         """Samples before shard si in this epoch's order (for splitting by sample)."""
         shards = self._epoch_shards(epoch)
         return sum(len(self._shard_index(sh)) for sh in shards[:si])
+
+    def _splittable(self, epoch: int) -> bool:
+        total = self._offset(epoch, len(self._epoch_shards(epoch)))
+        if total < self.slots and not self._warned_small:
+            self._warned_small = True
+            log.warning("source %r has %d samples for %d loader slots (ranks x workers): every slot reads "
+                        "all of them, so they repeat within an epoch", self.source.name, total, self.slots)
+        return total >= self.slots
 
     def next(self, stop_on_wrap: bool = False) -> tuple[str, SampleIndex, bool] | None:
         """(shard, sample, whether an epoch ended before it). With stop_on_wrap, None at the end
@@ -184,7 +193,7 @@ class _SourceStream:
                 continue
             order = _permutation(len(samples), self.seed, self.source.name, "shard", epoch, shard)
             self.pos = [epoch, si, ki + 1]
-            if self.by_sample:
+            if self.by_sample and self._splittable(epoch):
                 if offset is None:
                     offset = self._offset(epoch, si)
                 if (offset + ki) % self.slots != self.slot:

@@ -218,3 +218,41 @@ stages:
     recipe.write_text("sources: {a: nowhere}\nstages: [{weights: {a: 1}}]\n")
     bad = invoke("plan", recipe, expect_ok=False)
     assert bad.exit_code == 1 and "nowhere" in bad.output and "Traceback" not in bad.output
+
+
+def test_readme_training_script_under_accelerate_two_processes(shard_sets, tmp_path):
+    """The README's example: 2 processes on CPU, a 10:1 mix over two shard sets, a stage switch."""
+    import subprocess
+    import sys
+
+    from captioning import save_tiny_vlm
+
+    vlm = save_tiny_vlm(str(tmp_path / "vlm"))
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"""
+seed: 0
+sources: {{business: {shard_sets['business']}, general: {shard_sets['general']}}}
+stages:
+  - {{name: bulk, samples: 88, weights: {{business: 10, general: 1}}}}
+  - {{name: polish, samples: 24, weights: {{business: 5, general: 1}}, questions: stage2}}
+""")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           os.path.join(root, "examples", "train_mix.py"), str(recipe), "--vlm", vlm, "--cpu",
+           "--report", str(tmp_path / "report")]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": root}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    reports = [json.load(open(tmp_path / f"report.{r}")) for r in (0, 1)]
+    total = collections.Counter()
+    for rep in reports:
+        total.update(rep["counts"])
+        assert rep["stages"] == ["bulk", "polish"] and rep["state_slots"] == 2
+    assert total["bulk/business"] + total["bulk/general"] == 88
+    assert total["polish/business"] + total["polish/general"] == 24
+    assert 70 <= total["bulk/business"] <= 86
+    # Ranks and workers split each epoch of a source: over both ranks every business image is
+    # seen about as often as every other (slots may be up to one epoch apart).
+    seen = collections.Counter(k for rep in reports for k in rep["keys"] if k.startswith("biz"))
+    assert len(seen) == 24 and max(seen.values()) - min(seen.values()) <= 2
