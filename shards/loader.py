@@ -134,6 +134,9 @@ class _SourceStream:
         self.by_sample = not resampled and len(source.shards) < slots
         self.pos = [0, 0, 0]
         self._warned_small = False
+        self._order_for: tuple | None = None
+        self._order: list[int] = []
+        self._files: dict[str, Any] = {}
         self._index: dict[str, tuple[list[SampleIndex], str | None]] = {}
 
     def _shard_index(self, shard: str) -> list[SampleIndex]:
@@ -152,6 +155,16 @@ class _SourceStream:
             return [shards[_hash_int(self.seed, self.source.name, self.slot, "pick", epoch) % len(shards)]]
         order = [shards[i] for i in _permutation(len(shards), self.seed, self.source.name, "epoch", epoch)]
         return order if self.by_sample else order[self.slot::self.slots]
+
+    def read(self, shard: str, sample: SampleIndex) -> dict[str, bytes]:
+        """Member bytes, through a file handle kept open while the stream is in that shard."""
+        f = self._files.get(shard)
+        if f is None:
+            for old in self._files.values():
+                old.close()
+            self._files = {shard: open(shard, "rb")}
+            f = self._files[shard]
+        return read_members(f, sample)
 
     def _offset(self, epoch: int, si: int) -> int:
         """Samples before shard si in this epoch's order (for splitting by sample)."""
@@ -191,7 +204,10 @@ class _SourceStream:
                 self.pos = [epoch, si + 1, 0]
                 offset = None
                 continue
-            order = _permutation(len(samples), self.seed, self.source.name, "shard", epoch, shard)
+            if self._order_for != (epoch, shard):
+                self._order_for = (epoch, shard)
+                self._order = _permutation(len(samples), self.seed, self.source.name, "shard", epoch, shard)
+            order = self._order
             self.pos = [epoch, si, ki + 1]
             if self.by_sample and self._splittable(epoch):
                 if offset is None:
@@ -317,7 +333,7 @@ class MixedShardDataset(IterableDataset):
                 return
             shard, index, _ = got
             try:
-                sample = self._sample(shard, index, name, stage)
+                sample = self._sample(streams[name].read(shard, index), index, name, stage)
             except Exception as exc:  # a bad sample is skipped and logged, not fatal
                 failures += 1
                 log.warning("skipping %s in %s: %s", index.key, shard, exc)
@@ -344,8 +360,7 @@ class MixedShardDataset(IterableDataset):
                 return n
         return names[-1]
 
-    def _sample(self, shard: str, index: SampleIndex, source: str, stage: TrainingStage) -> dict[str, Any]:
-        members = read_members(shard, index)
+    def _sample(self, members: dict[str, bytes], index: SampleIndex, source: str, stage: TrainingStage) -> dict[str, Any]:
         if "json" not in members:
             raise ValueError("no json member")
         meta = json.loads(members["json"].decode("utf-8"))

@@ -10,6 +10,7 @@ import logging
 import os
 import tarfile
 from dataclasses import dataclass
+from typing import BinaryIO
 
 from sources.readers import _split_member_name, missing_tar_end
 
@@ -51,15 +52,15 @@ def index_shard(path: str) -> tuple[list[SampleIndex], str | None]:
     return samples, problem
 
 
-def read_members(path: str, sample: SampleIndex) -> dict[str, bytes]:
+def read_members(f: BinaryIO, sample: SampleIndex) -> dict[str, bytes]:
+    """The members of one sample, read by offset from an open shard file."""
     out = {}
-    with open(path, "rb") as f:
-        for suffix, offset, size in sample.members:
-            f.seek(offset)
-            data = f.read(size)
-            if len(data) != size:
-                raise OSError(f"{path}: member {sample.key}.{suffix} cut short")
-            out[suffix] = data
+    for suffix, offset, size in sample.members:
+        f.seek(offset)
+        data = f.read(size)
+        if len(data) != size:
+            raise OSError(f"member {sample.key}.{suffix} cut short")
+        out[suffix] = data
     return out
 
 
