@@ -152,6 +152,8 @@ Examples:
               help="Downsize images whose longer side exceeds this first (recorded). Default: native size.")
 @click.option("--domain", default="general", show_default=True, help="tags.domain of the output samples.")
 @click.option("--stage", "stage_tag", default=None, help="tags.stage of the output samples.")
+@click.option("--compile", "compile_", is_flag=True,
+              help="GPU speed: channels_last + torch.compile per size bucket (minutes of warm-up; pays on big runs).")
 @user_errors
 def augment(**kw) -> None:
     """Give natural images diffusion traits, keeping their conversations.
@@ -169,7 +171,7 @@ def augment(**kw) -> None:
                             seed=run.seed, dtype=dtype)
     opts = AugmentOptions(model=kw["model"], unet=kw["unet"], vae=kw["vae"], scheduler=kw["scheduler"],
                           image_format=kw["image_format"], quality=kw["quality"], max_side=kw["max_side"],
-                          domain=kw["domain"], stage=kw["stage_tag"], recipe=recipe)
+                          domain=kw["domain"], stage=kw["stage_tag"], recipe=recipe, compile=kw["compile_"])
     _report("augment", run_augment(run, opts), run.output)
 
 

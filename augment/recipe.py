@@ -86,6 +86,30 @@ class DiffusionFlavour:
         T = self.scheduler.config.num_train_timesteps
         self.timestep = min(max(int(round(settings.strength * T)), 0), T - 1)
         self._cond = self._conditioning() if self.unet is not None else None
+        self.batch_size: int | None = None  # set by optimize(): compiled graphs see one batch size
+        self.memory_format = torch.contiguous_format
+
+    # -- the fast path ---------------------------------------------------------------------------
+    def optimize(self, batch_size: int, compile: bool = True, backend: str = "inductor") -> None:
+        """channels_last weights and activations, and torch.compile of the VAE encoder, decoder
+        and UNet with static shapes: one graph per size bucket (partial batches are padded to
+        batch_size, so the tail of a bucket does not compile again). Results match the eager path
+        to bf16 noise (tests/test_reference.py)."""
+        self.memory_format = torch.channels_last
+        self.vae.to(memory_format=torch.channels_last)
+        if self.unet is not None:
+            self.unet.to(memory_format=torch.channels_last)
+        if not compile:
+            return
+        from torch import _dynamo
+
+        # One graph per (bucket shape) and module: allow many buckets before falling back.
+        _dynamo.config.cache_size_limit = max(_dynamo.config.cache_size_limit, 64)
+        self.batch_size = batch_size
+        self.vae.encoder = torch.compile(self.vae.encoder, backend=backend, dynamic=False)
+        self.vae.decoder = torch.compile(self.vae.decoder, backend=backend, dynamic=False)
+        if self.unet is not None:
+            self.unet = torch.compile(self.unet, backend=backend, dynamic=False)
 
     # -- conditioning, computed once ----------------------------------------------------------
     def _conditioning(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -196,14 +220,18 @@ class DiffusionFlavour:
         """Same-size HxWx3 uint8 images in; same-size uint8 images out (None where the output
         was not finite, e.g. an fp16 overflow)."""
         h, w = images[0].shape[:2]
+        n = len(images)
+        if self.batch_size and n < self.batch_size:  # keep compiled shapes static
+            images = list(images) + [images[-1]] * (self.batch_size - n)
+            seeds = list(seeds) + [seeds[-1]] * (self.batch_size - n)
         batch = torch.from_numpy(np.stack(images)).to(self.device, non_blocking=True)
         x = batch.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
-        x = self._pad(x)
+        x = self._pad(x).contiguous(memory_format=self.memory_format)
         generators = self._generators(seeds)
         latents = self.encode(x, generators)
         if self.settings.mode == "img2img":
             latents = self.denoise_once(latents, generators, [(h, w)] * len(images))
-        out = self.decode(latents)[:, :, :h, :w]
+        out = self.decode(latents)[:n, :, :h, :w]
         finite = torch.isfinite(out).flatten(1).all(dim=1).tolist()
         pixels = ((out / 2 + 0.5).clamp_(0, 1) * 255).round_().to(torch.uint8)
         pixels = pixels.permute(0, 2, 3, 1).contiguous().cpu().numpy()

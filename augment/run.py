@@ -24,6 +24,7 @@ class AugmentOptions:
     domain: str = "general"
     stage: str | None = None
     recipe: RecipeSettings = RecipeSettings()
+    compile: bool = False          # speed only: not part of the folder's config
 
 
 def run_augment(run: RunOptions, opts: AugmentOptions) -> JobSummary:
@@ -38,6 +39,8 @@ def run_augment(run: RunOptions, opts: AugmentOptions) -> JobSummary:
         try:
             comps = load_components(spec, vae=opts.vae, text_encoders=opts.recipe.cond == "empty")
             flavour = DiffusionFlavour(comps, opts.recipe, placement.device)
+            if opts.compile:
+                flavour.optimize(batch_size=run.batch_size)
         except ModelLoadError as exc:
             raise UserError(str(exc)) from None
         return AugmentStage(flavour, image_format=opts.image_format, quality=opts.quality,

@@ -32,6 +32,12 @@ SDXL_UNET = dict(
     transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20),
     cross_attention_dim=2048, use_linear_projection=True, addition_embed_type="text_time",
     addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816)
+# SSD-1B: SDXL's UNet with transformer depth cut (segmind's distillation). Its exact config is not
+# reachable offline; this keeps SDXL's blocks with fewer transformer layers and a resnet-only mid
+# block, and the bench prints its measured TFLOP per call so it can be checked against the
+# 4.15 TFLOP of the real one (shared/NOTES.md).
+SSD1B_UNET = dict(SDXL_UNET, transformer_layers_per_block=(1, 2, 4), mid_block_type="UNetMidBlock2D",
+                  reverse_transformer_layers_per_block=((4, 4, 4), (2, 2, 2), (1, 1, 1)))
 SDXL_VAE = dict(
     in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
     block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
@@ -42,18 +48,71 @@ SDXL_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.0
                       prediction_type="epsilon", interpolation_type="linear")
 
 
-def build_sdxl_folder(folder: str) -> None:
+def build_sdxl_folder(folder: str, unet_config: dict = SDXL_UNET) -> None:
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
 
     torch.manual_seed(0)
     with torch.device("cuda"):
-        unet = UNet2DConditionModel(**SDXL_UNET).to(torch.bfloat16)
+        unet = UNet2DConditionModel(**unet_config).to(torch.bfloat16)
         vae = AutoencoderKL(**SDXL_VAE).to(torch.bfloat16)
     unet.save_pretrained(os.path.join(folder, "unet"))
     vae.save_pretrained(os.path.join(folder, "vae"))
     EulerDiscreteScheduler(**SDXL_SCHEDULER).save_pretrained(os.path.join(folder, "scheduler"))
     del unet, vae
     torch.cuda.empty_cache()
+
+
+class BusySampler:
+    """GPU busy fraction: nvidia-smi's utilization.gpu (share of time a kernel was running),
+    sampled every 100 ms while the block runs."""
+
+    def __enter__(self):
+        import subprocess
+
+        idx = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0] or "0"
+        self.proc = subprocess.Popen(["nvidia-smi", "-i", idx, "--query-gpu=utilization.gpu",
+                                      "--format=csv,noheader,nounits", "-lms", "100"],
+                                     stdout=subprocess.PIPE, text=True)
+        return self
+
+    def __exit__(self, *exc):
+        self.proc.terminate()
+        out = self.proc.communicate()[0]
+        vals = [float(v) for v in out.split() if v.strip().replace(".", "").isdigit()]
+        self.samples = vals
+        self.busy = sum(vals) / len(vals) / 100 if vals else float("nan")
+
+
+MIXED_SIZES = [(768, 1344), (1152, 896), (1344, 768), (896, 1152), (1024, 1024), (832, 1216)]
+
+
+def make_mixed_inputs(folder: str, n: int) -> float:
+    """Mixed sizes near 1 MP (SDXL's buckets); returns mean pixels per image."""
+    from skimage import data
+
+    os.makedirs(folder, exist_ok=True)
+    bases = [data.astronaut(), data.coffee(), data.chelsea(), data.rocket()]
+    px = []
+    for i in range(n):
+        h, w = MIXED_SIZES[i % len(MIXED_SIZES)]
+        Image.fromarray(bases[i % 4]).resize((w, h), Image.Resampling.BICUBIC).save(
+            os.path.join(folder, f"mix{i:04d}.jpg"), quality=95)
+        px.append(h * w)
+    return sum(px) / len(px)
+
+
+def unet_tflop(model_dir: str, size: int) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from augment import DiffusionFlavour, RecipeSettings, load_components, resolve_spec
+
+    fl = DiffusionFlavour(load_components(resolve_spec(model_dir)), RecipeSettings(dtype="bf16"), "cuda")
+    lat = torch.randn(1, 4, size // 8, size // 8, device="cuda")
+    with FlopCounterMode(display=False) as fc:
+        fl.denoise_once(lat, fl._generators([0]), [(size, size)])
+    del fl
+    torch.cuda.empty_cache()
+    return fc.get_total_flops() / 1e12
 
 
 def make_inputs(folder: str, n: int, size: int) -> None:
@@ -135,24 +194,30 @@ def gpu_stage_times(model_dir: str, batch: int, size: int) -> dict[str, float]:
     return res
 
 
-def ddaug_run(model_dir: str, in_dir: str, out_dir: str, batch: int, mode: str) -> tuple[float, int]:
+def ddaug_run(model_dir: str, in_dir: str, out_dir: str, batch: int, mode: str,
+              compile: bool = False) -> tuple[float, int, float]:
+    """(seconds, images done, GPU busy fraction) of a whole `ddaug augment` run, model load included."""
     from augment.recipe import RecipeSettings
     from augment.run import AugmentOptions, run_augment
     from pipeline.command import RunOptions
 
     t0 = time.perf_counter()
-    summary = run_augment(RunOptions(inputs=(in_dir,), output=out_dir, device="cuda", batch_size=batch,
-                                     shard_size=10_000, workers=8, overwrite=True, quiet=True),
-                          AugmentOptions(model=model_dir, recipe=RecipeSettings(dtype="bf16", mode=mode)))
-    return time.perf_counter() - t0, summary.done
+    with BusySampler() as busy:
+        summary = run_augment(RunOptions(inputs=(in_dir,), output=out_dir, device="cuda", batch_size=batch,
+                                         shard_size=10_000, workers=12, overwrite=True, quiet=True),
+                              AugmentOptions(model=model_dir, compile=compile,
+                                             recipe=RecipeSettings(dtype="bf16", mode=mode)))
+    return time.perf_counter() - t0, summary.done, busy.busy
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--images", type=int, default=64)
+    ap.add_argument("--images", type=int, default=128)
     ap.add_argument("--naive-images", type=int, default=16)
     ap.add_argument("--size", type=int, default=1024)
     ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--parts", nargs="+", default=["naive", "stages", "eager", "compile"],
+                    choices=["naive", "stages", "eager", "compile", "vae", "ssd1b", "mixed"])
     ap.add_argument("--results", default=None)
     args = ap.parse_args()
     import diffusers
@@ -166,38 +231,69 @@ def main() -> None:
     make_inputs(in_dir, args.images, args.size)
     setup_s = time.perf_counter() - t
     inputs = sorted(os.path.join(in_dir, f) for f in os.listdir(in_dir))
+    rows, notes = [], []
+    naive = None
 
-    naive = naive_baseline(model_dir, inputs[: args.naive_images], os.path.join(work, "naive"))
-    stages = gpu_stage_times(model_dir, args.batch, args.size)
-    # Model load is part of a real run; measure it by a small run first, then the full one.
-    warm_s, _ = ddaug_run(model_dir, in_dir, os.path.join(work, "warm"), args.batch, "img2img")
-    full_s, done = ddaug_run(model_dir, in_dir, os.path.join(work, "full"), args.batch, "img2img")
-    vae_s, vae_done = ddaug_run(model_dir, in_dir, os.path.join(work, "vae"), args.batch, "vae")
+    def row(label, n, secs, busy=None):
+        rate = n / secs
+        ratio = f"{rate / naive:.2f}x" if naive else "-"
+        busy_s = f"{busy:.0%}" if busy is not None and busy == busy else "-"
+        rows.append(f"| {label} | {n} | {rate:.2f} | {ratio} | {busy_s} |")
+        print(rows[-1], flush=True)
+        return rate
 
-    gpu_ms = stages["vae_encode"] + stages["unet_step"] + stages["vae_decode"]
-    lines = [
-        f"## augment, SDXL architecture (random weights), {args.size}x{args.size}",
-        f"- date {datetime.date.today()}, device {torch.cuda.get_device_name()}, torch {torch.__version__}, "
-        f"diffusers {diffusers.__version__}, python {platform.python_version()}",
-        f"- command: `python bench/augment_bench.py --images {args.images} --naive-images {args.naive_images} "
-        f"--size {args.size} --batch {args.batch}` (setup {setup_s:.0f}s)",
-        "",
-        "| path | images | img/s | vs naive |",
-        "|---|---|---|---|",
-        f"| naive `StableDiffusionXLImg2ImgPipeline` loop (bf16, batch 1, 40 steps, strength 0.025, PIL, PNG level 6) "
-        f"| {args.naive_images} | {naive:.2f} | 1.00x |",
-        f"| `ddaug augment` img2img end to end, files -> shards, incl. model load (batch {args.batch}) "
-        f"| {done} | {done / full_s:.2f} | {done / full_s / naive:.2f}x |",
-        f"| `ddaug augment --mode vae` end to end, incl. model load | {vae_done} | {vae_done / vae_s:.2f} | "
-        f"{vae_done / vae_s / naive:.2f}x |",
-        f"| ddaug GPU stages only (encode+UNet+decode, batch {args.batch}) | - | {1000 / gpu_ms:.2f} | "
-        f"{1000 / gpu_ms / naive:.2f}x |",
-        "",
-        f"GPU ms/image at batch {args.batch}: VAE encode {stages['vae_encode']:.1f}, UNet step "
-        f"{stages['unet_step']:.1f}, VAE decode {stages['vae_decode']:.1f}; peak GPU memory "
-        f"{stages['peak_mem_gib']:.1f} GiB. Small warm-up run (model load + first batches) took {warm_s:.1f}s.",
-        "",
-    ]
+    if "naive" in args.parts:
+        naive = naive_baseline(model_dir, inputs[: args.naive_images], os.path.join(work, "naive"))
+        rows.append(f"| naive `StableDiffusionXLImg2ImgPipeline` loop (bf16, batch 1, 40 steps, strength 0.025, "
+                    f"PIL, PNG level 6) | {args.naive_images} | {naive:.2f} | 1.00x | - |")
+    if "stages" in args.parts:
+        st = gpu_stage_times(model_dir, args.batch, args.size)
+        gpu_ms = st["vae_encode"] + st["unet_step"] + st["vae_decode"]
+        rows.append(f"| ddaug GPU stages only, eager (encode+UNet+decode, batch {args.batch}) | - | {1000 / gpu_ms:.2f} | "
+                    f"{1000 / gpu_ms / naive:.2f}x | - |" if naive else "")
+        notes.append(f"Eager GPU ms/image at batch {args.batch}: VAE encode {st['vae_encode']:.1f}, UNet "
+                     f"{st['unet_step']:.1f}, VAE decode {st['vae_decode']:.1f}; peak {st['peak_mem_gib']:.1f} GiB.")
+    if "eager" in args.parts:
+        secs, n, busy = ddaug_run(model_dir, in_dir, os.path.join(work, "eager"), args.batch, "img2img")
+        fixed_rate = row(f"`ddaug augment` img2img, eager, end to end incl. model load (batch {args.batch})", n, secs, busy)
+    if "compile" in args.parts:
+        warm_dir = os.path.join(work, "warm-in")
+        os.makedirs(warm_dir, exist_ok=True)
+        for p in inputs[: args.batch]:
+            shutil.copy(p, warm_dir)
+        t0 = time.perf_counter()
+        ddaug_run(model_dir, warm_dir, os.path.join(work, "warm"), args.batch, "img2img", compile=True)
+        notes.append(f"`--compile` first run over {args.batch} images (load + compile): {time.perf_counter() - t0:.0f}s; "
+                     "the compiled run below reuses the process's compile cache.")
+        secs, n, busy = ddaug_run(model_dir, in_dir, os.path.join(work, "compiled"), args.batch, "img2img", compile=True)
+        row(f"`ddaug augment --compile` img2img end to end incl. model load, compile cache warm (batch {args.batch})",
+            n, secs, busy)
+    if "vae" in args.parts:
+        secs, n, busy = ddaug_run(model_dir, in_dir, os.path.join(work, "vae"), args.batch, "vae")
+        row("`ddaug augment --mode vae`, eager, end to end", n, secs, busy)
+    if "ssd1b" in args.parts:
+        ssd_dir = os.path.join(work, "ssd1b")
+        build_sdxl_folder(ssd_dir, SSD1B_UNET)
+        notes.append(f"UNet TFLOP per 1024² image: SDXL {unet_tflop(model_dir, 1024):.2f}, "
+                     f"SSD-1B-like {unet_tflop(ssd_dir, 1024):.2f} (real SSD-1B: 4.15).")
+        secs, n, busy = ddaug_run(ssd_dir, in_dir, os.path.join(work, "ssd"), args.batch, "img2img")
+        row("`ddaug augment`, SSD-1B-like UNet, eager, end to end", n, secs, busy)
+    if "mixed" in args.parts:
+        mixed_dir = os.path.join(work, "mixed")
+        mean_px = make_mixed_inputs(mixed_dir, args.images)
+        secs, n, busy = ddaug_run(model_dir, mixed_dir, os.path.join(work, "mixed-out"), args.batch, "img2img")
+        rate = row(f"`ddaug augment`, eager, mixed sizes {', '.join(f'{w}x{h}' for h, w in MIXED_SIZES)}", n, secs, busy)
+        if "eager" in args.parts:
+            per_px = rate * mean_px / (fixed_rate * args.size * args.size)
+            notes.append(f"Mixed sizes: {per_px:.0%} of the fixed-size rate per pixel (mean {mean_px / 1e6:.2f} MP).")
+
+    lines = [f"## augment, SDXL architecture (random weights), {args.size}x{args.size}",
+             f"- date {datetime.date.today()}, device {torch.cuda.get_device_name()}, torch {torch.__version__}, "
+             f"diffusers {diffusers.__version__}, python {platform.python_version()}",
+             f"- command: `python bench/augment_bench.py --images {args.images} --naive-images {args.naive_images} "
+             f"--size {args.size} --batch {args.batch} --parts {' '.join(args.parts)}` (setup {setup_s:.0f}s)",
+             "", "| path | images | img/s | vs naive | GPU busy |", "|---|---|---|---|---|",
+             *[r for r in rows if r], "", *notes, ""]
     text = "\n".join(lines)
     print(text)
     if args.results:

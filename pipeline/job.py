@@ -114,6 +114,7 @@ class Job:
         self.world_size = world_size
         self.workers = max(1, workers)
         self.show_progress = show_progress
+        self.depth = 2  # batches queued on the model thread beyond the running one
 
     def _load(self, item: SourceItem):
         if item.error:
@@ -161,7 +162,8 @@ class Job:
                    disable=not self.show_progress, smoothing=0.1)
         window = max(2 * self.batch_size, 4 * self.workers)
         with ThreadPoolExecutor(self.workers, thread_name_prefix="load") as loaders, \
-                ThreadPoolExecutor(self.workers, thread_name_prefix="build") as builders:
+                ThreadPoolExecutor(self.workers, thread_name_prefix="build") as builders, \
+                ThreadPoolExecutor(1, thread_name_prefix="model") as self._model_thread:
             loaded = _ordered_prefetch(loaders, self._load, todo, window)
             for j, chunk in enumerate(chunks):
                 self._run_chunk(first_index + j, chunk, loaded, builders, bar, summary)
@@ -204,18 +206,28 @@ class Job:
                 bar.update(1)
                 bar.set_postfix(failed=summary.failed, refresh=False)
 
+        # Batches run on one model thread, at most `depth` ahead, so reading, bucketing,
+        # writing and the next batch's upload overlap the model instead of waiting for it.
+        inflight: collections.deque[tuple[list, Future]] = collections.deque()
+
+        def collect(block: bool) -> None:
+            while inflight and (block or inflight[0][1].done()):
+                batch, future = inflight.popleft()
+                for (st, ui, _), out in zip(batch, future.result()):
+                    if isinstance(out, SampleFailure):
+                        st.failure = st.failure or out
+                    else:
+                        st.results[ui] = out
+                    st.remaining -= 1
+                    if st.remaining == 0 and st.failure is None:
+                        st.future = builders.submit(self._build, st)
+                block = False
+            finish_ready(block=False)
+
         def flush(bkey: Hashable) -> None:
             batch = buckets.pop(bkey)
-            outputs = self._run_batch([u for _, _, u in batch])
-            for (st, ui, _), out in zip(batch, outputs):
-                if isinstance(out, SampleFailure):
-                    st.failure = st.failure or out
-                else:
-                    st.results[ui] = out
-                st.remaining -= 1
-                if st.remaining == 0 and st.failure is None:
-                    st.future = builders.submit(self._build, st)
-            finish_ready(block=False)
+            inflight.append((batch, self._model_thread.submit(self._run_batch, [u for _, _, u in batch])))
+            collect(block=len(inflight) > self.depth)
 
         try:
             for _ in chunk:
@@ -234,8 +246,12 @@ class Job:
                         flush(bkey)
             for bkey in list(buckets):
                 flush(bkey)
+            while inflight:
+                collect(block=True)
             finish_ready(block=True)
         except BaseException:
+            for _, future in inflight:
+                future.cancel()
             writer.abort()
             raise
         stats = self.folder.commit_shard(index, writer, covered_keys=[it.key for it in chunk],
