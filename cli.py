@@ -94,6 +94,8 @@ def run_options(fn):
         click.option("--world-size", type=click.IntRange(min=1), default=None,
                      help="Number of processes sharing the input (default: $WORLD_SIZE, else 1)."),
         click.option("--overwrite", is_flag=True, help="Delete earlier output in the folder and start fresh."),
+        click.option("--retry-failures", is_flag=True,
+                     help="Retry only the inputs listed in OUT/failures.jsonl (same inputs and options as the run)."),
         click.option("-q", "--quiet", is_flag=True, help="No progress bar."),
     ]
     for option in reversed(options):
@@ -105,7 +107,7 @@ def _run_options(kw: dict):
     from pipeline.command import RunOptions
 
     keys = ("output", "media_dir", "device", "batch_size", "shard_size", "seed", "prefix", "workers",
-            "rank", "world_size", "overwrite", "quiet")
+            "rank", "world_size", "overwrite", "quiet", "retry_failures")
     return RunOptions(inputs=tuple(kw.pop("inputs")), **{k: kw.pop(k) for k in keys})
 
 
@@ -242,6 +244,8 @@ Examples:
               help="openai backend: seconds per request before it is retried.")
 @click.option("--max-retries", type=click.IntRange(min=0), default=5, show_default=True,
               help="openai backend: retries on 429/5xx/timeouts/resets, with exponential backoff.")
+@click.option("--retry-backoff", type=click.FloatRange(min=0), default=1.0, show_default=True,
+              help="openai backend: first backoff in seconds (doubles per retry, capped at 30; Retry-After wins).")
 @user_errors
 def caption(**kw) -> None:
     """Recaption images with a VLM into caption or instruct data.
@@ -268,7 +272,8 @@ def caption(**kw) -> None:
                           generation=generation, dtype=_dtype(kw["dtype"], run.device),
                           trust_remote_code=kw["trust_remote_code"], domain=kw["domain"],
                           drop_truncated=kw["drop_truncated"], api_base=kw["api_base"],
-                          concurrency=kw["concurrency"], timeout=kw["timeout"], max_retries=kw["max_retries"])
+                          concurrency=kw["concurrency"], timeout=kw["timeout"], max_retries=kw["max_retries"],
+                          retry_backoff=kw["retry_backoff"])
     _report("caption", run_caption(run, opts), run.output)
 
 

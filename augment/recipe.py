@@ -153,8 +153,10 @@ class DiffusionFlavour:
         return info
 
     def padded_size(self, height: int, width: int) -> tuple[int, int]:
+        """At least two units of the deepest level, so its group norms see more than one value
+        per group even for a 1x1 image."""
         m = self.pad_multiple
-        return -(-height // m) * m, -(-width // m) * m
+        return max(-(-height // m) * m, 2 * m), max(-(-width // m) * m, 2 * m)
 
     # -- the recipe -----------------------------------------------------------------------------
     def _pad(self, x: torch.Tensor) -> torch.Tensor:

@@ -34,6 +34,7 @@ class CaptionOptions:
     concurrency: int = 8
     timeout: float = 120.0
     max_retries: int = 5
+    retry_backoff: float = 1.0
 
 
 def _file_sha(path: str | None) -> str | None:
@@ -69,7 +70,7 @@ def run_caption(run: RunOptions, opts: CaptionOptions) -> JobSummary:
     def make_stage(placement):
         if opts.backend == "openai":
             vlm = OpenAIVLM(opts.api_base, opts.vlm, settings=opts.generation, concurrency=opts.concurrency,
-                            timeout=opts.timeout, max_retries=opts.max_retries)
+                            timeout=opts.timeout, max_retries=opts.max_retries, backoff=opts.retry_backoff)
         else:
             try:
                 vlm = TransformersVLM(opts.vlm, device=placement.device, dtype=opts.dtype,

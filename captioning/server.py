@@ -23,7 +23,7 @@ from .replies import Reply
 from .vlm import Prompt
 
 Responder = Callable[[Image.Image, str, int], Reply]  # image, text, max_tokens
-FAULTS = ("429", "500", "timeout", "malformed", "reset", "no-content")
+FAULTS = ("ok", "429", "500", "timeout", "malformed", "reset", "no-content")  # "ok": serve normally
 
 
 def _image_from_url(url: str) -> Image.Image:
@@ -127,6 +127,7 @@ class ChatServer:
                 if not self.path.rstrip("/").endswith("/chat/completions"):
                     return self._json(404, {"error": {"message": "not found"}})
                 fault = server.faults.popleft() if server.faults else None
+                fault = None if fault == "ok" else fault
                 headers = {k: v for k, v in self.headers.items() if k.lower() != "authorization"}
                 server.requests.append({"headers": headers, "body": raw.decode("utf-8", "replace"), "fault": fault})
                 if fault == "429":

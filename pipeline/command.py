@@ -39,6 +39,7 @@ class RunOptions:
     world_size: int | None = None
     overwrite: bool = False
     quiet: bool = False
+    retry_failures: bool = False
 
 
 def package_versions() -> dict[str, str]:
@@ -53,6 +54,8 @@ def package_versions() -> dict[str, str]:
 
 def execute(command: str, opts: RunOptions, config: dict[str, Any],
             make_stage: Callable[[Placement], Stage]) -> JobSummary:
+    if opts.retry_failures and opts.overwrite:
+        raise UserError("--retry-failures and --overwrite contradict each other: pick one")
     items = read_sources(opts.inputs, opts.media_dir)
     if not items:
         raise UserError(f"no input images found in {', '.join(opts.inputs)}")
@@ -68,7 +71,10 @@ def execute(command: str, opts: RunOptions, config: dict[str, Any],
         job = Job(stage, folder, shard_size=opts.shard_size, batch_size=opts.batch_size,
                   rank=placement.rank, world_size=placement.world_size, workers=opts.workers,
                   show_progress=not opts.quiet)
-        summary = job.run(items)
+        retry = folder.failed_keys() if opts.retry_failures else None
+        if retry is not None:
+            log.info("retrying %d failed input(s) from %s/failures.jsonl", len(retry), opts.output)
+        summary = job.run(items, retry_keys=retry)
         folder.refresh_summary()
     except JobAbort as exc:
         raise UserError(str(exc)) from None
@@ -79,7 +85,7 @@ def execute(command: str, opts: RunOptions, config: dict[str, Any],
                         f"are intact, rerun the same command to resume") from None
     finally:
         folder.close()
-    if summary.total and summary.done == 0 and summary.skipped == 0:
+    if summary.total and summary.done == 0 and summary.skipped == 0 and not opts.retry_failures:
         raise UserError(f"nothing could be processed: all {summary.failed} inputs failed "
                         f"(see {opts.output}/failures.jsonl)")
     return summary

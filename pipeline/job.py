@@ -149,12 +149,17 @@ class Job:
             log.warning("batch of %d failed (%s); retrying one by one", len(units), exc)
             return [r for u in units for r in self._run_batch([u])]
 
-    def run(self, items: list[SourceItem]) -> JobSummary:
+    def run(self, items: list[SourceItem], retry_keys: set[str] | None = None) -> JobSummary:
+        """Process this rank's inputs that no finished shard covers; with retry_keys, only those
+        (the failures of earlier runs, retried into new shards)."""
         t0 = time.monotonic()
         summary = JobSummary()
         mine = [it for it in items if rank_of(it.key, self.world_size) == self.rank]
-        done = self.folder.done_keys()
-        todo = [it for it in mine if it.key not in done]
+        if retry_keys is not None:
+            todo = [it for it in mine if it.key in retry_keys]
+        else:
+            done = self.folder.done_keys()
+            todo = [it for it in mine if it.key not in done]
         summary.total, summary.skipped = len(mine), len(mine) - len(todo)
         first_index = self.folder.next_index()
         chunks = [todo[i:i + self.shard_size] for i in range(0, len(todo), self.shard_size)]

@@ -46,6 +46,16 @@ class Failure:
         return {"key": self.key, "source": self.source, "stage": self.stage, "reason": self.reason}
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def shard_stem(prefix: str, rank: int, index: int) -> str:
     return f"{prefix}-{rank:03d}-{index:06d}"
 
@@ -132,6 +142,9 @@ class OutputFolder:
                 os.remove(p)
             elif name.endswith(".tar") and not os.path.exists(p[:-4] + STATS_SUFFIX):
                 os.remove(p)
+        for p in glob.glob(os.path.join(glob.escape(self.path), RUN_FILE + TMP_SUFFIX + "-*")):
+            if not _alive(int(p.rsplit("-", 1)[1])):
+                os.remove(p)
 
     # -- state ---------------------------------------------------------------------------------
     def _stats_files(self) -> list[str]:
@@ -143,6 +156,22 @@ class OutputFolder:
             with open(p, encoding="utf-8") as f:
                 out.append(json.load(f))
         return out
+
+    @staticmethod
+    def _final_failures(finished: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Each key's latest outcome wins: a failure retried later (--retry-failures) and
+        written is no longer a failure."""
+        latest: dict[str, dict[str, Any]] = {}
+        for s in sorted(finished, key=lambda s: (s["rank"], s["index"])):
+            for k in s.get("sample_keys", []):
+                latest.pop(k, None)
+            for f in s["failures"]:
+                latest.pop(f["key"], None)
+                latest[f["key"]] = f
+        return list(latest.values())
+
+    def failed_keys(self) -> set[str]:
+        return {f["key"] for f in self._final_failures(self.finished())}
 
     def done_keys(self) -> set[str]:
         keys: set[str] = set()
@@ -183,16 +212,21 @@ class OutputFolder:
         done marker written before it, so a stale summary can never replace a newer one."""
         with open(os.path.join(self.path, ".lock-summary"), "a+") as lock:
             fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+            # Only the lock holder writes these, so any temporary copy left now is a dead
+            # writer's (killed mid-write): drop it.
+            for name in (MANIFEST, FAILURES):
+                for p in glob.glob(os.path.join(glob.escape(self.path), name + TMP_SUFFIX + "-*")):
+                    os.remove(p)
             self._write_summary()
 
     def _write_summary(self) -> None:
         finished = sorted(self.finished(), key=lambda s: (s["rank"], s["index"]))
         shards = [{"name": s["shard"], "samples": s["samples"], "bytes": s["bytes"],
                    "sha256": s["sha256"]} for s in finished if s["shard"]]
+        failures = self._final_failures(finished)
         manifest = {"command": self.command, "prefix": self.prefix, "shards": shards,
-                    "samples": sum(s["samples"] for s in finished),
-                    "failed": sum(s["failed"] for s in finished)}
+                    "samples": sum(s["samples"] for s in finished), "failed": len(failures)}
         atomic_write_json(os.path.join(self.path, MANIFEST), manifest)
-        lines = [json.dumps(f, ensure_ascii=False) for s in finished for f in s["failures"]]
+        lines = [json.dumps(f, ensure_ascii=False) for f in failures]
         atomic_write_bytes(os.path.join(self.path, FAILURES),
                            ("\n".join(lines) + ("\n" if lines else "")).encode("utf-8"))

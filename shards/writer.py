@@ -10,6 +10,24 @@ from typing import Any
 from webdataset import TarWriter
 
 TMP_SUFFIX = ".tmp"
+CRASH_ENV = "DDAUG_CRASH_AT"
+_crash_hits: dict[str, int] = {}
+
+
+def crash_point(name: str) -> None:
+    """Fault injection for the crash-safety tests: with DDAUG_CRASH_AT=name:n the process kills
+    itself (SIGKILL: no cleanup, no finally) the nth time it passes this point."""
+    spec = os.environ.get(CRASH_ENV)
+    if not spec:
+        return
+    target, _, nth = spec.partition(":")
+    if target != name:
+        return
+    _crash_hits[name] = _crash_hits.get(name, 0) + 1
+    if _crash_hits[name] == int(nth or 1):
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def atomic_write_bytes(path: str, data: bytes) -> None:
@@ -19,6 +37,8 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
+    name = os.path.basename(path)
+    crash_point("stats-replace" if name.endswith(".stats.json") else name.split(".")[0] + "-replace")
     os.replace(tmp, path)
 
 
@@ -62,6 +82,7 @@ class ShardWriter:
     def write(self, key: str, files: dict[str, bytes]) -> None:
         """files maps member suffix ("png", "0.png", "json") to bytes."""
         self._tar.write({"__key__": key, **files})
+        crash_point("tar-write")
         self.samples += 1
         self.keys.append(key)
 
@@ -70,7 +91,9 @@ class ShardWriter:
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
+        crash_point("tar-rename")
         os.replace(self.tmp_path, self.final_path)
+        crash_point("tar-renamed")
         return {"bytes": self._hashing.bytes, "sha256": self._hashing.sha256.hexdigest()}
 
     def abort(self) -> None:
