@@ -109,6 +109,27 @@ def _write_images(out: str, key: str, images: list[tuple[str, bytes]]) -> list[s
     return rels
 
 
+def _exportable(paths, out: str, summary: ExportSummary, show_progress: bool, embed: bool = False):
+    """(sample, meta, images field) for every trainable sample. Images are written under
+    out/images/ (paths in the field), or with embed kept as {"bytes", "path"} records."""
+    for s in _samples(paths, summary, show_progress):
+        conv = _conversation(s, summary)
+        if conv is None:
+            continue
+        meta, images = conv
+        try:
+            if embed:
+                safe_join(out, f"images/{s.key}")  # the same key check, though nothing is written
+                field = [{"bytes": data, "path": f"{s.key}.{suffix}"} for suffix, data in images]
+            else:
+                field = _write_images(out, s.key, images)
+        except ValueError as exc:
+            log.warning("skipping %s: %s", s.key, exc)
+            summary.skip("unsafe key")
+            continue
+        yield s, meta, field
+
+
 def _messages(meta: dict) -> list[dict]:
     return [{"role": m["role"], "content": m["content"]} for m in meta["messages"]]
 
@@ -117,21 +138,7 @@ def export_llamafactory(paths, out: str, *, name: str = "ddaug", jsonl: bool = F
                         show_progress: bool = True) -> ExportSummary:
     summary = ExportSummary()
     records = []
-    for s in _samples(paths, summary, show_progress):
-        conv = _conversation(s, summary)
-        if conv is None:
-            continue
-        meta, images = conv
-        try:
-            if embed:
-                safe_join(out, f"images/{s.key}")
-                image_field = [{"bytes": data, "path": f"{s.key}.{suffix}"} for suffix, data in images]
-            else:
-                image_field = _write_images(out, s.key, images)
-        except ValueError as exc:
-            log.warning("skipping %s: %s", s.key, exc)
-            summary.skip("unsafe key")
-            continue
+    for s, meta, image_field in _exportable(paths, out, summary, show_progress, embed):
         rec = {"messages": _messages(meta), "images": image_field}
         if meta.get("tags"):
             rec["tags"] = json.dumps(meta["tags"], sort_keys=True) if embed else meta["tags"]
@@ -174,17 +181,7 @@ def export_swift(paths, out: str, *, name: str = "ddaug", channel_tag: str = "do
                  show_progress: bool = True) -> ExportSummary:
     summary = ExportSummary()
     lines = []
-    for s in _samples(paths, summary, show_progress):
-        conv = _conversation(s, summary)
-        if conv is None:
-            continue
-        meta, images = conv
-        try:
-            rels = _write_images(out, s.key, images)
-        except ValueError as exc:
-            log.warning("skipping %s: %s", s.key, exc)
-            summary.skip("unsafe key")
-            continue
+    for s, meta, rels in _exportable(paths, out, summary, show_progress):
         rec: dict[str, Any] = {"messages": _messages(meta), "images": [os.path.join(os.path.abspath(out), r) for r in rels]}
         channel = (meta.get("tags") or {}).get(channel_tag)
         if channel is not None:

@@ -66,22 +66,14 @@ class ShardSource:
     shards: list[str] = field(default_factory=list)
 
     def __post_init__(self):
-        from sources.readers import expand_input
+        from .inspect import InspectError, find_shards
 
         if isinstance(self.paths, str):
             self.paths = [self.paths]
-        found = []
-        for arg in self.paths:
-            for p in expand_input(str(arg)):
-                if os.path.isdir(p):
-                    found += sorted(os.path.join(p, f) for f in os.listdir(p) if f.endswith(".tar"))
-                elif os.path.isfile(p):
-                    found.append(p)
-                else:
-                    raise LoaderError(f"source {self.name!r}: no such shard or folder: {p}")
-        if not found:
-            raise LoaderError(f"source {self.name!r}: no .tar shards in {', '.join(map(str, self.paths))}")
-        self.shards = found
+        try:
+            self.shards = find_shards([str(p) for p in self.paths])
+        except InspectError as exc:
+            raise LoaderError(f"source {self.name!r}: {exc}") from None
 
     def sample_count(self) -> int:
         """From manifest.json where the folder has one (cheap), else by reading tar headers."""
