@@ -70,7 +70,7 @@ class BusySampler:
         import subprocess
 
         idx = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0] or "0"
-        self.proc = subprocess.Popen(["nvidia-smi", "-i", idx, "--query-gpu=utilization.gpu",
+        self.proc = subprocess.Popen(["nvidia-smi", "-i", idx, "--query-gpu=timestamp,utilization.gpu",
                                       "--format=csv,noheader,nounits", "-lms", "100"],
                                      stdout=subprocess.PIPE, text=True)
         return self
@@ -78,9 +78,26 @@ class BusySampler:
     def __exit__(self, *exc):
         self.proc.terminate()
         out = self.proc.communicate()[0]
-        vals = [float(v) for v in out.split() if v.strip().replace(".", "").isdigit()]
-        self.samples = vals
+        self.samples = []  # (seconds since the first sample, utilization %)
+        t0 = None
+        for line in out.splitlines():
+            try:
+                stamp, util = [x.strip() for x in line.split(",")]
+                t = datetime.datetime.strptime(stamp, "%Y/%m/%d %H:%M:%S.%f").timestamp()
+                t0 = t if t0 is None else t0
+                self.samples.append((t - t0, float(util)))
+            except ValueError:
+                continue
+        vals = [u for _, u in self.samples]
         self.busy = sum(vals) / len(vals) / 100 if vals else float("nan")
+
+    def busy_over_last(self, seconds: float) -> float:
+        """Busy fraction over the final `seconds` of the run (e.g. after the model loaded)."""
+        if not self.samples:
+            return float("nan")
+        end = self.samples[-1][0]
+        vals = [u for t, u in self.samples if t >= end - seconds]
+        return sum(vals) / len(vals) / 100 if vals else float("nan")
 
 
 MIXED_SIZES = [(768, 1344), (1152, 896), (1344, 768), (896, 1152), (1024, 1024), (832, 1216)]
@@ -208,6 +225,7 @@ def ddaug_run(model_dir: str, in_dir: str, out_dir: str, batch: int, mode: str,
                               AugmentOptions(model=model_dir, compile=compile,
                                              recipe=RecipeSettings(dtype="bf16", mode=mode)))
     ddaug_run.job_seconds = summary.seconds  # the run after the model is loaded (and compiled)
+    ddaug_run.job_busy = busy.busy_over_last(summary.seconds)
     return time.perf_counter() - t0, summary.done, busy.busy
 
 
@@ -239,6 +257,10 @@ def main() -> None:
         rate = n / secs
         ratio = f"{rate / naive:.2f}x" if naive else "-"
         busy_s = f"{busy:.0%}" if busy is not None and busy == busy else "-"
+        job_busy = getattr(ddaug_run, "job_busy", None)
+        if job_busy is not None and job_busy == job_busy:
+            busy_s += f" ({job_busy:.0%} after load)"
+        ddaug_run.job_busy = None
         job = n / ddaug_run.job_seconds if getattr(ddaug_run, "job_seconds", None) else float("nan")
         rows.append(f"| {label} | {n} | {rate:.2f} | {job:.2f} | {ratio} | {busy_s} |")
         ddaug_run.job_seconds = None
