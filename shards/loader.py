@@ -126,6 +126,8 @@ class _SourceStream:
         self.by_sample = not resampled and len(source.shards) < slots
         self.pos = [0, 0, 0]
         self._warned_small = False
+        self._epoch_cache: tuple[int | None, list[str]] = (None, [])
+        self._splittable_cache: dict[int, bool] = {}
         self._order_for: tuple | None = None
         self._order: list[int] = []
         self._files: dict[str, Any] = {}
@@ -142,11 +144,17 @@ class _SourceStream:
         return self._index[shard][0]
 
     def _epoch_shards(self, epoch: int) -> list[str]:
+        """This slot's shards in `epoch`, in order (cached: called for every sample)."""
+        if self._epoch_cache[0] == epoch:
+            return self._epoch_cache[1]
         shards = self.source.shards
         if self.resampled:  # "epoch" counts shards drawn with replacement
-            return [shards[_hash_int(self.seed, self.source.name, self.slot, "pick", epoch) % len(shards)]]
-        order = [shards[i] for i in _permutation(len(shards), self.seed, self.source.name, "epoch", epoch)]
-        return order if self.by_sample else order[self.slot::self.slots]
+            mine = [shards[_hash_int(self.seed, self.source.name, self.slot, "pick", epoch) % len(shards)]]
+        else:
+            order = [shards[i] for i in _permutation(len(shards), self.seed, self.source.name, "epoch", epoch)]
+            mine = order if self.by_sample else order[self.slot::self.slots]
+        self._epoch_cache = (epoch, mine)
+        return mine
 
     def read(self, shard: str, sample: SampleIndex) -> dict[str, bytes]:
         """Member bytes, through a file handle kept open while the stream is in that shard."""
@@ -164,7 +172,10 @@ class _SourceStream:
         return sum(len(self._shard_index(sh)) for sh in shards[:si])
 
     def _splittable(self, epoch: int) -> bool:
+        if epoch in self._splittable_cache:
+            return self._splittable_cache[epoch]
         total = self._offset(epoch, len(self._epoch_shards(epoch)))
+        self._splittable_cache = {epoch: total >= self.slots}
         if total < self.slots and not self._warned_small:
             self._warned_small = True
             log.warning("source %r has %d samples for %d loader slots (ranks x workers): every slot reads "
