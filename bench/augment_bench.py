@@ -19,10 +19,12 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
+from results import emit  # noqa: E402
 
 SDXL_UNET = dict(
     sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
@@ -320,11 +322,7 @@ def main() -> None:
              "", "| path | images | img/s end to end | img/s after load | vs naive | GPU busy |",
              "|---|---|---|---|---|---|",
              *[r for r in rows if r], "", *notes, ""]
-    text = "\n".join(lines)
-    print(text)
-    if args.results:
-        with open(args.results, "a", encoding="utf-8") as f:
-            f.write(text + "\n")
+    emit(lines, args.results)
     shutil.rmtree(work, ignore_errors=True)
 
 

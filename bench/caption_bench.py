@@ -20,9 +20,11 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
+from results import emit  # noqa: E402
 
 QWEN2_VL_2B_TEXT = dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
                         num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768,
@@ -148,11 +150,7 @@ def main() -> None:
              f"--new-tokens {args.new_tokens} --max-pixels {' '.join(map(str, args.max_pixels))} "
              f"--batch {' '.join(map(str, args.batch))}` (setup {setup_s:.0f}s)",
              "", "| path | images | img/s | new tokens/s | vs loop |", "|---|---|---|---|---|", *rows, ""]
-    text = "\n".join(lines)
-    print(text)
-    if args.results:
-        with open(args.results, "a", encoding="utf-8") as f:
-            f.write(text + "\n")
+    emit(lines, args.results)
     shutil.rmtree(work, ignore_errors=True)
 
 

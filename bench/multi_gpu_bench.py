@@ -22,10 +22,12 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
+from results import emit  # noqa: E402
 
 from augment_bench import build_sdxl_folder, make_inputs  # noqa: E402
 
@@ -92,11 +94,7 @@ def main() -> None:
              f"{args.images / two_job:.2f} | {one_job / two_job:.2f}x |",
              "", f"Outputs: {identical} of {len(diffs)} images byte-identical between the two runs; largest pixel "
                  f"difference {max(diffs)} (of 255). Same keys, each once.", ""]
-    text = "\n".join(lines)
-    print(text)
-    if args.results:
-        with open(args.results, "a", encoding="utf-8") as f:
-            f.write(text + "\n")
+    emit(lines, args.results)
 
 
 if __name__ == "__main__":
