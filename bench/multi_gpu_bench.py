@@ -82,7 +82,7 @@ def main() -> None:
     assert a.keys() == b.keys() and len(a) == args.images, (len(a), len(b))
     diffs = [np.abs(a[k].astype(int) - b[k].astype(int)).max() for k in a]
     identical = sum(d == 0 for d in diffs)
-    lines = [f"## augment on 2 GPUs vs 1, SDXL architecture (random weights), 1024x1024, eager",
+    lines = ["## augment on 2 GPUs vs 1, SDXL architecture (random weights), 1024x1024, eager",
              f"- date {datetime.date.today()}, {torch.cuda.device_count()}x {torch.cuda.get_device_name()}, "
              f"torch {torch.__version__}",
              f"- command: `python bench/multi_gpu_bench.py --images {args.images} --batch {args.batch}`",

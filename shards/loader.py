@@ -19,7 +19,6 @@ split by sample instead (every slot indexes every shard and keeps every slots-th
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import os

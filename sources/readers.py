@@ -12,6 +12,7 @@ import logging
 import os
 import tarfile
 from collections import OrderedDict
+from dataclasses import dataclass
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -168,26 +169,39 @@ def missing_tar_end(tf: tarfile.TarFile, path: str) -> str | None:
     return None
 
 
+@dataclass(frozen=True)
+class TarMember:
+    name: str
+    offset: int   # where the member's data starts
+    size: int
+
+
+def index_tar(path: str) -> tuple["OrderedDict[str, dict[str, TarMember]]", str | None]:
+    """Members grouped by webdataset key, in tar order, from the headers alone; plus a problem
+    (corrupt or cut short) or None. Raises tarfile.TarError/OSError if it is no tar at all."""
+    groups: "OrderedDict[str, dict[str, TarMember]]" = OrderedDict()
+    problem = None
+    with tarfile.open(path, mode="r:") as tf:
+        try:
+            for m in tf:
+                if m.isfile():
+                    key, ext = _split_member_name(m.name)
+                    groups.setdefault(key, {})[ext] = TarMember(m.name, m.offset_data, m.size)
+            cut = missing_tar_end(tf, path)
+            if cut:
+                problem = f"{cut} after {len(groups)} samples"
+        except (tarfile.TarError, OSError, EOFError) as exc:
+            problem = f"tar is truncated or corrupt after {len(groups)} samples: {exc}"
+    return groups, problem
+
+
 def read_tar(path: str) -> Iterator[SourceItem]:
     """A webdataset tar (ddaug's own or foreign): members grouped by key; images plus optional
     json (ddaug schema, or any object with messages) and txt. Only member headers are read here;
     image bytes are read later by offset."""
     abspath = os.path.abspath(path)
-    groups: "OrderedDict[str, dict[str, tarfile.TarInfo]]" = OrderedDict()
-    problem = None
     try:
-        with tarfile.open(abspath, mode="r:") as tf:
-            try:
-                for member in tf:
-                    if not member.isfile():
-                        continue
-                    key, ext = _split_member_name(member.name)
-                    groups.setdefault(key, {})[ext] = member
-                cut = missing_tar_end(tf, abspath)
-                if cut:
-                    problem = f"{cut} after {len(groups)} samples"
-            except (tarfile.TarError, OSError, EOFError) as exc:
-                problem = f"tar is truncated or corrupt after {len(groups)} samples: {exc}"
+        groups, problem = index_tar(abspath)
     except (tarfile.TarError, OSError) as exc:
         raise SourceError(f"{path}: not a readable tar ({exc})") from None
     file_size = os.path.getsize(abspath)
@@ -201,16 +215,15 @@ def read_tar(path: str) -> Iterator[SourceItem]:
             error = None
             for ext in image_exts:
                 m = members[ext]
-                if m.offset_data + m.size > file_size:
+                if m.offset + m.size > file_size:
                     error = f"tar member {m.name} cut short"
-                refs.append(ImageRef(uri=f"{abspath}#{m.name}", path=abspath,
-                                     offset=m.offset_data, size=m.size))
+                refs.append(ImageRef(uri=f"{abspath}#{m.name}", path=abspath, offset=m.offset, size=m.size))
             messages: list[dict[str, Any]] = []
             tags: dict[str, Any] = {}
             extra: dict[str, Any] = {}
             if "json" in members and error is None:
                 m = members["json"]
-                fh.seek(m.offset_data)
+                fh.seek(m.offset)
                 try:
                     meta = json.loads(fh.read(m.size).decode("utf-8"))
                     if isinstance(meta, dict):
@@ -220,7 +233,7 @@ def read_tar(path: str) -> Iterator[SourceItem]:
                     error = f"sample json does not parse: {exc}"
             if "txt" in members and error is None:
                 m = members["txt"]
-                fh.seek(m.offset_data)
+                fh.seek(m.offset)
                 extra["text"] = fh.read(m.size).decode("utf-8", "replace")
             if not refs and error is None:
                 error = "tar sample has no image member"

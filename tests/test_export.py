@@ -11,7 +11,7 @@ import tarfile
 import pytest
 from PIL import Image
 
-from conftest import invoke, read_samples, sample_meta
+from conftest import invoke, read_samples
 
 
 def _check_llamafactory_records(records, root):

@@ -7,7 +7,6 @@ import json
 import os
 import tarfile
 import subprocess
-import sys
 
 from PIL import Image
 
