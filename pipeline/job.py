@@ -24,6 +24,8 @@ from tqdm import tqdm
 from shards.store import Failure, OutputFolder
 from sources import SourceItem, rank_of
 
+from .timing import StageTimes
+
 log = logging.getLogger(__name__)
 
 
@@ -49,7 +51,9 @@ class Stage(Protocol):
         """Read and decode an item into work units (runs in loader threads)."""
 
     def bucket(self, unit: Any) -> Hashable:
-        """Units with equal bucket keys can share a batch (e.g. same padded size)."""
+        """Units with equal bucket keys can share a batch (e.g. same padded size). A stage may
+        also define batch_limit(bucket) -> int | None to cap that bucket's batches below
+        batch_size (e.g. large images)."""
 
     def run(self, units: list[Any]) -> list[Any]:
         """Process a batch; per unit a result or a SampleFailure (runs on the job's thread)."""
@@ -68,6 +72,8 @@ class JobSummary:
     seconds: float = 0.0
     failure_reasons: collections.Counter = field(default_factory=collections.Counter)
     counts: collections.Counter = field(default_factory=collections.Counter)  # stage-specific (flags...)
+    times: dict[str, float] = field(default_factory=dict)  # seconds per part (pipeline/timing.py)
+    time_line: str = ""
 
     def line(self) -> str:
         text = (f"done {self.done}, skipped {self.skipped} (already done), failed {self.failed}, "
@@ -115,8 +121,14 @@ class Job:
         self.workers = max(1, workers)
         self.show_progress = show_progress
         self.depth = 2  # batches queued on the model thread beyond the running one
+        # A stage may time its own parts (GPU stages) into the same accumulator.
+        self.times: StageTimes = getattr(stage, "times", None) or StageTimes()
 
     def _load(self, item: SourceItem):
+        with self.times.measure("read+decode"):
+            return self._load_untimed(item)
+
+    def _load_untimed(self, item: SourceItem):
         if item.error:
             return item, SampleFailure("read", item.error)
         try:
@@ -129,14 +141,23 @@ class Job:
 
     def _build(self, state: _ItemState) -> dict[str, bytes]:
         try:
-            return self.stage.build(state.item, state.results)
+            with self.times.measure("build members"):
+                return self.stage.build(state.item, state.results)
         except SampleFailure:
             raise
         except Exception as exc:  # one sample's encoding bug must not stop the run
             log.exception("unexpected error building %s", state.item.uri)
             raise SampleFailure(self.stage.command, f"{type(exc).__name__}: {exc}") from None
 
+    def _batch_limit(self, bkey: Hashable) -> int:
+        limit = getattr(self.stage, "batch_limit", None)
+        return min(self.batch_size, (limit(bkey) if limit else None) or self.batch_size)
+
     def _run_batch(self, units: list[Any]) -> list[Any]:
+        with self.times.measure("model"):
+            return self._run_batch_untimed(units)
+
+    def _run_batch_untimed(self, units: list[Any]) -> list[Any]:
         try:
             return self.stage.run(units)
         except JobAbort:
@@ -147,7 +168,7 @@ class Job:
                 return [SampleFailure(self.stage.command, f"{type(exc).__name__}: {exc}")]
             # One bad unit should not sink its batch mates: retry them one by one.
             log.warning("batch of %d failed (%s); retrying one by one", len(units), exc)
-            return [r for u in units for r in self._run_batch([u])]
+            return [r for u in units for r in self._run_batch_untimed([u])]
 
     def run(self, items: list[SourceItem], retry_keys: set[str] | None = None) -> JobSummary:
         """Process this rank's inputs that no finished shard covers; with retry_keys, only those
@@ -175,6 +196,10 @@ class Job:
         bar.close()
         summary.counts.update(getattr(self.stage, "counts", {}))
         summary.seconds = time.monotonic() - t0
+        summary.times = self.times.as_dict()
+        summary.time_line = self.times.summary(summary.seconds, self.workers)
+        if todo:
+            log.info("where the time went: %s", summary.time_line)
         return summary
 
     def _run_chunk(self, index: int, chunk: list[SourceItem], loaded: Iterator,
@@ -196,7 +221,10 @@ class Job:
                     if not (block or st.future.done()):
                         return
                     try:
-                        writer.write(st.item.key, st.future.result())
+                        with self.times.measure("wait for build"):
+                            files = st.future.result()
+                        with self.times.measure("write tar"):
+                            writer.write(st.item.key, files)
                     except SampleFailure as exc:
                         st.failure = exc
                 if st.failure is not None:
@@ -218,7 +246,9 @@ class Job:
         def collect(block: bool) -> None:
             while inflight and (block or inflight[0][1].done()):
                 batch, future = inflight.popleft()
-                for (st, ui, _), out in zip(batch, future.result()):
+                with self.times.measure("wait for model"):
+                    outs = future.result()
+                for (st, ui, _), out in zip(batch, outs):
                     if isinstance(out, SampleFailure):
                         st.failure = st.failure or out
                     else:
@@ -236,7 +266,8 @@ class Job:
 
         try:
             for _ in chunk:
-                item, units = next(loaded)
+                with self.times.measure("wait for input"):
+                    item, units = next(loaded)
                 if isinstance(units, SampleFailure):
                     st = _ItemState(item, 0)
                     st.failure = units
@@ -247,7 +278,7 @@ class Job:
                 for ui, unit in enumerate(units):
                     bkey = self.stage.bucket(unit)
                     buckets.setdefault(bkey, []).append((st, ui, unit))
-                    if len(buckets[bkey]) >= self.batch_size:
+                    if len(buckets[bkey]) >= self._batch_limit(bkey):
                         flush(bkey)
             for bkey in list(buckets):
                 flush(bkey)
@@ -259,7 +290,8 @@ class Job:
                 future.cancel()
             writer.abort()
             raise
-        stats = self.folder.commit_shard(index, writer, covered_keys=[it.key for it in chunk],
-                                         failures=failures, seconds=time.monotonic() - t0)
+        with self.times.measure("commit shard"):
+            stats = self.folder.commit_shard(index, writer, covered_keys=[it.key for it in chunk],
+                                             failures=failures, seconds=time.monotonic() - t0)
         if stats["shard"]:
             summary.shards.append(stats["shard"])

@@ -1,0 +1,117 @@
+"""Where a run's time goes: seconds per named part, summed over the threads that did it.
+
+The job times its own parts (reading, waiting, building members, writing tars); a stage adds
+finer ones (augment: host-to-device copy, VAE encode, UNet, VAE decode, device-to-host copy,
+timed with CUDA events so they measure the GPU, not the launch). The breakdown is logged at the
+end of a run and tells the user what to change: an input-bound run wants more --workers, a
+model-bound one a bigger batch or --compile.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from contextlib import contextmanager
+from typing import Iterator
+
+# Parts in pipeline order; each says which thread pays for it.
+JOB_PARTS = {
+    "read+decode": "loader threads",
+    "wait for input": "main thread, idle until a loader delivers",
+    "model": "model thread, one batch after another",
+    "wait for model": "main thread, idle until a batch returns",
+    "build members": "builder threads (image encode, json)",
+    "wait for build": "main thread, idle until a sample's members are encoded",
+    "write tar": "main thread",
+    "commit shard": "main thread (fsync, rename, done marker)",
+}
+
+
+class StageTimes:
+    """Thread-safe accumulator of seconds and counts per part."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.seconds: collections.Counter = collections.Counter()
+        self.calls: collections.Counter = collections.Counter()
+
+    def add(self, part: str, seconds: float, calls: int = 1) -> None:
+        with self._lock:
+            self.seconds[part] += seconds
+            self.calls[part] += calls
+
+    @contextmanager
+    def measure(self, part: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add(part, time.perf_counter() - t0)
+
+    def as_dict(self) -> dict[str, float]:
+        with self._lock:
+            return {k: round(v, 4) for k, v in self.seconds.items()}
+
+    def summary(self, wall: float, workers: int) -> str:
+        """One line: each part's seconds and share of wall time in pipeline order, the stage's
+        own parts in brackets after "model", then what bounds the run."""
+        if wall <= 0 or not self.seconds:
+            return "no timings"
+        with self._lock:
+            seconds = dict(self.seconds)
+
+        def fmt(part: str) -> str:
+            threads = f" over {workers} threads" if part in ("read+decode", "build members") else ""
+            return f"{part} {seconds[part]:.1f}s ({seconds[part] / wall:.0%}{threads})"
+
+        inner = [fmt(p) for p in seconds if p not in JOB_PARTS]
+        parts = []
+        for part in JOB_PARTS:
+            if part in seconds:
+                parts.append(fmt(part) + (f" [{', '.join(inner)}]" if part == "model" and inner else ""))
+        return "; ".join(parts) + f". {self.bottleneck(wall)}"
+
+    def bottleneck(self, wall: float) -> str:
+        idle_input = self.seconds.get("wait for input", 0.0) / wall
+        model = self.seconds.get("model", 0.0) / wall
+        build = self.seconds.get("wait for build", 0.0) / wall
+        if idle_input > 0.2:
+            return "Bound by reading/decoding inputs: raise --workers."
+        if build > 0.2:
+            return "Bound by encoding outputs: raise --workers or use --image-format webp."
+        if model > 0.8:
+            return "Bound by the model (as it should be)."
+        return "No single bound."
+
+
+class DeviceTimeline:
+    """Marks along one batch's work on a device. On CUDA the marks are events, so the intervals
+    are GPU time, read after the batch has synchronised; elsewhere work is synchronous and a
+    host clock does."""
+
+    def __init__(self, device, times: StageTimes | None) -> None:
+        self.times = times
+        self.cuda = times is not None and getattr(device, "type", str(device)) == "cuda"
+        self.marks: list[tuple[str, object]] = []
+        self.mark("start")
+
+    def mark(self, part_ending: str) -> None:
+        if self.times is None:
+            return
+        if self.cuda:
+            import torch
+
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            self.marks.append((part_ending, ev))
+        else:
+            self.marks.append((part_ending, time.perf_counter()))
+
+    def finish(self) -> None:
+        """Add each interval to times (call after the device has finished the batch)."""
+        if self.times is None:
+            return
+        for (_, a), (part, b) in zip(self.marks, self.marks[1:]):
+            secs = a.elapsed_time(b) / 1000 if self.cuda else b - a
+            self.times.add(part, secs)
