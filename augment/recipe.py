@@ -26,6 +26,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline.timing import DeviceTimeline, StageTimes
+
 from .models import DiffusionComponents
 
 log = logging.getLogger(__name__)
@@ -63,7 +65,8 @@ def guidance_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 class DiffusionFlavour:
-    def __init__(self, comps: DiffusionComponents, settings: RecipeSettings, device: str):
+    def __init__(self, comps: DiffusionComponents, settings: RecipeSettings, device: str,
+                 batch_size: int | None = None):
         if not 0.0 < settings.strength <= 1.0:
             raise ValueError("strength must be in (0, 1]")
         self.comps = comps
@@ -86,8 +89,14 @@ class DiffusionFlavour:
         T = self.scheduler.config.num_train_timesteps
         self.timestep = min(max(int(round(settings.strength * T)), 0), T - 1)
         self._cond = self._conditioning() if self.unet is not None else None
-        self.batch_size: int | None = None  # set by optimize(): compiled graphs see one batch size
+        # Every batch is padded to this size. GPU kernels are chosen per tensor shape, so in bf16
+        # an image's output could change with the size of the batch it lands in (a bucket's tail,
+        # another process count); one shape makes an image's bytes depend on the image alone.
+        # Compiled graphs also need it: static shapes, no recompiles for tails.
+        self.batch_size = batch_size
+        self.reference_pixels = 1024 * 1024  # batch_size is for images up to this size
         self.memory_format = torch.contiguous_format
+        self.times: StageTimes | None = None  # set by the stage to get a per-part breakdown
 
     # -- the fast path ---------------------------------------------------------------------------
     def optimize(self, batch_size: int, compile: bool = True, backend: str = "inductor") -> None:
@@ -105,7 +114,7 @@ class DiffusionFlavour:
 
         # One graph per (bucket shape) and module: allow many buckets before falling back.
         _dynamo.config.cache_size_limit = max(_dynamo.config.cache_size_limit, 64)
-        self.batch_size = batch_size
+        self.batch_size = batch_size or self.batch_size
         self.vae.encoder = torch.compile(self.vae.encoder, backend=backend, dynamic=False)
         self.vae.decoder = torch.compile(self.vae.decoder, backend=backend, dynamic=False)
         if self.unet is not None:
@@ -151,6 +160,15 @@ class DiffusionFlavour:
             if self.unet.config.time_cond_proj_dim:
                 info["lcm_w"] = s.lcm_guidance - 1.0
         return info
+
+    def batch_for(self, padded: tuple[int, int]) -> int | None:
+        """Images per model call for one padded size: batch_size up to 1 MP, fewer for larger
+        images so a batch's memory stays what batch_size means at 1024². A function of the size
+        alone, so it keeps outputs independent of batch composition."""
+        if not self.batch_size:
+            return None
+        pixels = padded[0] * padded[1]
+        return max(1, min(self.batch_size, self.batch_size * self.reference_pixels // pixels))
 
     def padded_size(self, height: int, width: int) -> tuple[int, int]:
         """At least two units of the deepest level, so its group norms see more than one value
@@ -223,18 +241,26 @@ class DiffusionFlavour:
         was not finite, e.g. an fp16 overflow)."""
         h, w = images[0].shape[:2]
         n = len(images)
-        if self.batch_size and n < self.batch_size:  # keep compiled shapes static
-            images = list(images) + [images[-1]] * (self.batch_size - n)
-            seeds = list(seeds) + [seeds[-1]] * (self.batch_size - n)
+        target = self.batch_for(self.padded_size(h, w)) or n
+        if n < target:  # one shape per bucket (see __init__)
+            images = list(images) + [images[-1]] * (target - n)
+            seeds = list(seeds) + [seeds[-1]] * (target - n)
+        timeline = DeviceTimeline(self.device, self.times)
         batch = torch.from_numpy(np.stack(images)).to(self.device, non_blocking=True)
         x = batch.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
         x = self._pad(x).contiguous(memory_format=self.memory_format)
         generators = self._generators(seeds)
+        timeline.mark("host->device")
         latents = self.encode(x, generators)
+        timeline.mark("vae encode")
         if self.settings.mode == "img2img":
             latents = self.denoise_once(latents, generators, [(h, w)] * len(images))
+            timeline.mark("unet")
         out = self.decode(latents)[:n, :, :h, :w]
+        timeline.mark("vae decode")
         finite = torch.isfinite(out).flatten(1).all(dim=1).tolist()
         pixels = ((out / 2 + 0.5).clamp_(0, 1) * 255).round_().to(torch.uint8)
         pixels = pixels.permute(0, 2, 3, 1).contiguous().cpu().numpy()
+        timeline.mark("device->host")
+        timeline.finish()
         return [p if ok else None for p, ok in zip(pixels, finite)]

@@ -9,6 +9,7 @@ import numpy as np
 
 from pipeline import SampleFailure
 from pipeline.images import read_image
+from pipeline.timing import StageTimes
 from shards.codec import FORMAT_EXT, encode_image
 from shards.schema import build_sample, count_image_tags, encode_sample_json, image_member_names
 from sources import SourceItem
@@ -41,6 +42,8 @@ class AugmentStage:
         self.max_side = max_side
         self.tags = tags or {}
         self.provenance = flavour.provenance()
+        self.times = StageTimes()  # the job adds its parts; the flavour adds the GPU's
+        flavour.times = self.times
 
     def load(self, item: SourceItem) -> list[ImageUnit]:
         check_conversation(item)
@@ -54,6 +57,9 @@ class AugmentStage:
 
     def bucket(self, unit: ImageUnit):
         return unit.padded
+
+    def batch_limit(self, bucket) -> int | None:
+        return self.flavour.batch_for(bucket)
 
     def run(self, units: list[ImageUnit]) -> list[Any]:
         outs = self.flavour([u.pixels for u in units], [u.seed for u in units])
