@@ -126,6 +126,7 @@ Examples:
   ddaug augment photos/ -o out/general-sdxl                      # SDXL, strength 0.025, zeros
   ddaug augment llava.json --media-dir imgs/ -o out/ --model ssd-1b
   ddaug augment 'gen-{000..009}.tar' -o out/ --model lcm-sdxl --image-format webp
+  ddaug augment photos/ -o out/ --compile --batch-size 16 --compile-cache ~/.cache/ddaug-compile
   accelerate launch --multi_gpu --num_processes 8 cli.py augment photos/ -o out/  # per GPU
   ddaug augment photos/ -o out/ --model tiny-random --device cpu  # offline smoke test
 """)
@@ -156,6 +157,8 @@ Examples:
 @click.option("--stage", "stage_tag", default=None, help="tags.stage of the output samples.")
 @click.option("--compile", "compile_", is_flag=True,
               help="GPU speed: channels_last + torch.compile per size bucket (minutes of warm-up; pays on big runs).")
+@click.option("--compile-cache", type=click.Path(file_okay=False), default=None,
+              help="Folder for torch.compile's cache, kept across runs (cuts the warm-up of later runs).")
 @user_errors
 def augment(**kw) -> None:
     """Give natural images diffusion traits, keeping their conversations.
@@ -173,7 +176,8 @@ def augment(**kw) -> None:
                             seed=run.seed, dtype=dtype)
     opts = AugmentOptions(model=kw["model"], unet=kw["unet"], vae=kw["vae"], scheduler=kw["scheduler"],
                           image_format=kw["image_format"], quality=kw["quality"], max_side=kw["max_side"],
-                          domain=kw["domain"], stage=kw["stage_tag"], recipe=recipe, compile=kw["compile_"])
+                          domain=kw["domain"], stage=kw["stage_tag"], recipe=recipe, compile=kw["compile_"],
+                          compile_cache=kw["compile_cache"])
     _report("augment", run_augment(run, opts), run.output)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass
 
 from pipeline.command import RunOptions, UserError, execute
@@ -25,9 +26,26 @@ class AugmentOptions:
     stage: str | None = None
     recipe: RecipeSettings = RecipeSettings()
     compile: bool = False          # speed only: not part of the folder's config
+    compile_cache: str | None = None  # where torch.compile keeps its artifacts across processes
+
+
+def use_compile_cache(folder: str) -> None:
+    """Point torch.compile's on-disk cache (inductor graphs, Triton kernels) at a folder that
+    outlives the process: the next job on this node, or a rerun, skips most of the warm-up.
+    Read lazily by torch, so setting it before the first compile is enough."""
+    path = os.path.abspath(os.path.expanduser(folder))
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"--compile-cache {folder}: {exc.strerror or exc}") from None
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = path
 
 
 def run_augment(run: RunOptions, opts: AugmentOptions) -> JobSummary:
+    if opts.compile_cache:
+        if not opts.compile:
+            raise UserError("--compile-cache only applies with --compile")
+        use_compile_cache(opts.compile_cache)
     spec = resolve_spec(opts.model, opts.unet, opts.scheduler)
     # Everything that changes output bytes; a rerun into the folder must match it.
     config = {"model": opts.model, "unet": opts.unet, "vae": opts.vae, "scheduler": opts.scheduler,
@@ -38,7 +56,7 @@ def run_augment(run: RunOptions, opts: AugmentOptions) -> JobSummary:
     def make_stage(placement):
         try:
             comps = load_components(spec, vae=opts.vae, text_encoders=opts.recipe.cond == "empty")
-            flavour = DiffusionFlavour(comps, opts.recipe, placement.device)
+            flavour = DiffusionFlavour(comps, opts.recipe, placement.device, batch_size=run.batch_size)
             if opts.compile:
                 flavour.optimize(batch_size=run.batch_size)
         except ModelLoadError as exc:
