@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import glob
+import io
 import os
 import platform
 import shutil
 import sys
+import tarfile
 import tempfile
 import time
+from dataclasses import dataclass
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -34,12 +38,12 @@ SDXL_UNET = dict(
     transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20),
     cross_attention_dim=2048, use_linear_projection=True, addition_embed_type="text_time",
     addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816)
-# SSD-1B: SDXL's UNet with transformer depth cut (segmind's distillation). Its exact config is not
-# reachable offline; this keeps SDXL's blocks with fewer transformer layers and a resnet-only mid
-# block, and the bench prints its measured TFLOP per call so it can be checked against the
-# 4.15 TFLOP of the real one (shared/NOTES.md).
-SSD1B_UNET = dict(SDXL_UNET, transformer_layers_per_block=(1, 2, 4), mid_block_type="UNetMidBlock2D",
-                  reverse_transformer_layers_per_block=((4, 4, 4), (2, 2, 2), (1, 1, 1)))
+# SSD-1B: SDXL's UNet with the mid block removed and fewer transformer layers (segmind's
+# distillation). Depths as ComfyUI's model detection records them: down 2,2 / 4,4; up (lowest
+# resolution first) 4,4,10 / 2,1,1. This gives 1.300B parameters and 4.15 TFLOP per 1024² call,
+# the real SSD-1B's figures (shared/NOTES.md).
+SSD1B_UNET = dict(SDXL_UNET, transformer_layers_per_block=(1, 2, 4), mid_block_type=None,
+                  reverse_transformer_layers_per_block=((4, 4, 10), (2, 1, 1), (1, 1, 1)))
 SDXL_VAE = dict(
     in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
     block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
@@ -120,18 +124,29 @@ def make_mixed_inputs(folder: str, n: int) -> float:
     return sum(px) / len(px)
 
 
-def unet_tflop(model_dir: str, size: int) -> float:
+def recipe_tflop(model_dir: str, size: int) -> dict[str, float]:
+    """TFLOP per image of each GPU part of ddaug's recipe at size x size (torch's flop counter:
+    convolutions, matmuls, attention)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from augment import DiffusionFlavour, RecipeSettings, load_components, resolve_spec
 
     fl = DiffusionFlavour(load_components(resolve_spec(model_dir)), RecipeSettings(dtype="bf16"), "cuda")
-    lat = torch.randn(1, 4, size // 8, size // 8, device="cuda")
+    x = torch.rand(1, 3, size, size, device="cuda") * 2 - 1
+    gens = fl._generators([0])
+    out = {}
     with FlopCounterMode(display=False) as fc:
-        fl.denoise_once(lat, fl._generators([0]), [(size, size)])
+        lat = fl.encode(x, gens)
+    out["vae encode"] = fc.get_total_flops() / 1e12
+    with FlopCounterMode(display=False) as fc:
+        lat = fl.denoise_once(lat, gens, [(size, size)])
+    out["unet"] = fc.get_total_flops() / 1e12
+    with FlopCounterMode(display=False) as fc:
+        fl.decode(lat)
+    out["vae decode"] = fc.get_total_flops() / 1e12
     del fl
     torch.cuda.empty_cache()
-    return fc.get_total_flops() / 1e12
+    return out
 
 
 def make_inputs(folder: str, n: int, size: int) -> None:
@@ -183,52 +198,171 @@ def naive_baseline(model_dir: str, inputs: list[str], out_dir: str) -> float:
     return len(inputs) / dt
 
 
-def gpu_stage_times(model_dir: str, batch: int, size: int) -> dict[str, float]:
-    """ms per image of each GPU stage of ddaug's recipe at `batch`, CUDA-event timed."""
+def gpu_stage_times(model_dir: str, batch: int, size: int, cudnn_benchmark: bool = False) -> dict[str, float]:
+    """ms per image of each GPU part of ddaug's recipe at `batch`, CUDA-event timed, median of 3
+    after a warm-up."""
     from augment import DiffusionFlavour, RecipeSettings, load_components, resolve_spec
 
+    torch.backends.cudnn.benchmark = cudnn_benchmark
     fl = DiffusionFlavour(load_components(resolve_spec(model_dir)), RecipeSettings(dtype="bf16"), "cuda")
     x = torch.rand(batch, 3, size, size, device="cuda") * 2 - 1
     gens = fl._generators(list(range(batch)))
+    torch.cuda.reset_peak_memory_stats()
+    lat = fl.encode(x, gens)
+    parts = {"vae encode": lambda: fl.encode(x, gens),
+             "unet": lambda: fl.denoise_once(lat, gens, [(size, size)] * batch),
+             "vae decode": lambda: fl.decode(lat)}
     res = {}
-    for _ in range(2):  # warm-up then measure
-        for name, fn in (("vae_encode", lambda: fl.encode(x, gens)),):
-            lat = fn()
-        stages = {
-            "vae_encode": lambda: fl.encode(x, gens),
-            "unet_step": lambda: fl.denoise_once(lat, gens, [(size, size)] * batch),
-            "vae_decode": lambda: fl.decode(lat),
-        }
-        for name, fn in stages.items():
+    for name, fn in parts.items():
+        fn()  # warm-up (and cudnn's autotuning when on)
+        times = []
+        for _ in range(3):
             torch.cuda.synchronize()
             s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             s.record()
             fn()
             e.record()
             torch.cuda.synchronize()
-            res[name] = s.elapsed_time(e) / batch
+            times.append(s.elapsed_time(e) / batch)
+        res[name] = sorted(times)[1]
     res["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
+    torch.backends.cudnn.benchmark = False
     del fl
     torch.cuda.empty_cache()
     return res
 
 
-def ddaug_run(model_dir: str, in_dir: str, out_dir: str, batch: int, mode: str,
-              compile: bool = False) -> tuple[float, int, float]:
-    """(seconds, images done, GPU busy fraction) of a whole `ddaug augment` run, model load included."""
+@dataclass
+class RunResult:
+    wall: float                 # whole run: model load (and compile) included
+    done: int
+    job_seconds: float          # after the model is loaded
+    busy: float                 # nvidia-smi utilization over the whole run
+    busy_after_load: float
+    times: dict[str, float]     # the job's own breakdown (pipeline/timing.py)
+    peak_gib: float
+    out_dir: str
+
+
+def ddaug_run(model_dir: str, in_dir: str, out_dir: str, batch: int, mode: str = "img2img",
+              compile: bool = False, rank: int | None = None, world_size: int | None = None) -> RunResult:
+    """A whole `ddaug augment` run through the library entry point the CLI uses."""
     from augment.recipe import RecipeSettings
     from augment.run import AugmentOptions, run_augment
     from pipeline.command import RunOptions
 
+    torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     with BusySampler() as busy:
         summary = run_augment(RunOptions(inputs=(in_dir,), output=out_dir, device="cuda", batch_size=batch,
-                                         shard_size=10_000, workers=12, overwrite=True, quiet=True),
+                                         shard_size=10_000, workers=12, overwrite=rank is None, quiet=True,
+                                         rank=rank, world_size=world_size),
                               AugmentOptions(model=model_dir, compile=compile,
                                              recipe=RecipeSettings(dtype="bf16", mode=mode)))
-    ddaug_run.job_seconds = summary.seconds  # the run after the model is loaded (and compiled)
-    ddaug_run.job_busy = busy.busy_over_last(summary.seconds)
-    return time.perf_counter() - t0, summary.done, busy.busy
+    wall = time.perf_counter() - t0
+    return RunResult(wall, summary.done, summary.seconds, busy.busy, busy.busy_over_last(summary.seconds),
+                     summary.times, torch.cuda.max_memory_allocated() / 2 ** 30, out_dir)
+
+
+GPU_PARTS = ("host->device", "vae encode", "unet", "vae decode", "device->host")
+
+
+def breakdown(label: str, run: RunResult, tflop: dict[str, float] | None) -> list[str]:
+    """Per-part table of one run: where its time went, GPU parts with achieved TFLOP/s."""
+    from pipeline.timing import JOB_PARTS
+
+    lines = [f"Time breakdown, {label} ({run.done} images, {run.job_seconds:.1f}s after load; thread-seconds "
+             "for the loader and builder pools, GPU time from CUDA events for the model's parts):", "",
+             "| part | seconds | % of run | ms/image | TFLOP/s |", "|---|---|---|---|---|"]
+    order = [p for p in JOB_PARTS if p != "model"] + ["model", *GPU_PARTS]
+    for part in order:
+        if part not in run.times:
+            continue
+        secs = run.times[part]
+        rate = "-"
+        if tflop and part in tflop:
+            rate = f"{tflop[part] * run.done / secs:.0f}"
+        name = f"  GPU: {part}" if part in GPU_PARTS else part
+        lines.append(f"| {name} | {secs:.2f} | {secs / run.job_seconds:.0%} | {1000 * secs / run.done:.1f} | {rate} |")
+    gpu = sum(run.times.get(p, 0.0) for p in GPU_PARTS)
+    lines += ["", f"GPU busy from events (GPU parts / run after load): {gpu / run.job_seconds:.0%}; nvidia-smi: "
+              f"{run.busy_after_load:.0%} after load, {run.busy:.0%} over the whole run. Peak GPU memory "
+              f"{run.peak_gib:.1f} GiB."]
+    if tflop:
+        total = sum(tflop.values()) * run.done / run.job_seconds
+        lines.append(f"Achieved over the run after load: {total:.0f} TFLOP/s of model work "
+                     f"({sum(tflop.values()):.2f} TFLOP per image).")
+    return lines + [""]
+
+
+def images_by_key(folder: str) -> dict[str, bytes]:
+    out = {}
+    for shard in glob.glob(os.path.join(folder, "*.tar")):
+        with tarfile.open(shard) as tf:
+            for m in tf.getmembers():
+                if m.name.endswith(".png"):
+                    out[m.name[:-4]] = np.asarray(Image.open(io.BytesIO(tf.extractfile(m).read())))
+    return out
+
+
+def compare(a_dir: str, b_dir: str) -> str:
+    a, b = images_by_key(a_dir), images_by_key(b_dir)
+    if a.keys() != b.keys():
+        return f"different keys ({len(a)} vs {len(b)})"
+    diffs = [int(np.abs(a[k].astype(int) - b[k].astype(int)).max()) for k in sorted(a)]
+    same = sum(d == 0 for d in diffs)
+    return f"{same}/{len(diffs)} byte-identical, largest difference {max(diffs)}/255"
+
+
+def determinism(model_dir: str, in_dir: str, work: str, batch: int) -> list[str]:
+    """Do outputs depend on anything but the image? The same run twice, then the inputs split as
+    two ranks (other batch mates, other tails), on one GPU."""
+    n = len(os.listdir(in_dir))
+    out = [f"Determinism, eager, batch {batch}, {n} images (split: {n // 2}-ish per rank, so other batch mates "
+           "and tails):", ""]
+    a = ddaug_run(model_dir, in_dir, os.path.join(work, "det-a"), batch)
+    b = ddaug_run(model_dir, in_dir, os.path.join(work, "det-b"), batch)
+    out.append(f"- the same run twice: {compare(a.out_dir, b.out_dir)}")
+    split = os.path.join(work, "det-split")
+    for r in (0, 1):
+        ddaug_run(model_dir, in_dir, split, batch, rank=r, world_size=2)
+    out.append(f"- one process vs the inputs split as 2 ranks: {compare(a.out_dir, split)}")
+    torch.backends.cudnn.deterministic = True
+    try:
+        c = ddaug_run(model_dir, in_dir, os.path.join(work, "det-c"), batch)
+        split_c = os.path.join(work, "det-split-c")
+        for r in (0, 1):
+            ddaug_run(model_dir, in_dir, split_c, batch, rank=r, world_size=2)
+        out.append(f"- with cudnn.deterministic: one process vs 2 ranks: {compare(c.out_dir, split_c)}; "
+                   f"{c.done / c.job_seconds:.2f} img/s vs {a.done / a.job_seconds:.2f} without")
+    finally:
+        torch.backends.cudnn.deterministic = False
+    return out + [""]
+
+
+def compile_startup(model_dir: str, in_dir: str, work: str, batch: int) -> list[str]:
+    """Start-up of `ddaug augment --compile` in a fresh process: empty compile cache, then the
+    same cache again (what `--compile-cache DIR` gives a rerun or the next job on a node)."""
+    import subprocess
+
+    cache = os.path.join(work, "inductor-cache")
+    warm_in = os.path.join(work, "startup-in")
+    os.makedirs(warm_in, exist_ok=True)
+    for p in sorted(os.listdir(in_dir))[:batch]:
+        shutil.copy(os.path.join(in_dir, p), warm_in)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    res = []
+    for label in ("empty cache", "warm cache"):
+        t0 = time.perf_counter()
+        proc = subprocess.run([sys.executable, os.path.join(root, "cli.py"), "augment", warm_in, "-o",
+                               os.path.join(work, f"startup-{len(res)}"), "--model", model_dir, "--compile",
+                               "--compile-cache", cache, "--batch-size", str(batch), "--device", "cuda", "-q",
+                               "--overwrite"], capture_output=True, text=True)
+        if proc.returncode:
+            return [f"compile start-up run failed: {proc.stderr[-500:]}"]
+        res.append(f"{label} {time.perf_counter() - t0:.0f}s")
+    return [f"`ddaug augment --compile` over {batch} images in a fresh process (start, load, compile, run): "
+            + ", ".join(res) + ".", ""]
 
 
 def main() -> None:
@@ -238,7 +372,9 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=1024)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--parts", nargs="+", default=["naive", "stages", "eager", "compile"],
-                    choices=["naive", "stages", "eager", "compile", "vae", "ssd1b", "mixed"])
+                    choices=["naive", "stages", "eager", "compile", "compile-cudnn", "vae", "ssd1b", "mixed",
+                             "determinism", "startup"])
+    ap.add_argument("--det-images", type=int, default=64, help="inputs for the determinism part")
     ap.add_argument("--results", default=None)
     args = ap.parse_args()
     import diffusers
@@ -252,78 +388,128 @@ def main() -> None:
     make_inputs(in_dir, args.images, args.size)
     setup_s = time.perf_counter() - t
     inputs = sorted(os.path.join(in_dir, f) for f in os.listdir(in_dir))
-    rows, notes = [], []
+    tflop = recipe_tflop(model_dir, args.size)
+    rows, notes = [], [f"TFLOP per {args.size}² image: " + ", ".join(f"{k} {v:.2f}" for k, v in tflop.items()) + ".", ""]
     naive = None
 
-    def row(label, n, secs, busy=None):
-        rate = n / secs
+    def row(label: str, run: RunResult) -> float:
+        rate = run.done / run.wall
         ratio = f"{rate / naive:.2f}x" if naive else "-"
-        busy_s = f"{busy:.0%}" if busy is not None and busy == busy else "-"
-        job_busy = getattr(ddaug_run, "job_busy", None)
-        if job_busy is not None and job_busy == job_busy:
-            busy_s += f" ({job_busy:.0%} after load)"
-        ddaug_run.job_busy = None
-        job = n / ddaug_run.job_seconds if getattr(ddaug_run, "job_seconds", None) else float("nan")
-        rows.append(f"| {label} | {n} | {rate:.2f} | {job:.2f} | {ratio} | {busy_s} |")
-        ddaug_run.job_seconds = None
+        rows.append(f"| {label} | {run.done} | {rate:.2f} | {run.done / run.job_seconds:.2f} | {ratio} | "
+                    f"{run.busy:.0%} ({run.busy_after_load:.0%} after load) | {run.peak_gib:.1f} |")
         print(rows[-1], flush=True)
         return rate
 
-    if "naive" in args.parts:
+    def part_naive():
+        nonlocal naive
         naive = naive_baseline(model_dir, inputs[: args.naive_images], os.path.join(work, "naive"))
         rows.append(f"| naive `StableDiffusionXLImg2ImgPipeline` loop (bf16, batch 1, 40 steps, strength 0.025, "
-                    f"PIL, PNG level 6) | {args.naive_images} | {naive:.2f} | - | 1.00x | - |")
-    if "stages" in args.parts:
-        st = gpu_stage_times(model_dir, args.batch, args.size)
-        gpu_ms = st["vae_encode"] + st["unet_step"] + st["vae_decode"]
-        rows.append(f"| ddaug GPU stages only, eager (encode+UNet+decode, batch {args.batch}) | - | {1000 / gpu_ms:.2f} | - | "
-                    f"{1000 / gpu_ms / naive:.2f}x | - |" if naive else "")
-        notes.append(f"Eager GPU ms/image at batch {args.batch}: VAE encode {st['vae_encode']:.1f}, UNet "
-                     f"{st['unet_step']:.1f}, VAE decode {st['vae_decode']:.1f}; peak {st['peak_mem_gib']:.1f} GiB.")
-    if "eager" in args.parts:
-        secs, n, busy = ddaug_run(model_dir, in_dir, os.path.join(work, "eager"), args.batch, "img2img")
-        fixed_rate = row(f"`ddaug augment` img2img, eager, end to end incl. model load (batch {args.batch})", n, secs, busy)
-    if "compile" in args.parts:
+                    f"PIL, PNG level 6) | {args.naive_images} | {naive:.2f} | - | 1.00x | - | - |")
+
+    def part_stages():
+        for bench_on in (False, True):
+            st = gpu_stage_times(model_dir, args.batch, args.size, cudnn_benchmark=bench_on)
+            gpu_ms = st["vae encode"] + st["unet"] + st["vae decode"]
+            notes.append(f"Eager GPU ms/image at batch {args.batch}{' with cudnn.benchmark' if bench_on else ''}: "
+                         + ", ".join(f"{k} {st[k]:.1f}" for k in ("vae encode", "unet", "vae decode"))
+                         + f" ({1000 / gpu_ms:.2f} img/s of GPU work); peak {st['peak_mem_gib']:.1f} GiB.")
+        notes.append("")
+
+    def part_eager():
+        run = ddaug_run(model_dir, in_dir, os.path.join(work, "eager"), args.batch)
+        row(f"`ddaug augment` img2img, eager, end to end incl. model load (batch {args.batch})", run)
+        fixed["eager"] = run.done / run.job_seconds
+        notes.extend(breakdown(f"eager, batch {args.batch}", run, tflop))
+
+    def part_compile_warmup():
         warm_dir = os.path.join(work, "warm-in")
         os.makedirs(warm_dir, exist_ok=True)
         for p in inputs[: args.batch]:
             shutil.copy(p, warm_dir)
         t0 = time.perf_counter()
-        ddaug_run(model_dir, warm_dir, os.path.join(work, "warm"), args.batch, "img2img", compile=True)
-        notes.append(f"`--compile` first run over {args.batch} images (load + compile): {time.perf_counter() - t0:.0f}s; "
-                     "the compiled run below reuses the process's compile cache.")
-        secs, n, busy = ddaug_run(model_dir, in_dir, os.path.join(work, "compiled"), args.batch, "img2img", compile=True)
-        row(f"`ddaug augment --compile` img2img end to end incl. model load, compile cache warm (batch {args.batch})",
-            n, secs, busy)
-    if "vae" in args.parts:
-        secs, n, busy = ddaug_run(model_dir, in_dir, os.path.join(work, "vae"), args.batch, "vae")
-        row("`ddaug augment --mode vae`, eager, end to end", n, secs, busy)
-    if "ssd1b" in args.parts:
+        ddaug_run(model_dir, warm_dir, os.path.join(work, "warm"), args.batch, compile=True)
+        notes.extend([f"`--compile` first run over {args.batch} images (load + compile): "
+                      f"{time.perf_counter() - t0:.0f}s; the compiled runs below reuse the process's compile cache.", ""])
+
+    def part_compile(cudnn_benchmark: bool = False):
+        torch.backends.cudnn.benchmark = cudnn_benchmark
+        try:
+            run = ddaug_run(model_dir, in_dir, os.path.join(work, f"compiled-{cudnn_benchmark}"), args.batch,
+                            compile=True)
+        finally:
+            torch.backends.cudnn.benchmark = False
+        extra = ", cudnn.benchmark on" if cudnn_benchmark else ""
+        row(f"`ddaug augment --compile` img2img end to end incl. model load, compile cache warm (batch {args.batch}"
+            f"{extra})", run)
+        notes.extend(breakdown(f"--compile, batch {args.batch}{extra}", run, tflop))
+
+    def part_vae():
+        row("`ddaug augment --mode vae`, eager, end to end",
+            ddaug_run(model_dir, in_dir, os.path.join(work, "vae"), args.batch, mode="vae"))
+
+    def part_ssd1b():
         ssd_dir = os.path.join(work, "ssd1b")
         build_sdxl_folder(ssd_dir, SSD1B_UNET)
-        notes.append(f"UNet TFLOP per 1024² image: SDXL {unet_tflop(model_dir, 1024):.2f}, "
-                     f"SSD-1B-like {unet_tflop(ssd_dir, 1024):.2f} (real SSD-1B: 4.15).")
-        secs, n, busy = ddaug_run(ssd_dir, in_dir, os.path.join(work, "ssd"), args.batch, "img2img")
-        row("`ddaug augment`, SSD-1B-like UNet, eager, end to end", n, secs, busy)
-    if "mixed" in args.parts:
+        notes.append(f"UNet TFLOP per 1024² image: SDXL {tflop['unet']:.2f}, "
+                     f"SSD-1B {recipe_tflop(ssd_dir, 1024)['unet']:.2f}.")
+        row("`ddaug augment`, SSD-1B UNet, eager, end to end",
+            ddaug_run(ssd_dir, in_dir, os.path.join(work, "ssd"), args.batch))
+
+    def part_mixed():
         mixed_dir = os.path.join(work, "mixed")
         mean_px = make_mixed_inputs(mixed_dir, args.images)
-        secs, n, busy = ddaug_run(model_dir, mixed_dir, os.path.join(work, "mixed-out"), args.batch, "img2img")
-        rate = row(f"`ddaug augment`, eager, mixed sizes {', '.join(f'{w}x{h}' for h, w in MIXED_SIZES)}", n, secs, busy)
-        if "eager" in args.parts:
-            per_px = rate * mean_px / (fixed_rate * args.size * args.size)
-            notes.append(f"Mixed sizes: {per_px:.0%} of the fixed-size rate per pixel (mean {mean_px / 1e6:.2f} MP).")
+        run = ddaug_run(model_dir, mixed_dir, os.path.join(work, "mixed-out"), args.batch)
+        row(f"`ddaug augment`, eager, mixed sizes {', '.join(f'{w}x{h}' for h, w in MIXED_SIZES)}", run)
+        if "eager" in fixed:
+            per_px = (run.done / run.job_seconds) * mean_px / (fixed["eager"] * args.size * args.size)
+            notes.append(f"Mixed sizes: {per_px:.0%} of the fixed-size rate per pixel after load "
+                         f"(mean {mean_px / 1e6:.2f} MP).")
+
+    def part_determinism():
+        det_dir = os.path.join(work, "det-in")
+        os.makedirs(det_dir, exist_ok=True)
+        for p in inputs[: args.det_images]:
+            shutil.copy(p, det_dir)
+        notes.extend(determinism(model_dir, det_dir, work, args.batch))
+
+    parts = {"naive": part_naive, "stages": part_stages, "eager": part_eager,
+             "compile": part_compile, "compile-cudnn": lambda: part_compile(cudnn_benchmark=True),
+             "vae": part_vae, "ssd1b": part_ssd1b, "mixed": part_mixed, "determinism": part_determinism,
+             "startup": lambda: notes.extend(compile_startup(model_dir, in_dir, work, args.batch))}
+    fixed: dict[str, float] = {}
+    if "compile" in args.parts or "compile-cudnn" in args.parts:
+        args.parts.insert(args.parts.index("compile" if "compile" in args.parts else "compile-cudnn"), "warm-up")
+        parts["warm-up"] = part_compile_warmup
+    for name in args.parts:
+        try:
+            parts[name]()
+        except Exception as exc:  # keep the other parts' numbers: GPU time is scarce
+            import traceback
+
+            traceback.print_exc()
+            notes.append(f"Part {name} failed: {type(exc).__name__}: {exc}")
 
     lines = [f"## augment, SDXL architecture (random weights), {args.size}x{args.size}",
-             f"- date {datetime.date.today()}, device {torch.cuda.get_device_name()}, torch {torch.__version__}, "
-             f"diffusers {diffusers.__version__}, python {platform.python_version()}",
+             f"- date {datetime.date.today()}, device {torch.cuda.get_device_name()}, driver {driver_version()}, "
+             f"torch {torch.__version__}, diffusers {diffusers.__version__}, python {platform.python_version()}",
              f"- command: `python bench/augment_bench.py --images {args.images} --naive-images {args.naive_images} "
-             f"--size {args.size} --batch {args.batch} --parts {' '.join(args.parts)}` (setup {setup_s:.0f}s)",
-             "", "| path | images | img/s end to end | img/s after load | vs naive | GPU busy |",
-             "|---|---|---|---|---|---|",
+             f"--size {args.size} --batch {args.batch} --parts {' '.join(p for p in args.parts if p != 'warm-up')}"
+             + (f" --det-images {args.det_images}" if "determinism" in args.parts else "") + f"` (setup {setup_s:.0f}s)",
+             "", "| path | images | img/s end to end | img/s after load | vs naive | GPU busy (nvidia-smi) | peak GiB |",
+             "|---|---|---|---|---|---|---|",
              *[r for r in rows if r], "", *notes, ""]
     emit(lines, args.results)
     shutil.rmtree(work, ignore_errors=True)
+
+
+def driver_version() -> str:
+    import subprocess
+
+    try:
+        return subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                              capture_output=True, text=True).stdout.split()[0]
+    except (OSError, IndexError):
+        return "?"
 
 
 if __name__ == "__main__":
