@@ -89,11 +89,10 @@ class DiffusionFlavour:
         T = self.scheduler.config.num_train_timesteps
         self.timestep = min(max(int(round(settings.strength * T)), 0), T - 1)
         self._cond = self._conditioning() if self.unet is not None else None
-        # Every batch is padded to this size. GPU kernels are chosen per tensor shape, so in bf16
-        # an image's output could change with the size of the batch it lands in (a bucket's tail,
-        # another process count); one shape makes an image's bytes depend on the image alone.
-        # Compiled graphs also need it: static shapes, no recompiles for tails.
+        # Images per model call at 1024² (fewer above, see batch_for). The job forms batches per
+        # block of inputs, so a batch's make-up does not depend on the process count.
         self.batch_size = batch_size
+        self.static_shapes = False  # compiled: pad every batch to its bucket's full size
         self.reference_pixels = 1024 * 1024  # batch_size is for images up to this size
         self.memory_format = torch.contiguous_format
         self.times: StageTimes | None = None  # set by the stage to get a per-part breakdown
@@ -115,6 +114,7 @@ class DiffusionFlavour:
         # One graph per (bucket shape) and module: allow many buckets before falling back.
         _dynamo.config.cache_size_limit = max(_dynamo.config.cache_size_limit, 64)
         self.batch_size = batch_size or self.batch_size
+        self.static_shapes = True
         self.vae.encoder = torch.compile(self.vae.encoder, backend=backend, dynamic=False)
         self.vae.decoder = torch.compile(self.vae.decoder, backend=backend, dynamic=False)
         if self.unet is not None:
@@ -241,8 +241,8 @@ class DiffusionFlavour:
         was not finite, e.g. an fp16 overflow)."""
         h, w = images[0].shape[:2]
         n = len(images)
-        target = self.batch_for(self.padded_size(h, w)) or n
-        if n < target:  # one shape per bucket (see __init__)
+        target = (self.batch_for(self.padded_size(h, w)) or n) if self.static_shapes else n
+        if n < target:  # compiled graphs see one batch size: no recompiles for a bucket's tail
             images = list(images) + [images[-1]] * (target - n)
             seeds = list(seeds) + [seeds[-1]] * (target - n)
         timeline = DeviceTimeline(self.device, self.times)

@@ -5,9 +5,10 @@
 
 A Stage says how to load one item into work units, how to batch units, what to run on a batch,
 and how to build the output sample. The job owns everything else: which items this process
-owns, what is already done, shard boundaries, failures, progress. Each shard holds a fixed
-chunk of this process's remaining inputs, in input order, so a rerun after a crash rebuilds
-the same shards byte for byte.
+owns, what is already done, shard boundaries, failures, progress. Inputs are cut into blocks of
+shard_size in input order; block j belongs to rank j % world_size and becomes one shard, batched
+within itself. So a rerun after a crash, or a run with another process count, rebuilds the same
+shards' contents byte for byte.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any, Callable, Hashable, Iterator, Protocol
 from tqdm import tqdm
 
 from shards.store import Failure, OutputFolder
-from sources import SourceItem, rank_of
+from sources import SourceItem
 
 from .timing import StageTimes
 
@@ -175,15 +176,26 @@ class Job:
         (the failures of earlier runs, retried into new shards)."""
         t0 = time.monotonic()
         summary = JobSummary()
-        mine = [it for it in items if rank_of(it.key, self.world_size) == self.rank]
+        # Inputs go to processes in blocks of shard_size, block j to rank j % world_size, and
+        # batches are formed within a block. A block is thus batched the same way whatever the
+        # process count, or after a crash: GPU kernels give an image the same bits only in the
+        # same batch position and shape, so this keeps outputs identical across process counts.
+        blocks = [items[i:i + self.shard_size] for i in range(0, len(items), self.shard_size)]
+        if len(blocks) < self.world_size:
+            log.warning("%d input(s) make %d block(s) of --shard-size %d for %d processes: ranks %d+ have "
+                        "nothing to do; a smaller --shard-size spreads the work", len(items), len(blocks),
+                        self.shard_size, self.world_size, len(blocks))
+        mine_blocks = blocks[self.rank::self.world_size]
+        mine = [it for block in mine_blocks for it in block]
         if retry_keys is not None:
             todo = [it for it in mine if it.key in retry_keys]
+            chunks = [todo[i:i + self.shard_size] for i in range(0, len(todo), self.shard_size)]
         else:
             done = self.folder.done_keys()
-            todo = [it for it in mine if it.key not in done]
+            chunks = [c for c in ([it for it in block if it.key not in done] for block in mine_blocks) if c]
+            todo = [it for c in chunks for it in c]
         summary.total, summary.skipped = len(mine), len(mine) - len(todo)
         first_index = self.folder.next_index()
-        chunks = [todo[i:i + self.shard_size] for i in range(0, len(todo), self.shard_size)]
         bar = tqdm(total=len(todo), unit="img", desc=self.stage.command, dynamic_ncols=True,
                    disable=not self.show_progress, smoothing=0.1)
         window = max(2 * self.batch_size, 4 * self.workers)

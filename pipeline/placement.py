@@ -1,8 +1,9 @@
 """Which part of the input this process owns and which device it uses.
 
 Under `accelerate launch` (or torchrun) the launcher sets RANK / WORLD_SIZE / LOCAL_RANK; for
-Slurm arrays and other schedulers pass --rank/--world-size. No process group is needed: the
-split is by key hash, so processes never talk to each other.
+Slurm arrays and other schedulers pass --rank/--world-size. No process group is needed: each
+rank takes every world_size-th block of --shard-size inputs (pipeline/job.py), so processes
+never talk to each other.
 """
 
 from __future__ import annotations

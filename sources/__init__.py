@@ -1,8 +1,8 @@
 """Inputs: folders, path lists, webdataset tars and LLaMA-Factory datasets, as SourceItems."""
 
 from .decode import IMAGE_EXTENSIONS, ImageDecodeError, decode_image
-from .items import ImageRef, SourceItem, make_key, rank_of
+from .items import ImageRef, SourceItem, make_key
 from .readers import SourceError, read_sources
 
 __all__ = ["IMAGE_EXTENSIONS", "ImageDecodeError", "decode_image", "ImageRef", "SourceItem",
-           "make_key", "rank_of", "SourceError", "read_sources"]
+           "make_key", "SourceError", "read_sources"]

@@ -55,11 +55,5 @@ def make_key(name: str, uri: str) -> str:
     return f"{slug}-{digest}"
 
 
-def rank_of(key: str, world_size: int) -> int:
-    """Which process owns a key: by hash, so it does not depend on order or on other inputs."""
-    digest = hashlib.sha1(key.encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big") % world_size
-
-
 def display_path(path: str) -> str:
     return os.path.abspath(path)

@@ -296,13 +296,13 @@ def test_answer_flags_counted_and_drop_truncated(tmp_path, business_dir, no_prox
 def test_ranks_split_the_input_without_overlap(tmp_path, business_dir, tiny_vlm_dir):
     out = tmp_path / "out"
     for rank in (0, 1):
-        _caption(business_dir, out, "--vlm", tiny_vlm_dir, "--rank", rank, "--world-size", 2)
+        _caption(business_dir, out, "--vlm", tiny_vlm_dir, "--rank", rank, "--world-size", 2, "--shard-size", 2)
     per_rank = {}
     for shard in glob.glob(str(out / "*.stats.json")):
         stats = json.load(open(shard))
         rank = os.path.basename(shard).split("-")[1]
         per_rank.setdefault(rank, set()).update(stats["keys"])
-    # key hashing gives each rank two of the four photos
+    # blocks of --shard-size 2: each rank gets one block of two photos
     assert set(per_rank) == {"000", "001"} and not per_rank["000"] & per_rank["001"]
     assert len(per_rank["000"] | per_rank["001"]) == 4 == len(read_samples(out))
     manifest = json.load(open(out / "manifest.json"))
