@@ -177,15 +177,17 @@ class DiffusionFlavour:
         return max(-(-height // m) * m, 2 * m), max(-(-width // m) * m, 2 * m)
 
     # -- the recipe -----------------------------------------------------------------------------
-    def _pad(self, x: torch.Tensor) -> torch.Tensor:
-        h, w = x.shape[-2:]
+    def pad_image(self, image: np.ndarray) -> np.ndarray:
+        """HxWx3 -> padded_size, on the CPU, so images of different sizes that pad to the same
+        size share a batch (each cropped back to its own size afterwards)."""
+        h, w = image.shape[:2]
         ph, pw = self.padded_size(h, w)
         if (ph, pw) == (h, w):
-            return x
+            return image
         # Reflection keeps edge statistics natural; tiny images can't reflect further than
         # their own size, so they repeat the border instead.
-        mode = "reflect" if (ph - h) < h and (pw - w) < w else "replicate"
-        return F.pad(x, (0, pw - w, 0, ph - h), mode=mode)
+        mode = "reflect" if (ph - h) < h and (pw - w) < w else "edge"
+        return np.pad(image, ((0, ph - h), (0, pw - w), (0, 0)), mode=mode)
 
     def _generators(self, seeds: list[int]) -> list[torch.Generator]:
         return [torch.Generator("cpu").manual_seed(s) for s in seeds]
@@ -196,24 +198,27 @@ class DiffusionFlavour:
         return torch.cat(draws).to(self.device)
 
     @torch.no_grad()
-    def encode(self, pixels: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+    def encode(self, pixels: torch.Tensor, generators: list[torch.Generator] | None = None, *,
+               noise: torch.Tensor | None = None) -> torch.Tensor:
         posterior = self.vae.encode(pixels.to(self.vae_dtype)).latent_dist
         if self.settings.latent == "sample":
-            z = posterior.mean + posterior.std * self._randn(posterior.mean.shape, generators).to(posterior.mean.dtype)
+            eps = noise.to(self.device, non_blocking=True) if noise is not None else \
+                self._randn(posterior.mean.shape, generators)
+            z = posterior.mean + posterior.std * eps.to(posterior.mean.dtype)
         else:
             z = posterior.mean
         return (z.float() - self.shift) * self.scaling
 
     @torch.no_grad()
-    def denoise_once(self, latents: torch.Tensor, generators: list[torch.Generator],
-                     original_sizes: list[tuple[int, int]]) -> torch.Tensor:
+    def denoise_once(self, latents: torch.Tensor, generators: list[torch.Generator] | None,
+                     original_sizes: list[tuple[int, int]], *, noise: torch.Tensor | None = None) -> torch.Tensor:
         batch = latents.shape[0]
         sched = self.scheduler
         sched.set_timesteps(timesteps=[self.timestep], device=self.device)
         if hasattr(sched, "set_begin_index"):
             sched.set_begin_index(0)
         t = sched.timesteps[0]
-        noise = self._randn(latents.shape, generators)
+        noise = noise.to(self.device, non_blocking=True) if noise is not None else self._randn(latents.shape, generators)
         noisy = sched.add_noise(latents, noise, sched.timesteps[:1].repeat(batch))
         model_in = sched.scale_model_input(noisy, t).to(self.dtype)
         prompt_embeds, pooled = self._cond
@@ -235,32 +240,77 @@ class DiffusionFlavour:
         z = latents / self.scaling + self.shift
         return self.vae.decode(z.to(self.vae_dtype), return_dict=False)[0].float()
 
-    @torch.no_grad()
-    def __call__(self, images: list[np.ndarray], seeds: list[int]) -> list[np.ndarray | None]:
-        """Same-size HxWx3 uint8 images in; same-size uint8 images out (None where the output
-        was not finite, e.g. an fp16 overflow)."""
-        h, w = images[0].shape[:2]
+    # -- one batch ------------------------------------------------------------------------------
+    def stage(self, images: list[np.ndarray], seeds: list[int],
+              sizes: list[tuple[int, int]] | None = None) -> StagedBatch:
+        """The CPU half of a batch: stack the images (into pinned memory on CUDA, so the upload
+        is a real async DMA) and draw each image's noise from its own seed. Runs on the job's
+        main thread while the GPU works on earlier batches. Without sizes, images are at their
+        own size and are padded here; with sizes, they are already padded (pad_image)."""
+        if sizes is None:
+            sizes = [im.shape[:2] for im in images]
+            images = [self.pad_image(im) for im in images]
+        ph, pw = images[0].shape[:2]
         n = len(images)
-        target = (self.batch_for(self.padded_size(h, w)) or n) if self.static_shapes else n
+        target = (self.batch_for((ph, pw)) or n) if self.static_shapes else n
         if n < target:  # compiled graphs see one batch size: no recompiles for a bucket's tail
             images = list(images) + [images[-1]] * (target - n)
             seeds = list(seeds) + [seeds[-1]] * (target - n)
-        timeline = DeviceTimeline(self.device, self.times)
-        batch = torch.from_numpy(np.stack(images)).to(self.device, non_blocking=True)
-        x = batch.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
-        x = self._pad(x).contiguous(memory_format=self.memory_format)
+            sizes = list(sizes) + [sizes[-1]] * (target - n)
+        pin = self.device.type == "cuda"
+        pixels = torch.empty((target, ph, pw, 3), dtype=torch.uint8, pin_memory=pin)
+        np.stack(images, out=pixels.numpy())
+        shape = (target, self.comps.vae.config.latent_channels, ph // self.vae_scale, pw // self.vae_scale)
         generators = self._generators(seeds)
+        # Same draw order per generator as the step-by-step path: posterior sample, then noise.
+        posterior = self._draw(shape, generators, pin) if self.settings.latent == "sample" else None
+        noise = self._draw(shape, generators, pin) if self.settings.mode == "img2img" else None
+        return StagedBatch(pixels, n, [tuple(s) for s in sizes], posterior, noise)
+
+    @staticmethod
+    def _draw(shape, generators: list[torch.Generator], pin: bool) -> torch.Tensor:
+        draws = torch.cat([torch.randn((1, *shape[1:]), generator=g, dtype=torch.float32) for g in generators])
+        return draws.pin_memory() if pin else draws
+
+    @torch.no_grad()
+    def run_staged(self, staged: StagedBatch) -> list[np.ndarray | None]:
+        """The GPU half: upload, encode, one UNet step, decode, and one download into pinned
+        memory with a single synchronisation at the end."""
+        n = staged.n
+        timeline = DeviceTimeline(self.device, self.times)
+        batch = staged.pixels.to(self.device, non_blocking=True)
+        x = batch.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0).contiguous(memory_format=self.memory_format)
         timeline.mark("host->device")
-        latents = self.encode(x, generators)
+        latents = self.encode(x, noise=staged.posterior_noise)
         timeline.mark("vae encode")
         if self.settings.mode == "img2img":
-            latents = self.denoise_once(latents, generators, [(h, w)] * len(images))
+            latents = self.denoise_once(latents, None, staged.sizes, noise=staged.noise)
             timeline.mark("unet")
-        out = self.decode(latents)[:n, :, :h, :w]
+        out = self.decode(latents)[:n]
         timeline.mark("vae decode")
-        finite = torch.isfinite(out).flatten(1).all(dim=1).tolist()
-        pixels = ((out / 2 + 0.5).clamp_(0, 1) * 255).round_().to(torch.uint8)
-        pixels = pixels.permute(0, 2, 3, 1).contiguous().cpu().numpy()
+        finite = torch.isfinite(out).flatten(1).all(dim=1)
+        pixels = ((out / 2 + 0.5).clamp_(0, 1) * 255).round_().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+        if self.device.type == "cuda":
+            host = torch.empty(pixels.shape, dtype=torch.uint8, pin_memory=True).copy_(pixels, non_blocking=True)
+            finite_host = torch.empty(n, dtype=torch.bool, pin_memory=True).copy_(finite, non_blocking=True)
+            torch.cuda.current_stream(self.device).synchronize()
+        else:
+            host, finite_host = pixels, finite
         timeline.mark("device->host")
         timeline.finish()
-        return [p if ok else None for p, ok in zip(pixels, finite)]
+        return [p[:h, :w] if ok else None
+                for p, ok, (h, w) in zip(host.numpy(), finite_host.tolist(), staged.sizes)]
+
+    def __call__(self, images: list[np.ndarray], seeds: list[int]) -> list[np.ndarray | None]:
+        """Same-size HxWx3 uint8 images in; same-size uint8 images out (None where the output
+        was not finite, e.g. an fp16 overflow)."""
+        return self.run_staged(self.stage(images, seeds))
+
+
+@dataclass
+class StagedBatch:
+    pixels: torch.Tensor                  # (batch, H, W, 3) uint8 on the host, pinned on CUDA
+    n: int                                # real images; the rest pads a compiled batch
+    sizes: list[tuple[int, int]]          # each image's H, W before padding (cropped back to it)
+    posterior_noise: torch.Tensor | None  # latent="sample" draws
+    noise: torch.Tensor | None            # the denoise step's noise

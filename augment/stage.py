@@ -19,9 +19,9 @@ from .recipe import DiffusionFlavour, sample_seed
 
 @dataclass
 class ImageUnit:
-    pixels: np.ndarray
+    pixels: np.ndarray          # padded to the nets' multiple (DiffusionFlavour.pad_image)
+    size: tuple[int, int]       # the image's own H, W
     seed: int
-    padded: tuple[int, int]
     source: dict[str, Any]
 
 
@@ -51,18 +51,22 @@ class AugmentStage:
         for i in range(len(item.images)):
             loaded = read_image(item, i, self.max_side)
             pixels = np.asarray(loaded.image, dtype=np.uint8)
-            units.append(ImageUnit(pixels, sample_seed(self.flavour.settings.seed, item.key, i),
-                                   self.flavour.padded_size(*pixels.shape[:2]), loaded.source))
+            # Padded here, in the loader threads, so any sizes that pad alike can share a batch.
+            units.append(ImageUnit(self.flavour.pad_image(pixels), pixels.shape[:2],
+                                   sample_seed(self.flavour.settings.seed, item.key, i), loaded.source))
         return units
 
     def bucket(self, unit: ImageUnit):
-        return unit.padded
+        return unit.pixels.shape[:2]
 
     def batch_limit(self, bucket) -> int | None:
         return self.flavour.batch_for(bucket)
 
-    def run(self, units: list[ImageUnit]) -> list[Any]:
-        outs = self.flavour([u.pixels for u in units], [u.seed for u in units])
+    def prepare(self, units: list[ImageUnit]):
+        return self.flavour.stage([u.pixels for u in units], [u.seed for u in units], [u.size for u in units])
+
+    def run(self, units: list[ImageUnit], prepared=None) -> list[Any]:
+        outs = self.flavour.run_staged(prepared or self.prepare(units))
         return [(out, u) if out is not None else
                 SampleFailure("augment", "non-finite model output (NaN/inf); not written")
                 for out, u in zip(outs, units)]

@@ -56,8 +56,11 @@ class Stage(Protocol):
         also define batch_limit(bucket) -> int | None to cap that bucket's batches below
         batch_size (e.g. large images)."""
 
-    def run(self, units: list[Any]) -> list[Any]:
-        """Process a batch; per unit a result or a SampleFailure (runs on the job's thread)."""
+    def run(self, units: list[Any], prepared: Any = None) -> list[Any]:
+        """Process a batch; per unit a result or a SampleFailure (runs on the model thread). A
+        stage may define prepare(units) for the batch's CPU work (stacking, pinning, noise): the
+        job runs it on the main thread, while the model works on earlier batches, and passes its
+        result here."""
 
     def build(self, item: SourceItem, results: list[Any]) -> dict[str, bytes]:
         """Encode the output members of one sample (runs in builder threads)."""
@@ -154,13 +157,24 @@ class Job:
         limit = getattr(self.stage, "batch_limit", None)
         return min(self.batch_size, (limit(bkey) if limit else None) or self.batch_size)
 
-    def _run_batch(self, units: list[Any]) -> list[Any]:
-        with self.times.measure("model"):
-            return self._run_batch_untimed(units)
+    def _prepare(self, units: list[Any]) -> Any:
+        prepare = getattr(self.stage, "prepare", None)
+        if prepare is None:
+            return None
+        with self.times.measure("prepare batch"):
+            try:
+                return prepare(units)
+            except Exception as exc:  # the model thread retries unit by unit and names the culprit
+                log.warning("preparing a batch of %d failed (%s)", len(units), exc)
+                return None
 
-    def _run_batch_untimed(self, units: list[Any]) -> list[Any]:
+    def _run_batch(self, units: list[Any], prepared: Any = None) -> list[Any]:
+        with self.times.measure("model"):
+            return self._run_batch_untimed(units, prepared)
+
+    def _run_batch_untimed(self, units: list[Any], prepared: Any = None) -> list[Any]:
         try:
-            return self.stage.run(units)
+            return self.stage.run(units, prepared) if prepared is not None else self.stage.run(units)
         except JobAbort:
             raise
         except Exception as exc:
@@ -273,7 +287,8 @@ class Job:
 
         def flush(bkey: Hashable) -> None:
             batch = buckets.pop(bkey)
-            inflight.append((batch, self._model_thread.submit(self._run_batch, [u for _, _, u in batch])))
+            units = [u for _, _, u in batch]
+            inflight.append((batch, self._model_thread.submit(self._run_batch, units, self._prepare(units))))
             collect(block=len(inflight) > self.depth)
 
         try:

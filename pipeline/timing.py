@@ -19,6 +19,7 @@ from typing import Iterator
 JOB_PARTS = {
     "read+decode": "loader threads",
     "wait for input": "main thread, idle until a loader delivers",
+    "prepare batch": "main thread (a stage's CPU share of a batch: stacking, pinning, noise)",
     "model": "model thread, one batch after another",
     "wait for model": "main thread, idle until a batch returns",
     "build members": "builder threads (image encode, json)",

@@ -451,3 +451,20 @@ def test_compile_cache_needs_compile(tmp_path, photo_dir):
     result = invoke("augment", photo_dir, "-o", tmp_path / "out", *FAST, "--compile-cache", tmp_path / "cc",
                     expect_ok=False)
     assert result.exit_code != 0 and "--compile-cache" in result.output and "Traceback" not in result.output
+
+
+def test_sizes_that_pad_alike_share_a_batch(tmp_path, photos):
+    """61x83 and 58x82 pad to the same size: one batch, each cropped back to its own size, and the
+    same pixels as when each runs alone."""
+    src = tmp_path / "in"
+    src.mkdir()
+    Image.fromarray(photos["coffee"]).save(src / "a.png")
+    Image.fromarray(photos["coffee"][:58, :82]).save(src / "b.png")
+    together = invoke("-v", "augment", src, "-o", tmp_path / "together", *FAST, "--batch-size", "2")
+    assert "one by one" not in together.output
+    invoke("augment", src, "-o", tmp_path / "alone", *FAST, "--batch-size", "1")
+    a, b = read_samples(tmp_path / "together"), read_samples(tmp_path / "alone")
+    for key in a:
+        pa, pb = decode(a[key]["png"]), decode(b[key]["png"])
+        assert pa.shape == pb.shape and pa.shape[:2] in {(61, 83), (58, 82)}
+        assert np.abs(pa.astype(int) - pb.astype(int)).max() <= 1

@@ -37,8 +37,7 @@ def test_one_step_matches_diffusers_pipeline(which, tiny_model_dir, tiny_lcm_dir
     seed = 1234
     ours = flavour([image], [seed])[0]
 
-    x = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 127.5 - 1
-    padded = flavour._pad(x)
+    padded = torch.from_numpy(flavour.pad_image(image)).permute(2, 0, 1)[None].float() / 127.5 - 1
     latents = flavour.encode(padded, flavour._generators([seed]))
     ref = _pipeline_output(model_dir, latents, 25, seed, image.shape[:2], tuple(padded.shape[-2:]))
     ref_pixels = (ref[0, :, :61, :83].permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
