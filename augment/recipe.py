@@ -98,11 +98,13 @@ class DiffusionFlavour:
         self.times: StageTimes | None = None  # set by the stage to get a per-part breakdown
 
     # -- the fast path ---------------------------------------------------------------------------
-    def optimize(self, batch_size: int, compile: bool = True, backend: str = "inductor") -> None:
+    def optimize(self, batch_size: int, compile: bool = True, backend: str = "inductor",
+                 unet_cuda_graphs: bool = False) -> None:
         """channels_last weights and activations, and torch.compile of the VAE encoder, decoder
         and UNet with static shapes: one graph per size bucket (partial batches are padded to
         batch_size, so the tail of a bucket does not compile again). Results match the eager path
-        to bf16 noise (tests/test_reference.py)."""
+        to bf16 noise (tests/test_reference.py). unet_cuda_graphs replays the UNet as one CUDA
+        graph (its ~1000 kernel launches otherwise queue behind busy CPU threads)."""
         self.memory_format = torch.channels_last
         self.vae.to(memory_format=torch.channels_last)
         if self.unet is not None:
@@ -118,7 +120,8 @@ class DiffusionFlavour:
         self.vae.encoder = torch.compile(self.vae.encoder, backend=backend, dynamic=False)
         self.vae.decoder = torch.compile(self.vae.decoder, backend=backend, dynamic=False)
         if self.unet is not None:
-            self.unet = torch.compile(self.unet, backend=backend, dynamic=False)
+            self.unet = torch.compile(self.unet, backend=backend, dynamic=False,
+                                      mode="reduce-overhead" if unet_cuda_graphs else None)
 
     # -- conditioning, computed once ----------------------------------------------------------
     def _conditioning(self) -> tuple[torch.Tensor, torch.Tensor]:

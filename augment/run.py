@@ -27,6 +27,7 @@ class AugmentOptions:
     recipe: RecipeSettings = RecipeSettings()
     compile: bool = False          # speed only: not part of the folder's config
     compile_cache: str | None = None  # where torch.compile keeps its artifacts across processes
+    unet_cuda_graphs: bool = False  # with compile: the UNet as one CUDA graph (bench/ measures it)
 
 
 def use_compile_cache(folder: str) -> None:
@@ -58,7 +59,7 @@ def run_augment(run: RunOptions, opts: AugmentOptions) -> JobSummary:
             comps = load_components(spec, vae=opts.vae, text_encoders=opts.recipe.cond == "empty")
             flavour = DiffusionFlavour(comps, opts.recipe, placement.device, batch_size=run.batch_size)
             if opts.compile:
-                flavour.optimize(batch_size=run.batch_size)
+                flavour.optimize(batch_size=run.batch_size, unet_cuda_graphs=opts.unet_cuda_graphs)
         except ModelLoadError as exc:
             raise UserError(str(exc)) from None
         return AugmentStage(flavour, image_format=opts.image_format, quality=opts.quality,

@@ -246,7 +246,7 @@ class RunResult:
 
 def ddaug_run(model_dir: str, in_dir: str, out_dir: str, batch: int, mode: str = "img2img",
               compile: bool = False, rank: int | None = None, world_size: int | None = None,
-              shard_size: int = 10_000) -> RunResult:
+              shard_size: int = 10_000, workers: int = 12, unet_cuda_graphs: bool = False) -> RunResult:
     """A whole `ddaug augment` run through the library entry point the CLI uses."""
     from augment.recipe import RecipeSettings
     from augment.run import AugmentOptions, run_augment
@@ -256,9 +256,9 @@ def ddaug_run(model_dir: str, in_dir: str, out_dir: str, batch: int, mode: str =
     t0 = time.perf_counter()
     with BusySampler() as busy:
         summary = run_augment(RunOptions(inputs=(in_dir,), output=out_dir, device="cuda", batch_size=batch,
-                                         shard_size=shard_size, workers=12, overwrite=rank is None, quiet=True,
+                                         shard_size=shard_size, workers=workers, overwrite=rank is None, quiet=True,
                                          rank=rank, world_size=world_size),
-                              AugmentOptions(model=model_dir, compile=compile,
+                              AugmentOptions(model=model_dir, compile=compile, unet_cuda_graphs=unet_cuda_graphs,
                                              recipe=RecipeSettings(dtype="bf16", mode=mode)))
     wall = time.perf_counter() - t0
     return RunResult(wall, summary.done, summary.seconds, busy.busy, busy.busy_over_last(summary.seconds),
@@ -364,8 +364,8 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=1024)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--parts", nargs="+", default=["naive", "stages", "eager", "compile"],
-                    choices=["naive", "stages", "eager", "compile", "compile-cudnn", "vae", "ssd1b", "mixed",
-                             "determinism", "startup"])
+                    choices=["naive", "stages", "eager", "compile", "compile-cudnn", "compile-workers6",
+                             "compile-graphs", "vae", "ssd1b", "mixed", "determinism", "startup"])
     ap.add_argument("--det-images", type=int, default=64, help="inputs for the determinism part")
     ap.add_argument("--results", default=None)
     args = ap.parse_args()
@@ -423,16 +423,23 @@ def main() -> None:
         notes.extend([f"`--compile` first run over {args.batch} images (load + compile): "
                       f"{time.perf_counter() - t0:.0f}s; the compiled runs below reuse the process's compile cache.", ""])
 
-    def part_compile(cudnn_benchmark: bool = False):
+    def part_compile(cudnn_benchmark: bool = False, workers: int = 12, graphs: bool = False):
         torch.backends.cudnn.benchmark = cudnn_benchmark
         try:
-            run = ddaug_run(model_dir, in_dir, os.path.join(work, f"compiled-{cudnn_benchmark}"), args.batch,
-                            compile=True)
+            t0 = time.perf_counter()
+            if graphs:  # its own compile (another mode), kept out of the measured run
+                ddaug_run(model_dir, os.path.join(work, "warm-in"), os.path.join(work, "warm-graphs"), args.batch,
+                          compile=True, unet_cuda_graphs=True)
+            run = ddaug_run(model_dir, in_dir, os.path.join(work, f"compiled-{cudnn_benchmark}-{workers}-{graphs}"),
+                            args.batch, compile=True, workers=workers, unet_cuda_graphs=graphs)
         finally:
             torch.backends.cudnn.benchmark = False
-        extra = ", cudnn.benchmark on" if cudnn_benchmark else ""
+        extra = (", cudnn.benchmark on" if cudnn_benchmark else "") + f", {workers} workers" + \
+            (", UNet as a CUDA graph" if graphs else "")
         row(f"`ddaug augment --compile` img2img end to end incl. model load, compile cache warm (batch {args.batch}"
             f"{extra})", run)
+        if graphs:
+            notes.append(f"(UNet CUDA-graph warm-up and run: {time.perf_counter() - t0:.0f}s)")
         notes.extend(breakdown(f"--compile, batch {args.batch}{extra}", run, tflop))
 
     def part_vae():
@@ -466,11 +473,14 @@ def main() -> None:
 
     parts = {"naive": part_naive, "stages": part_stages, "eager": part_eager,
              "compile": part_compile, "compile-cudnn": lambda: part_compile(cudnn_benchmark=True),
+             "compile-workers6": lambda: part_compile(workers=6),
+             "compile-graphs": lambda: part_compile(workers=6, graphs=True),
              "vae": part_vae, "ssd1b": part_ssd1b, "mixed": part_mixed, "determinism": part_determinism,
              "startup": lambda: notes.extend(compile_startup(model_dir, in_dir, work, args.batch))}
     fixed: dict[str, float] = {}
-    if "compile" in args.parts or "compile-cudnn" in args.parts:
-        args.parts.insert(args.parts.index("compile" if "compile" in args.parts else "compile-cudnn"), "warm-up")
+    compiled_parts = [p for p in args.parts if p.startswith("compile")]
+    if compiled_parts:
+        args.parts.insert(args.parts.index(compiled_parts[0]), "warm-up")
         parts["warm-up"] = part_compile_warmup
     for name in args.parts:
         try:
