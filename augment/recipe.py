@@ -16,6 +16,7 @@ the encode/decode round trip alone.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
@@ -244,12 +245,23 @@ class DiffusionFlavour:
         return self.vae.decode(z.to(self.vae_dtype), return_dict=False)[0].float()
 
     # -- one batch ------------------------------------------------------------------------------
+    def _current_device(self):
+        """Make self.device the thread's current CUDA device. Pinned buffers, their events and
+        timing events belong to the current device, which is cuda:0 in every thread unless set:
+        on rank 1 (cuda:1) they would tie cuda:1's work to cuda:0."""
+        return torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
+
     def stage(self, images: list[np.ndarray], seeds: list[int],
               sizes: list[tuple[int, int]] | None = None) -> StagedBatch:
         """The CPU half of a batch: stack the images (into pinned memory on CUDA, so the upload
         is a real async DMA) and draw each image's noise from its own seed. Runs on the job's
         main thread while the GPU works on earlier batches. Without sizes, images are at their
         own size and are padded here; with sizes, they are already padded (pad_image)."""
+        with self._current_device():
+            return self._stage(images, seeds, sizes)
+
+    def _stage(self, images: list[np.ndarray], seeds: list[int],
+               sizes: list[tuple[int, int]] | None) -> StagedBatch:
         if sizes is None:
             sizes = [im.shape[:2] for im in images]
             images = [self.pad_image(im) for im in images]
@@ -275,10 +287,14 @@ class DiffusionFlavour:
         draws = torch.cat([torch.randn((1, *shape[1:]), generator=g, dtype=torch.float32) for g in generators])
         return draws.pin_memory() if pin else draws
 
-    @torch.no_grad()
     def run_staged(self, staged: StagedBatch) -> list[np.ndarray | None]:
         """The GPU half: upload, encode, one UNet step, decode, and one download into pinned
         memory with a single synchronisation at the end."""
+        with self._current_device():
+            return self._run_staged(staged)
+
+    @torch.no_grad()
+    def _run_staged(self, staged: StagedBatch) -> list[np.ndarray | None]:
         n = staged.n
         timeline = DeviceTimeline(self.device, self.times)
         batch = staged.pixels.to(self.device, non_blocking=True)

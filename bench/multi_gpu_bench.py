@@ -97,6 +97,12 @@ def main() -> None:
              "|---|---|---|---|---|---|---|---|---|"]
     for label, folder, (wall, job) in runs:
         agreement = "-" if folder == one_dir else compare(one_dir, folder)
+        ledger = os.path.join(folder, "failures.jsonl")
+        if os.path.exists(ledger) and os.path.getsize(ledger):
+            with open(ledger) as f:
+                failures = f.read().splitlines()
+            agreement += f"; {len(failures)} failed, e.g. {failures[0][:300]}"
+            print(f"{label}: {len(failures)} failures, first: {failures[0][:1000]}", file=sys.stderr)
         lines.append(f"| {label} | {args.images} | {wall:.1f} | {wall - job:.1f} | {args.images / wall:.2f} | "
                      f"{one / wall:.2f}x | {args.images / job:.2f} | {one_job / job:.2f}x | {agreement} |")
     emit(lines + [""], args.results)
