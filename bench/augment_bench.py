@@ -246,7 +246,7 @@ class RunResult:
 
 def ddaug_run(model_dir: str, in_dir: str, out_dir: str, batch: int, mode: str = "img2img",
               compile: bool = False, rank: int | None = None, world_size: int | None = None,
-              shard_size: int = 10_000, workers: int = 12, unet_cuda_graphs: bool = False) -> RunResult:
+              shard_size: int = 10_000, workers: int = 6, unet_cuda_graphs: bool = False) -> RunResult:
     """A whole `ddaug augment` run through the library entry point the CLI uses."""
     from augment.recipe import RecipeSettings
     from augment.run import AugmentOptions, run_augment
@@ -364,7 +364,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=1024)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--parts", nargs="+", default=["naive", "stages", "eager", "compile"],
-                    choices=["naive", "stages", "eager", "compile", "compile-cudnn", "compile-workers6",
+                    choices=["naive", "stages", "eager", "compile", "compile-cudnn", "compile-workers12",
                              "compile-graphs", "vae", "ssd1b", "mixed", "determinism", "startup"])
     ap.add_argument("--det-images", type=int, default=64, help="inputs for the determinism part")
     ap.add_argument("--results", default=None)
@@ -423,7 +423,7 @@ def main() -> None:
         notes.extend([f"`--compile` first run over {args.batch} images (load + compile): "
                       f"{time.perf_counter() - t0:.0f}s; the compiled runs below reuse the process's compile cache.", ""])
 
-    def part_compile(cudnn_benchmark: bool = False, workers: int = 12, graphs: bool = False):
+    def part_compile(cudnn_benchmark: bool = False, workers: int = 6, graphs: bool = False):
         torch.backends.cudnn.benchmark = cudnn_benchmark
         try:
             t0 = time.perf_counter()
@@ -473,7 +473,7 @@ def main() -> None:
 
     parts = {"naive": part_naive, "stages": part_stages, "eager": part_eager,
              "compile": part_compile, "compile-cudnn": lambda: part_compile(cudnn_benchmark=True),
-             "compile-workers6": lambda: part_compile(workers=6),
+             "compile-workers12": lambda: part_compile(workers=12),
              "compile-graphs": lambda: part_compile(workers=6, graphs=True),
              "vae": part_vae, "ssd1b": part_ssd1b, "mixed": part_mixed, "determinism": part_determinism,
              "startup": lambda: notes.extend(compile_startup(model_dir, in_dir, work, args.batch))}
