@@ -72,6 +72,25 @@ def cli(verbose: int) -> None:
     _setup_logging(verbose)
 
 
+class BatchSize(click.ParamType):
+    """A positive integer, or auto (None: the command chooses)."""
+
+    name = "N|auto"
+
+    def convert(self, value, param, ctx):
+        if value is None or value == "auto":
+            return None
+        if isinstance(value, int) and value >= 1:
+            return value
+        try:
+            number = int(value)
+        except (TypeError, ValueError):
+            number = 0
+        if number < 1:
+            self.fail(f"{value!r} is not a positive integer or auto", param, ctx)
+        return number
+
+
 def run_options(fn):
     """Options every shard-writing command shares."""
     options = [
@@ -80,8 +99,9 @@ def run_options(fn):
         click.option("--media-dir", type=click.Path(file_okay=False), default=None,
                      help="Base folder for image paths in .json/.jsonl datasets (default: the dataset's folder)."),
         click.option("--device", default=None, help="torch device (default: cuda:LOCAL_RANK if available, else cpu)."),
-        click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
-                     help="Images per model call (same-size images are batched together)."),
+        click.option("--batch-size", type=BatchSize(), default="auto", show_default=True,
+                     help="Images per model call at 1024² (fewer for larger images; same-size images are batched "
+                          "together). auto: augment fits it to free GPU memory (at most 16; 8 on CPU), caption uses 8."),
         click.option("--shard-size", type=click.IntRange(min=1), default=1000, show_default=True,
                      help="Inputs per shard (failed inputs make a shard smaller)."),
         click.option("--seed", type=int, default=0, show_default=True,
@@ -126,7 +146,7 @@ Examples:
   ddaug augment photos/ -o out/general-sdxl                      # SDXL, strength 0.025, zeros
   ddaug augment llava.json --media-dir imgs/ -o out/ --model ssd-1b
   ddaug augment 'gen-{000..009}.tar' -o out/ --model lcm-sdxl --image-format webp
-  ddaug augment photos/ -o out/ --compile --batch-size 16 --compile-cache ~/.cache/ddaug-compile
+  ddaug augment photos/ -o out/ --compile --compile-cache ~/.cache/ddaug-compile  # big GPU runs
   accelerate launch --multi_gpu --num_processes 8 cli.py augment photos/ -o out/  # per GPU
   ddaug augment photos/ -o out/ --model tiny-random --device cpu  # offline smoke test
 """)

@@ -65,6 +65,21 @@ def guidance_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
     return F.pad(emb, (0, 1)) if dim % 2 else emb
 
 
+# --batch-size auto: the GPU batch is fitted to free memory up to this many 1024² images.
+# Larger batches do not run faster: compiled SDXL on an H100 did 14.1 img/s at 16, 13.4 at 32
+# (bench/RESULTS.md, session 4).
+AUTO_BATCH_CAP = 16
+CPU_BATCH_SIZE = 8
+
+
+def batch_from_memory(budget_bytes: float, peak_one: int, peak_two: int, cap: int) -> int:
+    """The most images per batch whose peak fits the budget, from the peaks of batches of 1 and
+    2 (peak(n) is close to linear in n: activations grow with it, the workspace does not)."""
+    per_image = max(peak_two - peak_one, 1)
+    fixed = max(peak_one - per_image, 0)
+    return max(1, min(cap, int((budget_bytes - fixed) // per_image)))
+
+
 class DiffusionFlavour:
     def __init__(self, comps: DiffusionComponents, settings: RecipeSettings, device: str,
                  batch_size: int | None = None):
@@ -164,6 +179,43 @@ class DiffusionFlavour:
             if self.unet.config.time_cond_proj_dim:
                 info["lcm_w"] = s.lcm_guidance - 1.0
         return info
+
+    def fit_batch_size(self, cap: int = AUTO_BATCH_CAP, headroom: float = 0.85) -> int:
+        """Sets and returns batch_size from the device's free memory. The recipe's peak memory is
+        probed at 1024² with batches of 1 and 2 (eager; compiled graphs need less), which splits
+        it into a fixed part and a per-image part; the batch is the most images that fit in
+        `headroom` of the free memory, at most `cap` (larger batches do not run faster)."""
+        if self.device.type != "cuda":
+            self.batch_size = CPU_BATCH_SIZE
+            return self.batch_size
+        try:
+            one, two = self._probe_peak_bytes(1), self._probe_peak_bytes(2)
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            log.warning("two 1024² images do not fit in free GPU memory: batch size 1 (large images may "
+                        "fail; --max-side limits their size)")
+            self.batch_size = 1
+            return 1
+        torch.cuda.empty_cache()
+        free = torch.cuda.mem_get_info(self.device)[0]
+        self.batch_size = batch_from_memory(free * headroom, one, two, cap)
+        log.info("batch size %d (auto): %.1f GiB free, about %.2f GiB per 1024² image", self.batch_size,
+                 free / 2 ** 30, max(two - one, 0) / 2 ** 30)
+        return self.batch_size
+
+    def _probe_peak_bytes(self, n: int) -> int:
+        """Peak device memory above what is allocated now, for one batch of n 1024² images."""
+        side = math.isqrt(self.reference_pixels)
+        image = np.zeros((side, side, 3), dtype=np.uint8)
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        base = torch.cuda.memory_allocated(self.device)
+        times, self.times = self.times, None  # not part of the run's breakdown
+        try:
+            self.run_staged(self.stage([image] * n, list(range(n))))
+        finally:
+            self.times = times
+        return torch.cuda.max_memory_allocated(self.device) - base
 
     def batch_for(self, padded: tuple[int, int]) -> int | None:
         """Images per model call for one padded size: batch_size up to 1 MP, fewer for larger

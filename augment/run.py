@@ -58,8 +58,10 @@ def run_augment(run: RunOptions, opts: AugmentOptions) -> JobSummary:
         try:
             comps = load_components(spec, vae=opts.vae, text_encoders=opts.recipe.cond == "empty")
             flavour = DiffusionFlavour(comps, opts.recipe, placement.device, batch_size=run.batch_size)
+            if run.batch_size is None:  # --batch-size auto; before compiling, which fixes the shapes
+                flavour.fit_batch_size()
             if opts.compile:
-                flavour.optimize(batch_size=run.batch_size, unet_cuda_graphs=opts.unet_cuda_graphs)
+                flavour.optimize(batch_size=flavour.batch_size, unet_cuda_graphs=opts.unet_cuda_graphs)
         except ModelLoadError as exc:
             raise UserError(str(exc)) from None
         return AugmentStage(flavour, image_format=opts.image_format, quality=opts.quality,

@@ -56,6 +56,10 @@ class AugmentStage:
                                    sample_seed(self.flavour.settings.seed, item.key, i), loaded.source))
         return units
 
+    @property
+    def batch_size(self) -> int | None:
+        return self.flavour.batch_size
+
     def bucket(self, unit: ImageUnit):
         return unit.pixels.shape[:2]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field, replace
 
-from pipeline.command import RunOptions, UserError, execute
+from pipeline.command import DEFAULT_BATCH_SIZE, RunOptions, UserError, execute
 from pipeline.job import JobSummary
 
 from .openai_api import OpenAIVLM
@@ -65,7 +65,7 @@ def run_caption(run: RunOptions, opts: CaptionOptions) -> JobSummary:
               "shard_size": run.shard_size, "prefix": run.prefix, "seed": run.seed}
     if opts.backend == "openai":
         # The server batches across requests; keep enough in flight to fill --concurrency.
-        run = replace(run, batch_size=max(run.batch_size, 2 * opts.concurrency))
+        run = replace(run, batch_size=max(run.batch_size or DEFAULT_BATCH_SIZE, 2 * opts.concurrency))
 
     def make_stage(placement):
         if opts.backend == "openai":

@@ -20,6 +20,9 @@ from .placement import Placement, resolve_placement
 log = logging.getLogger(__name__)
 
 
+DEFAULT_BATCH_SIZE = 8  # --batch-size auto, for stages that do not choose one
+
+
 class UserError(Exception):
     """A problem the user can fix; shown as one line, never a traceback."""
 
@@ -30,7 +33,7 @@ class RunOptions:
     output: str
     media_dir: str | None = None
     device: str | None = None
-    batch_size: int = 8
+    batch_size: int | None = None  # None: the stage's own choice (augment fits it to GPU memory)
     shard_size: int = 1000
     seed: int = 0
     prefix: str = "shard"
@@ -68,7 +71,8 @@ def execute(command: str, opts: RunOptions, config: dict[str, Any],
                           run_info=run_info, rank=placement.rank, overwrite=opts.overwrite)
     try:
         stage = make_stage(placement)
-        job = Job(stage, folder, shard_size=opts.shard_size, batch_size=opts.batch_size,
+        batch_size = opts.batch_size or getattr(stage, "batch_size", None) or DEFAULT_BATCH_SIZE
+        job = Job(stage, folder, shard_size=opts.shard_size, batch_size=batch_size,
                   rank=placement.rank, world_size=placement.world_size, workers=opts.workers,
                   show_progress=not opts.quiet)
         retry = folder.failed_keys() if opts.retry_failures else None

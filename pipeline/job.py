@@ -78,6 +78,7 @@ class JobSummary:
     counts: collections.Counter = field(default_factory=collections.Counter)  # stage-specific (flags...)
     times: dict[str, float] = field(default_factory=dict)  # seconds per part (pipeline/timing.py)
     time_line: str = ""
+    batch_size: int = 0     # images per model call at 1024² (what --batch-size auto chose)
 
     def line(self) -> str:
         text = (f"done {self.done}, skipped {self.skipped} (already done), failed {self.failed}, "
@@ -189,7 +190,7 @@ class Job:
         """Process this rank's inputs that no finished shard covers; with retry_keys, only those
         (the failures of earlier runs, retried into new shards)."""
         t0 = time.monotonic()
-        summary = JobSummary()
+        summary = JobSummary(batch_size=self.batch_size)
         # Inputs go to processes in blocks of shard_size, block j to rank j % world_size, and
         # batches are formed within a block. A block is thus batched the same way whatever the
         # process count, or after a crash: GPU kernels give an image the same bits only in the

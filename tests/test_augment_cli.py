@@ -180,6 +180,8 @@ def test_nothing_readable_exits_nonzero_with_one_line(tmp_path):
     (["--strength", "1.5"], "--strength"),
     (["--model", "not-a-preset"], "--model"),
     (["--image-format", "gif"], "--image-format"),
+    (["--batch-size", "0"], "--batch-size"),
+    (["--batch-size", "lots"], "--batch-size"),
 ])
 def test_bad_flags_name_the_flag(tmp_path, photo_dir, args, needle):
     r = invoke("augment", photo_dir, "-o", tmp_path / "o", "--device", "cpu", *args, expect_ok=False)
@@ -439,6 +441,21 @@ def test_large_images_get_smaller_batches(tiny_model_dir):
     assert flavour.batch_for((1024, 1024)) == 8
     assert flavour.batch_for((2048, 1024)) == 4
     assert flavour.batch_for((4096, 4096)) == 1
+
+
+def test_auto_batch_size_fits_free_memory(tiny_model_dir):
+    """--batch-size auto: the peaks of batches of 1 and 2 give a fixed and a per-image part; the
+    batch is what fits the budget, at least 1, at most the cap. On CPU it is a fixed 8."""
+    from augment import DiffusionFlavour, RecipeSettings, load_components, resolve_spec
+    from augment.recipe import batch_from_memory
+
+    gib = 2 ** 30
+    # 5 GiB free for a 1.5 GiB batch of one and 2.5 GiB batch of two: 0.5 fixed + 1 per image.
+    assert batch_from_memory(5 * gib, int(1.5 * gib), int(2.5 * gib), cap=16) == 4
+    assert batch_from_memory(70 * gib, int(1.5 * gib), int(2.5 * gib), cap=16) == 16
+    assert batch_from_memory(1 * gib, int(1.5 * gib), int(2.5 * gib), cap=16) == 1
+    flavour = DiffusionFlavour(load_components(resolve_spec(tiny_model_dir)), RecipeSettings(dtype="fp32"), "cpu")
+    assert flavour.batch_size is None and flavour.fit_batch_size() == 8 and flavour.batch_for((1024, 1024)) == 8
 
 
 def test_fewer_blocks_than_processes_warns_and_idle_rank_succeeds(tmp_path, photo_dir):
