@@ -234,6 +234,7 @@ def gpu_stage_times(model_dir: str, batch: int, size: int, cudnn_benchmark: bool
 
 @dataclass
 class RunResult:
+    batch: int                  # images per model call (what auto chose, when asked)
     wall: float                 # whole run: model load (and compile) included
     done: int
     job_seconds: float          # after the model is loaded
@@ -244,10 +245,12 @@ class RunResult:
     out_dir: str
 
 
-def ddaug_run(model_dir: str, in_dir: str, out_dir: str, batch: int, mode: str = "img2img",
+def ddaug_run(model_dir: str, in_dir: str, out_dir: str, batch: int | None, mode: str = "img2img",
               compile: bool = False, rank: int | None = None, world_size: int | None = None,
-              shard_size: int = 10_000, workers: int = 6, unet_cuda_graphs: bool = False) -> RunResult:
-    """A whole `ddaug augment` run through the library entry point the CLI uses."""
+              shard_size: int = 10_000, workers: int = 6, unet_cuda_graphs: bool = False,
+              compile_cache: str | None = None) -> RunResult:
+    """A whole `ddaug augment` run through the library entry point the CLI uses (batch None:
+    --batch-size auto)."""
     from augment.recipe import RecipeSettings
     from augment.run import AugmentOptions, run_augment
     from pipeline.command import RunOptions
@@ -259,9 +262,10 @@ def ddaug_run(model_dir: str, in_dir: str, out_dir: str, batch: int, mode: str =
                                          shard_size=shard_size, workers=workers, overwrite=rank is None, quiet=True,
                                          rank=rank, world_size=world_size),
                               AugmentOptions(model=model_dir, compile=compile, unet_cuda_graphs=unet_cuda_graphs,
+                                             compile_cache=compile_cache if compile else None,
                                              recipe=RecipeSettings(dtype="bf16", mode=mode)))
     wall = time.perf_counter() - t0
-    return RunResult(wall, summary.done, summary.seconds, busy.busy, busy.busy_over_last(summary.seconds),
+    return RunResult(summary.batch_size, wall, summary.done, summary.seconds, busy.busy, busy.busy_over_last(summary.seconds),
                      summary.times, torch.cuda.max_memory_allocated() / 2 ** 30, out_dir)
 
 
@@ -332,12 +336,11 @@ def determinism(model_dir: str, in_dir: str, work: str, batch: int) -> list[str]
     return out + [""]
 
 
-def compile_startup(model_dir: str, in_dir: str, work: str, batch: int) -> list[str]:
+def compile_startup(model_dir: str, in_dir: str, cache: str, work: str, batch: int) -> list[str]:
     """Start-up of `ddaug augment --compile` in a fresh process: empty compile cache, then the
     same cache again (what `--compile-cache DIR` gives a rerun or the next job on a node)."""
     import subprocess
 
-    cache = os.path.join(work, "inductor-cache")
     warm_in = os.path.join(work, "startup-in")
     os.makedirs(warm_in, exist_ok=True)
     for p in sorted(os.listdir(in_dir))[:batch]:
@@ -365,7 +368,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--parts", nargs="+", default=["naive", "stages", "eager", "compile"],
                     choices=["naive", "stages", "eager", "compile", "compile-cudnn", "compile-workers12",
-                             "compile-graphs", "vae", "ssd1b", "mixed", "determinism", "startup"])
+                             "compile-graphs", "compile-workers4", "compile-b32", "compile-auto", "inductor-flags", "vae", "ssd1b",
+                             "mixed", "determinism", "startup"])
     ap.add_argument("--det-images", type=int, default=64, help="inputs for the determinism part")
     ap.add_argument("--results", default=None)
     args = ap.parse_args()
@@ -375,6 +379,7 @@ def main() -> None:
     dlog.set_verbosity_error()  # per-load dtype notices drown the results
     work = tempfile.mkdtemp(prefix="ddaug-bench-")
     model_dir, in_dir = os.path.join(work, "sdxl"), os.path.join(work, "in")
+    cache = os.path.join(work, "inductor-cache")  # --compile-cache of every compiled run here
     t = time.perf_counter()
     build_sdxl_folder(model_dir)
     make_inputs(in_dir, args.images, args.size)
@@ -413,34 +418,63 @@ def main() -> None:
         fixed["eager"] = run.done / run.job_seconds
         notes.extend(breakdown(f"eager, batch {args.batch}", run, tflop))
 
-    def part_compile_warmup():
+    def warm_up(batch: int | None, graphs: bool = False) -> float:
+        """Compile (or load from the cache) outside the measured run; returns its seconds."""
         warm_dir = os.path.join(work, "warm-in")
-        os.makedirs(warm_dir, exist_ok=True)
-        for p in inputs[: args.batch]:
-            shutil.copy(p, warm_dir)
+        if not os.path.isdir(warm_dir):
+            os.makedirs(warm_dir)
+            for p in inputs[: max(args.batch, 32)]:
+                shutil.copy(p, warm_dir)
         t0 = time.perf_counter()
-        ddaug_run(model_dir, warm_dir, os.path.join(work, "warm"), args.batch, compile=True)
-        notes.extend([f"`--compile` first run over {args.batch} images (load + compile): "
-                      f"{time.perf_counter() - t0:.0f}s; the compiled runs below reuse the process's compile cache.", ""])
+        ddaug_run(model_dir, warm_dir, os.path.join(work, f"warm-{batch}-{graphs}"), batch, compile=True,
+                  unet_cuda_graphs=graphs, compile_cache=cache)
+        return time.perf_counter() - t0
 
-    def part_compile(cudnn_benchmark: bool = False, workers: int = 6, graphs: bool = False):
+    def part_compile_warmup():
+        secs = warm_up(args.batch)
+        earlier = args.parts[:args.parts.index("warm-up")]
+        state = "warm from the parts before" if {"startup", "inductor-flags"} & set(earlier) else "empty"
+        notes.extend([f"`--compile` first in-process run over {max(args.batch, 32)} images (load + compile, "
+                      f"compile cache {state}): {secs:.0f}s; the compiled runs below reuse it.", ""])
+
+    def part_compile(cudnn_benchmark: bool = False, workers: int = 6, graphs: bool = False,
+                     batch: int | None = -1):
+        batch = args.batch if batch == -1 else batch
         torch.backends.cudnn.benchmark = cudnn_benchmark
         try:
-            t0 = time.perf_counter()
-            if graphs:  # its own compile (another mode), kept out of the measured run
-                ddaug_run(model_dir, os.path.join(work, "warm-in"), os.path.join(work, "warm-graphs"), args.batch,
-                          compile=True, unet_cuda_graphs=True)
-            run = ddaug_run(model_dir, in_dir, os.path.join(work, f"compiled-{cudnn_benchmark}-{workers}-{graphs}"),
-                            args.batch, compile=True, workers=workers, unet_cuda_graphs=graphs)
+            if graphs or batch != args.batch:  # another shape or mode: its own compile, kept out of the run
+                notes.append(f"(warm-up for batch {batch or 'auto'}{', UNet CUDA graph' if graphs else ''}: "
+                             f"{warm_up(batch, graphs):.0f}s)")
+            run = ddaug_run(model_dir, in_dir, os.path.join(work, f"compiled-{cudnn_benchmark}-{workers}-{graphs}-{batch}"),
+                            batch, compile=True, workers=workers, unet_cuda_graphs=graphs, compile_cache=cache)
         finally:
             torch.backends.cudnn.benchmark = False
         extra = (", cudnn.benchmark on" if cudnn_benchmark else "") + f", {workers} workers" + \
             (", UNet as a CUDA graph" if graphs else "")
-        row(f"`ddaug augment --compile` img2img end to end incl. model load, compile cache warm (batch {args.batch}"
-            f"{extra})", run)
-        if graphs:
-            notes.append(f"(UNet CUDA-graph warm-up and run: {time.perf_counter() - t0:.0f}s)")
-        notes.extend(breakdown(f"--compile, batch {args.batch}{extra}", run, tflop))
+        size = f"batch {run.batch}" + (" chosen by --batch-size auto" if batch is None else "")
+        row(f"`ddaug augment --compile` img2img end to end incl. model load, compile cache warm ({size}{extra})", run)
+        notes.extend(breakdown(f"--compile, {size}{extra}", run, tflop))
+
+    def part_inductor_flags():
+        """Inductor settings from diffusers' SDXL speed-up guide, on top of --compile. Its
+        coordinate_descent_tuning is left out: with it, compiling UNet + VAE at batch 16 did not
+        finish within 10 minutes on an H100 (bench/RESULTS.md)."""
+        import torch._inductor.config as inductor
+
+        flags = {"conv_1x1_as_mm": True, "epilogue_fusion": False}
+        saved = {k: getattr(inductor, k) for k in flags}
+        for k, v in flags.items():
+            setattr(inductor, k, v)
+        try:
+            notes.append(f"(compile with inductor {', '.join(f'{k}={v}' for k, v in flags.items())}: "
+                         f"{warm_up(args.batch):.0f}s)")
+            run = ddaug_run(model_dir, in_dir, os.path.join(work, "compiled-flags"), args.batch, compile=True,
+                            compile_cache=cache)
+        finally:
+            for k, v in saved.items():
+                setattr(inductor, k, v)
+        row(f"`ddaug augment --compile` with diffusers' inductor flags (batch {args.batch}, 6 workers)", run)
+        notes.extend(breakdown(f"--compile + inductor flags, batch {args.batch}", run, tflop))
 
     def part_vae():
         row("`ddaug augment --mode vae`, eager, end to end",
@@ -475,8 +509,12 @@ def main() -> None:
              "compile": part_compile, "compile-cudnn": lambda: part_compile(cudnn_benchmark=True),
              "compile-workers12": lambda: part_compile(workers=12),
              "compile-graphs": lambda: part_compile(workers=6, graphs=True),
+             "compile-workers4": lambda: part_compile(workers=4),
+             "compile-b32": lambda: part_compile(batch=32),
+             "compile-auto": lambda: part_compile(batch=None),
+             "inductor-flags": part_inductor_flags,
              "vae": part_vae, "ssd1b": part_ssd1b, "mixed": part_mixed, "determinism": part_determinism,
-             "startup": lambda: notes.extend(compile_startup(model_dir, in_dir, work, args.batch))}
+             "startup": lambda: notes.extend(compile_startup(model_dir, in_dir, cache, work, args.batch))}
     fixed: dict[str, float] = {}
     compiled_parts = [p for p in args.parts if p.startswith("compile")]
     if compiled_parts:
