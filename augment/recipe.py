@@ -192,8 +192,8 @@ class DiffusionFlavour:
             one, two = self._probe_peak_bytes(1), self._probe_peak_bytes(2)
         except torch.cuda.OutOfMemoryError:
             torch.cuda.empty_cache()
-            log.warning("two 1024² images do not fit in free GPU memory: batch size 1 (large images may "
-                        "fail; --max-side limits their size)")
+            log.warning("a batch of two 1024² images does not fit in free GPU memory: batch size 1 (large "
+                        "images may fail; --max-side limits their size)")
             self.batch_size = 1
             return 1
         torch.cuda.empty_cache()

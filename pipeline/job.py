@@ -78,7 +78,7 @@ class JobSummary:
     counts: collections.Counter = field(default_factory=collections.Counter)  # stage-specific (flags...)
     times: dict[str, float] = field(default_factory=dict)  # seconds per part (pipeline/timing.py)
     time_line: str = ""
-    batch_size: int = 0     # images per model call at 1024² (what --batch-size auto chose)
+    batch_size: int = 0     # images per model call (augment: at 1024²; what --batch-size auto chose)
 
     def line(self) -> str:
         text = (f"done {self.done}, skipped {self.skipped} (already done), failed {self.failed}, "
