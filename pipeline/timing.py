@@ -30,17 +30,27 @@ JOB_PARTS = {
 
 
 class StageTimes:
-    """Thread-safe accumulator of seconds and counts per part."""
+    """Thread-safe accumulator of seconds and counts per part. Parts timed on the device
+    (DeviceTimeline on CUDA) are remembered as GPU parts: their sum over the wall time is how
+    busy the GPU was."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.seconds: collections.Counter = collections.Counter()
         self.calls: collections.Counter = collections.Counter()
+        self.counts: collections.Counter = collections.Counter()  # model calls, images, batch slots
+        self.gpu_parts: set[str] = set()
 
-    def add(self, part: str, seconds: float, calls: int = 1) -> None:
+    def add(self, part: str, seconds: float, calls: int = 1, gpu: bool = False) -> None:
         with self._lock:
             self.seconds[part] += seconds
             self.calls[part] += calls
+            if gpu:
+                self.gpu_parts.add(part)
+
+    def count(self, name: str, n: int = 1) -> None:
+        with self._lock:
+            self.counts[name] += n
 
     @contextmanager
     def measure(self, part: str) -> Iterator[None]:
@@ -74,16 +84,37 @@ class StageTimes:
         return "; ".join(parts) + f". {self.bottleneck(wall)}"
 
     def bottleneck(self, wall: float) -> str:
-        idle_input = self.seconds.get("wait for input", 0.0) / wall
-        model = self.seconds.get("model", 0.0) / wall
-        build = self.seconds.get("wait for build", 0.0) / wall
-        if idle_input > 0.2:
-            return "Bound by reading/decoding inputs: raise --workers."
-        if build > 0.2:
-            return "Bound by encoding outputs: raise --workers or use --image-format webp."
-        if model > 0.8:
-            return "Bound by the model (as it should be)."
-        return "No single bound."
+        """What to change. With GPU parts, from the GPU's idle time: each reason below is a
+        share of the seconds the GPU waited; otherwise from the threads' waits."""
+        sec = self.seconds
+        if not self.gpu_parts:
+            if sec.get("wait for input", 0.0) / wall > 0.2:
+                return "Bound by reading/decoding inputs: raise --workers."
+            if sec.get("wait for build", 0.0) / wall > 0.2:
+                return "Bound by encoding outputs: raise --workers or use --image-format webp."
+            if sec.get("model", 0.0) / wall > 0.8:
+                return "Bound by the model (as it should be)."
+            return "No single bound."
+        gpu = sum(sec[p] for p in self.gpu_parts)
+        busy = min(gpu / wall, 1.0)
+        if busy >= 0.85:
+            return f"Bound by the GPU (busy {busy:.0%}), as it should be."
+        calls, images, slots = (self.counts.get(k, 0) for k in ("model calls", "images", "batch slots"))
+        shapes = self.calls.get("shape set-up", 0)
+        fill = images / slots if slots else 1.0
+        idle = {  # seconds the GPU waited, by cause
+            "reading/decoding inputs: raise --workers": sec.get("wait for input", 0.0),
+            "encoding outputs: raise --workers or use --image-format webp": sec.get("wait for build", 0.0),
+            f"shape changes: {shapes} new (batch, H, W) shapes set up on the host": sec.get("shape set-up", 0.0),
+            "host work between kernels on the model thread (launches): larger batches help":
+                sec.get("launch gaps", 0.0),
+        }
+        cause, waited = max(idle.items(), key=lambda kv: kv[1])
+        text = f"GPU busy {busy:.0%}; it waited most on {cause} ({waited:.1f}s)"
+        if calls and fill < 0.6:
+            text += (f"; batches were small: {images / calls:.1f} images per call, {fill:.0%} of what fits "
+                     "(few images per shape in each --shard-size block)")
+        return text + "."
 
 
 class DeviceTimeline:
@@ -109,10 +140,14 @@ class DeviceTimeline:
         else:
             self.marks.append((part_ending, time.perf_counter()))
 
-    def finish(self) -> None:
-        """Add each interval to times (call after the device has finished the batch)."""
+    def finish(self) -> float:
+        """Add each interval to times (call after the device has finished the batch); returns
+        the batch's total device seconds."""
         if self.times is None:
-            return
+            return 0.0
+        total = 0.0
         for (_, a), (part, b) in zip(self.marks, self.marks[1:]):
             secs = a.elapsed_time(b) / 1000 if self.cuda else b - a
-            self.times.add(part, secs)
+            self.times.add(part, secs, gpu=self.cuda)
+            total += secs
+        return total
