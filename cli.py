@@ -177,8 +177,8 @@ Examples:
 @click.option("--stage", "stage_tag", default=None, help="tags.stage of the output samples.")
 @click.option("--compile", "compile_", type=click.Choice(["auto", "always", "never"]), default="auto",
               show_default=True, is_flag=False, flag_value="auto",
-              help="GPU speed: torch.compile the VAE (one graph for all sizes; ~2 min cold). auto compiles when "
-                   "the process has enough inputs for it to pay (20,000) and says so with -v.")
+              help="GPU: torch.compile the VAE (one graph for all sizes; ~2 min cold). auto stays eager, which "
+                   "measured as fast or faster (bench/RESULTS.md); -v says what was chosen.")
 @click.option("--compile-cache", type=click.Path(file_okay=False), default=None,
               help="Folder for torch.compile's cache, kept across runs (cuts the warm-up of later runs).")
 @user_errors

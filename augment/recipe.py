@@ -79,10 +79,11 @@ AUTO_BATCH_CAP = 16
 MAX_IMAGES_PER_CALL = 64
 CPU_BATCH_SIZE = 8
 # Canvas sides are multiples of this (or of the nets' own multiple, if larger). Every new
-# (batch, H, W) costs a fixed host-side setup in cuDNN (~2 ms per convolution); coarser canvases
-# mean fewer shapes and fuller batches: 1,000 COCO-like images make 69 shapes padded to 32 and
-# 35 padded to 64, for 3.7% vs 7.1% more pixels (bench/RESULTS.md, session 5).
-CANVAS_STEP = 64
+# (batch, H, W) costs a fixed host-side set-up in cuDNN (~2 ms per convolution) while the GPU
+# waits; coarser canvases mean fewer shapes and fuller batches. 1,000 COCO-like images make 69
+# shapes padded to 32; padded to 128, 14 shapes (tails included) in 27 calls of 37 images, for
+# 12.5% more pixels (bench/RESULTS.md, session 5).
+CANVAS_STEP = 128
 
 
 def batch_from_memory(budget_bytes: float, peak_one: int, peak_two: int, cap: int, scale: float = 1.0) -> int:

@@ -17,11 +17,9 @@ from .stage import AugmentStage
 
 log = logging.getLogger(__name__)
 
-# --compile auto compiles the VAE only for a process with this many inputs or more. Compiling it
-# (dynamic shapes, one graph for all sizes) took 131 s cold on an H100 and saves ~7 ms per
-# COCO-sized image (its encode + decode: 20.5 ms eager, 13.5 compiled), so it pays from ~19,000
-# images; on fewer it would cost more than it saves (bench/RESULTS.md, session 5).
-COMPILE_MIN_INPUTS = 20_000
+# --compile auto runs eager: compiling the VAE (dynamic shapes, one graph for all sizes) took
+# 131 s cold on an H100, and a compiled 1,000-image COCO-like run was no faster than eager once
+# compiled (bench/RESULTS.md, session 5), so no job size was found where it pays.
 
 
 @dataclass
@@ -52,20 +50,16 @@ def use_compile_cache(folder: str) -> None:
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = path
 
 
-def choose_compile(setting: str, owned_inputs: int, device: str) -> tuple[bool, str]:
-    """Whether this process compiles the VAE, and why (logged). A function of the process's
-    whole share of the job (done inputs included), so a rerun after a crash decides the same."""
+def choose_compile(setting: str, device: str) -> tuple[bool, str]:
+    """Whether this process compiles the VAE, and why (logged)."""
     if setting == "never":
         return False, "--compile never"
     if not str(device).startswith("cuda"):
-        return False, f"not compiling on {device}: torch.compile pays on GPUs"
+        return False, f"not compiling on {device}: torch.compile pays on GPUs only"
     if setting == "always":
-        return True, "--compile always"
-    if owned_inputs >= COMPILE_MIN_INPUTS:
-        return True, (f"compiling the VAE: {owned_inputs} inputs for this process, compiling pays from "
-                      f"{COMPILE_MIN_INPUTS} (about 2 minutes of compiling against ~7 ms saved per image)")
-    return False, (f"eager: {owned_inputs} inputs for this process; compiling the VAE pays from "
-                   f"{COMPILE_MIN_INPUTS} (--compile always forces it)")
+        return True, "--compile always: compiling the VAE (about 2 minutes cold)"
+    return False, ("eager (--compile auto): a compiled VAE did not pay on any measured job "
+                   "(bench/RESULTS.md); --compile always forces it")
 
 
 def run_augment(run: RunOptions, opts: AugmentOptions) -> JobSummary:
@@ -83,7 +77,7 @@ def run_augment(run: RunOptions, opts: AugmentOptions) -> JobSummary:
               "shard_size": run.shard_size, "prefix": run.prefix, **asdict(opts.recipe)}
 
     def make_stage(placement):
-        compile_vae, why = choose_compile(opts.compile, placement.owned_inputs, placement.device)
+        compile_vae, why = choose_compile(opts.compile, placement.device)
         log.info("%s", why)
         dtype = DTYPES[opts.recipe.dtype]
         try:

@@ -60,6 +60,11 @@ class AugmentStage:
     def batch_size(self) -> int | None:
         return self.flavour.batch_size
 
+    @property
+    def device(self):
+        """Where the model runs (the job samples the GPU's utilization there)."""
+        return self.flavour.device
+
     def bucket(self, unit: ImageUnit):
         return unit.pixels.shape[:2]
 

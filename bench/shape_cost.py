@@ -68,6 +68,7 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--regional", action="store_true", help="compile the VAE's resnet blocks, dynamic shapes")
     ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--batches", type=int, nargs="+", default=[32, 64], help="steady-rate batch sizes at 512x640")
     args = ap.parse_args()
     from diffusers.utils import logging as dlog
 
@@ -101,12 +102,12 @@ def main() -> None:
     print(f"[{label}] batch {args.batch}, 4 new shapes: " + "; ".join(
         f"{k} first {1000 * sum(v) / 4:.0f} ms, repeat {1000 * sum(repeat[k]) / 4:.0f} ms" for k, v in first.items())
         + f" (all first calls {time.perf_counter() - t_first:.1f}s)", flush=True)
-    for batch in (32, 64):
+    for batch in args.batches:
         res = {}
-        for name, fn in parts(fl, batch, 480, 640).items():
+        for name, fn in parts(fl, batch, 512, 640).items():
             fn()
             res[name] = gpu_ms(fn) / batch
-        print(f"[{label}] steady 480x640 batch {batch}: " + ", ".join(f"{k} {v:.2f}" for k, v in res.items())
+        print(f"[{label}] steady 512x640 batch {batch}: " + ", ".join(f"{k} {v:.2f}" for k, v in res.items())
               + f" ms/img -> {1000 / sum(res.values()):.1f} img/s of GPU work", flush=True)
     if args.profile:
         from torch.profiler import ProfilerActivity, profile

@@ -7,14 +7,14 @@ import logging
 import platform
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from importlib import metadata
 from typing import Any, Callable
 
 from shards.store import OutputFolder
 from sources import read_sources
 
-from .job import Job, JobAbort, JobSummary, Stage, owned_blocks
+from .job import Job, JobAbort, JobSummary, Stage
 from .placement import Placement, resolve_placement
 
 log = logging.getLogger(__name__)
@@ -66,8 +66,6 @@ def execute(command: str, opts: RunOptions, config: dict[str, Any],
         placement = resolve_placement(opts.rank, opts.world_size, opts.device)
     except ValueError as exc:
         raise UserError(f"--rank/--world-size: {exc}") from None
-    owned = sum(map(len, owned_blocks(items, opts.shard_size, placement.rank, placement.world_size)))
-    placement = replace(placement, owned_inputs=owned)
     run_info = {"versions": package_versions(), "argv": sys.argv, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     folder = OutputFolder(opts.output, prefix=opts.prefix, command=command, config=config,
                           run_info=run_info, rank=placement.rank, overwrite=opts.overwrite)

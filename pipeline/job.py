@@ -25,7 +25,7 @@ from tqdm import tqdm
 from shards.store import Failure, OutputFolder
 from sources import SourceItem
 
-from .timing import StageTimes
+from .timing import GpuBusySampler, StageTimes
 
 log = logging.getLogger(__name__)
 
@@ -223,7 +223,8 @@ class Job:
         window = max(2 * self.batch_size, 4 * self.workers)
         with ThreadPoolExecutor(self.workers, thread_name_prefix="load") as loaders, \
                 ThreadPoolExecutor(self.workers, thread_name_prefix="build") as builders, \
-                ThreadPoolExecutor(1, thread_name_prefix="model") as self._model_thread:
+                ThreadPoolExecutor(1, thread_name_prefix="model") as self._model_thread, \
+                GpuBusySampler(getattr(self.stage, "device", None), self.times):
             loaded = _ordered_prefetch(loaders, self._load, todo, window)
             for j, chunk in enumerate(chunks):
                 self._run_chunk(first_index + j, chunk, loaded, builders, bar, summary)

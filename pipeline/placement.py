@@ -17,7 +17,6 @@ class Placement:
     rank: int
     world_size: int
     device: str
-    owned_inputs: int = 0  # inputs this rank owns in the whole job (done or not): a stage may size its set-up to it
 
 
 def _env_int(name: str) -> int | None:

@@ -10,6 +10,7 @@ model-bound one a bigger batch or --compile.
 from __future__ import annotations
 
 import collections
+import os
 import threading
 import time
 from contextlib import contextmanager
@@ -95,26 +96,76 @@ class StageTimes:
             if sec.get("model", 0.0) / wall > 0.8:
                 return "Bound by the model (as it should be)."
             return "No single bound."
-        gpu = sum(sec[p] for p in self.gpu_parts)
-        busy = min(gpu / wall, 1.0)
+        samples = self.counts.get("gpu samples", 0)
+        if samples:  # NVML: the share of time a kernel was running
+            busy, source = self.counts["gpu busy %"] / samples / 100, "nvidia-smi"
+        else:  # CUDA events also count the gaps between kernels inside a model call
+            busy, source = min(sum(sec[p] for p in self.gpu_parts) / wall, 1.0), "CUDA events, an upper bound"
         if busy >= 0.85:
-            return f"Bound by the GPU (busy {busy:.0%}), as it should be."
+            return f"Bound by the GPU (busy {busy:.0%}, {source}), as it should be."
         calls, images, slots = (self.counts.get(k, 0) for k in ("model calls", "images", "batch slots"))
         shapes = self.calls.get("shape set-up", 0)
-        fill = images / slots if slots else 1.0
-        idle = {  # seconds the GPU waited, by cause
-            "reading/decoding inputs: raise --workers": sec.get("wait for input", 0.0),
-            "encoding outputs: raise --workers or use --image-format webp": sec.get("wait for build", 0.0),
-            f"shape changes: {shapes} new (batch, H, W) shapes set up on the host": sec.get("shape set-up", 0.0),
-            "host work between kernels on the model thread (launches): larger batches help":
-                sec.get("launch gaps", 0.0),
-        }
-        cause, waited = max(idle.items(), key=lambda kv: kv[1])
-        text = f"GPU busy {busy:.0%}; it waited most on {cause} ({waited:.1f}s)"
-        if calls and fill < 0.6:
-            text += (f"; batches were small: {images / calls:.1f} images per call, {fill:.0%} of what fits "
-                     "(few images per shape in each --shard-size block)")
+        waits = {"reading/decoding inputs: raise --workers": sec.get("wait for input", 0.0),
+                 "encoding outputs: raise --workers or use --image-format webp": sec.get("wait for build", 0.0)}
+        cause, waited = max(waits.items(), key=lambda kv: kv[1])
+        text = f"GPU busy {busy:.0%} ({source})"
+        if waited / wall > 0.1:
+            text += f"; the model waited on {cause} ({waited:.1f}s)"
+        elif calls and shapes / calls > 0.25:
+            text += (f"; shape changes: {shapes} of {calls} model calls were at a new (batch, H, W), which cuDNN "
+                     "sets up on the host while the GPU waits (fewer distinct sizes, or a larger --shard-size, help)")
+        else:
+            text += "; kernel launches on the model thread leave gaps (larger batches help)"
+        if calls and slots and images / slots < 0.6:
+            text += (f"; batches were small: {images / calls:.1f} images per call, {images / slots:.0%} of what "
+                     "fits (few images per canvas in each --shard-size block)")
         return text + "."
+
+
+class GpuBusySampler:
+    """The GPU's utilization (the share of time a kernel was running, as nvidia-smi shows it),
+    sampled through NVML every `period` seconds into times.counts while a job runs. CUDA events
+    cannot give this: an interval between two events also holds the gaps in which the host was
+    still setting up the next kernel. Without NVML (nvidia-ml-py) or a CUDA device it does
+    nothing."""
+
+    def __init__(self, device, times: StageTimes, period: float = 0.2) -> None:
+        self.times, self.period = times, period
+        self.handle = None
+        self._stop = threading.Event()
+        if getattr(device, "type", None) != "cuda":
+            return
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            index = device.index or 0
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+            ids = [v for v in visible.split(",") if v.strip()]
+            if ids and ids[index].strip().isdigit():
+                index = int(ids[index])
+            self.handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+            self._nvml = pynvml
+        except Exception:  # no NVML here: the report falls back to CUDA events
+            self.handle = None
+
+    def __enter__(self) -> "GpuBusySampler":
+        if self.handle is not None:
+            self._thread = threading.Thread(target=self._sample, name="gpu-busy", daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.period):
+            try:
+                util = self._nvml.nvmlDeviceGetUtilizationRates(self.handle).gpu
+            except Exception:
+                return
+            self.times.count("gpu busy %", util)
+            self.times.count("gpu samples")
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
 
 
 class DeviceTimeline:
