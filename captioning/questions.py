@@ -120,10 +120,14 @@ def load_questions_file(path: str) -> list[Question]:
     {id: text} object. Languages are detected when not given."""
     pool = f"file:{os.path.basename(path)}"
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:
             raw = f.read()
     except OSError as exc:
         raise QuestionError(f"--questions: cannot read {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise QuestionError(f"--questions: {path} is not UTF-8 text (a binary file?)") from None
+    if "\0" in raw:
+        raise QuestionError(f"--questions: {path} holds NUL bytes: not a text file")
     entries: list[tuple[str, str, str | None]] = []
     if path.endswith(".json"):
         try:

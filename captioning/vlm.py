@@ -57,7 +57,7 @@ class GenerationSettings:
 class Prompt:
     """One request: an image (already capped to the pixel budget) and the user text."""
 
-    image: Image.Image
+    image: Image.Image | None   # the picture (transformers backend; None when data is given)
     text: str
     data: bytes | None = None   # original file bytes, sent as-is by the openai backend when usable
     mime: str | None = None
