@@ -33,6 +33,7 @@ from pipeline.timing import StageTimes
 
 from .images import encode_for_request
 from .replies import Reply
+from .timing import CaptionTimes
 from .vlm import GenerationSettings, Prompt
 
 log = logging.getLogger(__name__)
@@ -140,7 +141,7 @@ class OpenAIVLM:
         self.timeout = timeout
         self.max_retries = max_retries
         self.backoff = backoff
-        self.times = times or StageTimes()
+        self.times = times or CaptionTimes(self.concurrency)
         self._key = read_api_key()
         self._opener = urllib.request.build_opener(_SameOriginRedirects)
         if check:
@@ -219,7 +220,7 @@ class OpenAIVLM:
         return min(self.backoff * 2 ** attempt, 30.0) * (0.5 + random.random() / 2)
 
     def _one(self, prompt: Prompt) -> Reply:
-        with self.times.measure("request JSON"):
+        with self.times.measure_cpu("request JSON"):
             payload = self._payload(prompt)
         last = "no attempt"
         for attempt in range(self.max_retries + 1):
@@ -228,7 +229,7 @@ class OpenAIVLM:
             try:
                 with self.times.measure("waiting on the server"):
                     body = self._post(payload)
-                with self.times.measure("reply JSON"):
+                with self.times.measure_cpu("reply JSON"):
                     return self._reply(body, time.monotonic() - t0)
             except urllib.error.HTTPError as exc:
                 if exc.code in (401, 403):

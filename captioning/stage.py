@@ -10,6 +10,7 @@ batch and shard boundaries; the job's batch only collects the answers, in input 
 from __future__ import annotations
 
 import collections
+import contextlib
 import math
 import re
 from concurrent.futures import Future
@@ -88,8 +89,9 @@ class CaptionStage:
     def load(self, item: SourceItem) -> list[CaptionUnit]:
         if len(item.images) != 1:
             raise SampleFailure("read", f"caption takes one image per sample; this one has {len(item.images)}")
-        image = load_caption_image(item, max_pixels=self.max_pixels, for_server=self.streaming,
-                                   lossless=self.lossless)
+        with self.times.measure_cpu("decode+resize+encode") if self.streaming else contextlib.nullcontext():
+            image = load_caption_image(item, max_pixels=self.max_pixels, for_server=self.streaming,
+                                       lossless=self.lossless)
         if self.task == "caption":
             prompt = self.picker.caption_question(self.seed, item.key)
         else:

@@ -11,10 +11,15 @@ tar writing (main thread).
 from __future__ import annotations
 
 import os
+import time
+from contextlib import contextmanager
+from typing import Iterator
 
 from pipeline.timing import StageTimes
 
-CLIENT_CPU = ("read+decode", "request JSON", "reply JSON", "build members", "prepare batch")
+# Measured in thread CPU time (with 4 loaders and C request threads sharing the GIL, wall time
+# inside a thread would count the others' work too).
+CLIENT_CPU = ("decode+resize+encode", "request JSON", "reply JSON", "build members")
 TAR_WRITING = ("write tar", "commit shard")
 
 
@@ -29,6 +34,14 @@ class CaptionTimes(StageTimes):
     def __init__(self, concurrency: int) -> None:
         super().__init__()
         self.concurrency = concurrency
+
+    @contextmanager
+    def measure_cpu(self, part: str) -> Iterator[None]:
+        t0 = time.thread_time()
+        try:
+            yield
+        finally:
+            self.add(part, time.thread_time() - t0)
 
     def shares(self, wall: float) -> dict[str, float]:
         """client_cpu: share of the cores' time; in_flight: mean requests waiting on the server
