@@ -117,13 +117,6 @@ def _save(folder, build) -> str:
     return str(folder)
 
 
-@pytest.fixture(scope="module")
-def tiny_vlm_dir(tmp_path_factory):
-    from captioning import save_tiny_vlm
-
-    return save_tiny_vlm(str(tmp_path_factory.mktemp("tiny-qwen2-vl")))
-
-
 @pytest.fixture
 def same_bucket_dir(tmp_path, photos):
     """Four photos at different aspect ratios but nearly equal pixel counts: one batch of 4."""
@@ -139,9 +132,11 @@ def _answers(folder) -> dict[str, str]:
 
 
 @pytest.mark.parametrize("family", ["qwen2-vl", *FAMILIES])
-def test_every_family_batches_with_the_same_answers_as_one_by_one(family, tmp_path, same_bucket_dir,
-                                                                    tiny_vlm_dir):
-    folder = tiny_vlm_dir if family == "qwen2-vl" else _save(tmp_path / family, FAMILIES[family])
+def test_every_family_batches_with_the_same_answers_as_one_by_one(family, tmp_path, same_bucket_dir):
+    from captioning import save_tiny_vlm
+
+    folder = save_tiny_vlm(str(tmp_path / family)) if family == "qwen2-vl" else _save(tmp_path / family,
+                                                                                       FAMILIES[family])
     runs = {}
     for batch in (4, 1):
         out = tmp_path / f"out{batch}"
