@@ -9,6 +9,7 @@ own ceiling (what one machine can send).
 
     python bench/caption_server_bench.py --latency 3 --concurrency 64 256 --images 1536 5120
     python bench/caption_server_bench.py --latency 0 --concurrency 64 --images 3000 --size 1456x816
+    python bench/caption_server_bench.py --downsize-cpu     # ms CPU per image of the request image path
 """
 
 from __future__ import annotations
@@ -129,6 +130,35 @@ def run_client(in_dir: str, out_dir: str, api_base: str, concurrency: int, shard
     return int(m.group(1)), float(m.group(2)), wall, rss, where.group(1).strip() if where else ""
 
 
+def downsize_cpu(results: str | None, passes: int = 25) -> None:
+    """CPU per image (one core) of what the openai backend does to an input before sending it."""
+    from sources import read_sources
+
+    from captioning.images import load_caption_image
+
+    work = tempfile.mkdtemp(prefix="ddaug-downsize-")
+    rows = []
+    try:
+        for size, cap, label in [((1456, 816), 1024 * 1024, "-> 1 MP JPEG q95"), ((2048, 2048), 1024 * 1024,
+                                 "-> 1 MP JPEG q95"), ((1456, 816), None, "sent as is (no cap)")]:
+            folder = os.path.join(work, f"{size[0]}x{size[1]}")
+            if not os.path.isdir(folder):
+                make_inputs(folder, 8, size)
+            items = read_sources((folder,), None)
+            t0 = time.process_time()
+            for _ in range(passes):
+                for item in items:
+                    load_caption_image(item, max_pixels=cap, for_server=True)
+            ms = (time.process_time() - t0) / (passes * len(items)) * 1000
+            rows.append(f"| {size[0]}x{size[1]} JPEG q92 {label} | {ms:.1f} |")
+            print(rows[-1], flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    emit([f"## caption request image path, CPU per image on one core ({datetime.date.today()})",
+          "- command: `python bench/caption_server_bench.py --downsize-cpu`", "",
+          "| input | ms CPU per image |", "|---|---|", *rows, ""], results)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
@@ -139,8 +169,11 @@ def main() -> None:
     ap.add_argument("--size", default="1024x1024", help="input WxH (JPEG q92)")
     ap.add_argument("--shard-size", type=int, default=1000)
     ap.add_argument("--extra", default="", help="more ddaug caption flags, e.g. '--max-pixels 1048576'")
+    ap.add_argument("--downsize-cpu", action="store_true", help="only measure the client's per-image CPU")
     ap.add_argument("--results", default=None)
     args = ap.parse_args()
+    if args.downsize_cpu:
+        return downsize_cpu(args.results)
     if args.serve:
         return serve(args.port, args.latency, "sim")
     size = tuple(int(v) for v in args.size.split("x"))

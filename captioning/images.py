@@ -20,7 +20,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
-from PIL import Image, ImageOps
+from PIL import Image
 
 from pipeline import SampleFailure
 from pipeline.images import FORMAT_MEMBER_EXT
@@ -89,31 +89,26 @@ def capped_size(size: tuple[int, int], max_pixels: int | None) -> tuple[int, int
     return out
 
 
-def _decode_capped(data: bytes, target: tuple[int, int], uri: str, *, fast: bool) -> Image.Image:
-    """RGB, EXIF orientation applied, resized to target. fast (for a server that resizes again):
-    JPEG DCT scaling for the bulk of a large reduction, then an area filter (BOX), instead of
-    LANCZOS at full size."""
+def _decode_capped(data: bytes, fmt: str, target: tuple[int, int], uri: str, *, fast: bool) -> Image.Image:
+    """RGB, resized to target, of an input without EXIF rotation (rotated ones are decoded upright
+    by _upright_png). fast (for a server that resizes again): a JPEG is decoded with DCT scaling
+    for the bulk of a large reduction, without the copies of the general path, then an area
+    filter (BOX) instead of LANCZOS."""
     try:
-        if fast:
-            with Image.open(io.BytesIO(data)) as probe:
-                if probe.format in ("JPEG", "MPO"):
-                    rotated = probe.getexif().get(ORIENTATION_TAG, 1) in (5, 6, 7, 8)
-                    probe.draft("RGB", target[::-1] if rotated else target)
-                    probe.load()
-                    img = (ImageOps.exif_transpose(probe) or probe).convert("RGB")
-                else:
-                    img = None
-            if img is None:
-                img, _ = decode_image(data)
+        if fast and fmt in ("JPEG", "MPO"):
+            with Image.open(io.BytesIO(data)) as img:
+                img.draft("RGB", target)
+                img.load()
+                pixels = img if img.mode == "RGB" else img.convert("RGB")
         else:
-            img, _ = decode_image(data)
+            pixels, _ = decode_image(data)
     except ImageDecodeError as exc:
         raise _fail_decode(exc, uri) from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise _fail_decode(ImageDecodeError(f"broken image: {exc}"), uri) from None
-    if img.size != target:
-        img = img.resize(target, Image.Resampling.BOX if fast else Image.Resampling.LANCZOS)
-    return img
+    if pixels.size != target:
+        pixels = pixels.resize(target, Image.Resampling.BOX if fast else Image.Resampling.LANCZOS)
+    return pixels
 
 
 def encode_for_request(img: Image.Image, lossless: bool) -> tuple[bytes, str]:
@@ -161,7 +156,7 @@ def load_caption_image(item: SourceItem, *, max_pixels: int | None, for_server: 
     out = CaptionImage(stored, ext, source, target)
     if not for_server:
         if pixels is None:
-            pixels = _decode_capped(data, target, ref.uri, fast=False)
+            pixels = _decode_capped(data, fmt, target, ref.uri, fast=False)
         elif pixels.size != target:
             pixels = pixels.resize(target, Image.Resampling.LANCZOS)
         out.pixels = pixels
@@ -171,7 +166,7 @@ def load_caption_image(item: SourceItem, *, max_pixels: int | None, for_server: 
         out.send, out.mime = data, SEND_AS_IS[fmt]
         return out
     if pixels is None:
-        pixels = _decode_capped(data, target, ref.uri, fast=True)
+        pixels = _decode_capped(data, fmt, target, ref.uri, fast=True)
     elif pixels.size != target:
         pixels = pixels.resize(target, Image.Resampling.BOX)
     out.send, out.mime = encode_for_request(pixels, lossless)
