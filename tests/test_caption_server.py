@@ -221,11 +221,15 @@ def test_credentials_never_follow_a_redirect_to_another_origin(tmp_path, photos_
     (["--top-p", "nan", "--temperature", "0.7"], "--top-p"),
     (["--api-base", "notaurl"], "--api-base"),
     (["--questions", "BINARY"], "--questions"),
+    (["--questions", "FIFO"], "--questions"),
+    (["--timeout", "nan"], "--timeout"),
 ])
 def test_bad_caption_flags_are_one_line(tmp_path, photos_dir, flags, names):
     binary = tmp_path / "q.txt"
     binary.write_bytes(bytes(range(256)) * 4)
-    flags = [str(binary) if f == "BINARY" else f for f in flags]
+    fifo = tmp_path / "q.json"
+    os.mkfifo(fifo)  # would block a plain open() forever
+    flags = [{"BINARY": str(binary), "FIFO": str(fifo)}.get(f, f) for f in flags]
     args = ["caption", photos_dir, "-o", tmp_path / "out", "--backend", "openai", "--vlm", "m", *flags]
     if "--api-base" not in flags:
         args += ["--api-base", "http://127.0.0.1:9/v1"]
