@@ -217,8 +217,13 @@ def _list_questions(ctx, param, value) -> None:
         return
     from captioning import format_pools, load_questions_file
 
+    from captioning import QuestionError
+
     path = ctx.params.get("questions_file")
-    click.echo(format_pools(load_questions_file(path) if path else None))
+    try:
+        click.echo(format_pools(load_questions_file(path) if path else None))
+    except QuestionError as exc:
+        raise click.UsageError(str(exc)) from None
     ctx.exit()
 
 
@@ -250,8 +255,11 @@ Examples:
               help="Print the question pools (or the --questions file) and exit.")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=512, show_default=True,
               help="Answer length limit; answers cut there are flagged 'truncated'.")
-@click.option("--max-pixels", type=click.IntRange(min=0), default=1024 * 1024, show_default=True,
-              help="Downsize what the VLM sees to at most this many pixels (0: no cap). The shard keeps the original.")
+@click.option("--max-pixels", type=click.IntRange(min=0), default=None,
+              help="Downsize what the VLM sees to at most this many pixels (0: no cap). The shard keeps the original. "
+                   "Default: 1048576 for transformers; none for openai (the server resizes to its own budget).")
+@click.option("--send-lossless", is_flag=True,
+              help="openai backend: send images downsized for --max-pixels as PNG instead of JPEG q95 (slower, 5-8x bytes).")
 @click.option("--temperature", type=click.FloatRange(min=0), default=0.0, show_default=True,
               help="0: greedy decoding; > 0 samples (seeded by --seed).")
 @click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True,
@@ -294,7 +302,8 @@ def caption(**kw) -> None:
     generation = GenerationSettings(max_new_tokens=kw["max_new_tokens"], temperature=kw["temperature"],
                                     top_p=kw["top_p"], seed=run.seed)
     opts = CaptionOptions(vlm=vlm, backend=kw["backend"], task=kw["task"], lang=kw["lang"], stage=kw["stage"],
-                          questions_file=kw["questions_file"], max_pixels=kw["max_pixels"] or None,
+                          questions_file=kw["questions_file"], max_pixels=kw["max_pixels"],
+                          lossless=kw["send_lossless"],
                           generation=generation, dtype=_dtype(kw["dtype"], run.device),
                           trust_remote_code=kw["trust_remote_code"], domain=kw["domain"],
                           drop_truncated=kw["drop_truncated"], api_base=kw["api_base"],

@@ -1,30 +1,39 @@
 """The openai backend: any OpenAI-compatible chat-completions server (vLLM, SGLang, hosted APIs).
 
-Images go as base64 data URLs inside the user message. Requests run with bounded concurrency;
-429, 5xx, timeouts, resets and unparsable bodies are retried with exponential backoff (honouring
-Retry-After), then recorded as a failure of that sample. The API key comes from the environment
-and never reaches a log line, an error message or a file.
+Images go as base64 data URLs inside the user message. A persistent pool of --concurrency
+threads sends requests as they are submitted, so the caption stage can submit each image as
+soon as it is read and C requests stay in flight across batch and shard boundaries (the job
+still orders and writes the answers deterministically). 429, 5xx, timeouts, resets and
+unparsable bodies are retried with exponential backoff (honouring Retry-After), then recorded
+as a failure of that sample. The API key comes from the environment and never reaches a log
+line, an error message, a file, or another origin (redirects across origins are refused).
 """
 
 from __future__ import annotations
 
 import base64
 import http.client
-import io
+import itertools
 import json
 import logging
 import os
+import queue
 import random
 import socket
+import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
 from typing import Any
 
 from pipeline import JobAbort
+from pipeline.timing import StageTimes
 
+from .images import encode_for_request
 from .replies import Reply
+from .timing import CaptionTimes
 from .vlm import GenerationSettings, Prompt
 
 log = logging.getLogger(__name__)
@@ -42,11 +51,89 @@ class RequestFailed(Exception):
     """One request failed for good after its retries; the sample goes to the failure ledger."""
 
 
+def read_api_key() -> str | None:
+    """$OPENAI_API_KEY without surrounding whitespace (a trailing newline from `cat key.txt` is
+    common); one that still holds whitespace or control characters is refused without echoing it."""
+    key = (os.environ.get(API_KEY_ENV) or "").strip()
+    if not key:
+        return None
+    if any(ch.isspace() or not ch.isprintable() or ord(ch) > 126 for ch in key):
+        raise BackendUnavailable(f"${API_KEY_ENV} holds whitespace, control or non-ASCII characters "
+                                 f"inside it; set it to the bare key")
+    return key
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    parts = urllib.parse.urlsplit(url)
+    port = parts.port or {"http": 80, "https": 443}.get(parts.scheme)
+    return parts.scheme.lower(), (parts.hostname or "").lower(), port
+
+
+class _SameOriginRedirects(urllib.request.HTTPRedirectHandler):
+    """Follow a redirect only within the origin of --api-base: urllib would otherwise resend the
+    Authorization header to whatever host the server names."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        if _origin(newurl) != _origin(req.full_url):
+            raise BackendUnavailable(f"the server redirected {_origin(req.full_url)[1]} to another origin "
+                                     f"({urllib.parse.urlsplit(newurl).netloc}); not following it with the API "
+                                     f"key: point --api-base at the final address")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+class RequestPool:
+    """`threads` daemon threads sending submitted requests, lower priority number first, then in
+    submission order. Persistent across batches and shards, so nothing drains between them."""
+
+    def __init__(self, threads: int, send, name: str = "openai"):
+        self._send = send
+        self._queue: queue.PriorityQueue = queue.PriorityQueue()
+        self._order = itertools.count()
+        self._closed = False
+        self._threads = [threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True) for i in range(threads)]
+        for t in self._threads:
+            t.start()
+
+    def submit(self, prompt: Prompt, priority: int = 1) -> Future:
+        future: Future = Future()
+        if self._closed:
+            future.cancel()
+        else:
+            self._queue.put((priority, next(self._order), future, prompt))
+        return future
+
+    def _work(self) -> None:
+        while True:
+            _, _, future, prompt = self._queue.get()
+            if future is None:
+                return
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(self._send(prompt))
+            except BaseException as exc:  # delivered to whoever waits on this sample
+                future.set_exception(exc)
+
+    def close(self) -> None:
+        """Cancel what has not started; running requests finish (their threads are daemons)."""
+        self._closed = True
+        while True:
+            try:
+                _, _, future, _ = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if future is not None:
+                future.cancel()
+        for _ in self._threads:
+            self._queue.put((2, next(self._order), None, None))
+
+
 class OpenAIVLM:
     backend = "openai"
 
     def __init__(self, api_base: str, model: str, *, settings: GenerationSettings, concurrency: int = 8,
-                 timeout: float = 120.0, max_retries: int = 5, backoff: float = 1.0, check: bool = True):
+                 timeout: float = 120.0, max_retries: int = 5, backoff: float = 1.0, check: bool = True,
+                 times: StageTimes | None = None):
         self.api_base = api_base.rstrip("/")
         self.model_name = model
         self.settings = settings
@@ -54,10 +141,12 @@ class OpenAIVLM:
         self.timeout = timeout
         self.max_retries = max_retries
         self.backoff = backoff
-        self._key = os.environ.get(API_KEY_ENV) or None
-        self._pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="openai")
+        self.times = times or CaptionTimes(self.concurrency)
+        self._key = read_api_key()
+        self._opener = urllib.request.build_opener(_SameOriginRedirects)
         if check:
             self.check_server()
+        self._pool = RequestPool(self.concurrency, self._attempt)
 
     def describe(self) -> dict[str, Any]:
         return {"backend": self.backend, "model": self.model_name, "api_base": self.api_base}
@@ -70,13 +159,17 @@ class OpenAIVLM:
         return headers
 
     def _scrub(self, text: str) -> str:
-        return text.replace(self._key, "***") if self._key else text
+        if not self._key:
+            return text
+        for form in (self._key, repr(self._key)[1:-1], json.dumps(self._key)[1:-1]):
+            text = text.replace(form, "***")
+        return text
 
     def check_server(self) -> None:
         """Fail fast with one line if the server is unreachable or refuses the key."""
         req = urllib.request.Request(f"{self.api_base}/models", headers=self._headers())
         try:
-            with urllib.request.urlopen(req, timeout=min(self.timeout, 30)) as resp:
+            with self._opener.open(req, timeout=min(self.timeout, 30)) as resp:
                 body = json.loads(resp.read() or b"{}")
         except urllib.error.HTTPError as exc:
             if exc.code in (401, 403):
@@ -95,10 +188,8 @@ class OpenAIVLM:
     def _payload(self, prompt: Prompt) -> bytes:
         if prompt.data is not None and prompt.mime in SENDABLE_MIME:
             data, mime = prompt.data, prompt.mime
-        else:  # downsized for --max-pixels, or a format servers may not take: send PNG
-            buf = io.BytesIO()
-            prompt.image.save(buf, format="PNG", compress_level=1)
-            data, mime = buf.getvalue(), "image/png"
+        else:  # a picture, not bytes (library use): a high-quality JPEG
+            data, mime = encode_for_request(prompt.image, lossless=False)
         url = f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
         body: dict[str, Any] = {
             "model": self.model_name,
@@ -117,7 +208,7 @@ class OpenAIVLM:
     def _post(self, payload: bytes) -> dict[str, Any]:
         req = urllib.request.Request(f"{self.api_base}/chat/completions", data=payload,
                                      headers=self._headers(), method="POST")
-        with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+        with self._opener.open(req, timeout=self.timeout) as resp:
             return json.loads(resp.read())
 
     def _delay(self, attempt: int, retry_after: str | None) -> float:
@@ -129,14 +220,17 @@ class OpenAIVLM:
         return min(self.backoff * 2 ** attempt, 30.0) * (0.5 + random.random() / 2)
 
     def _one(self, prompt: Prompt) -> Reply:
-        payload = self._payload(prompt)
+        with self.times.measure_cpu("request JSON"):
+            payload = self._payload(prompt)
         last = "no attempt"
         for attempt in range(self.max_retries + 1):
             retry_after = None
             t0 = time.monotonic()
             try:
-                body = self._post(payload)
-                return self._reply(body, time.monotonic() - t0)
+                with self.times.measure("waiting on the server"):
+                    body = self._post(payload)
+                with self.times.measure_cpu("reply JSON"):
+                    return self._reply(body, time.monotonic() - t0)
             except urllib.error.HTTPError as exc:
                 if exc.code in (401, 403):
                     raise BackendUnavailable(f"{self.api_base} refused the API key (HTTP {exc.code}); "
@@ -179,13 +273,19 @@ class OpenAIVLM:
         return Reply((content or "").strip(), choice.get("finish_reason") or "stop",
                      usage.get("prompt_tokens"), usage.get("completion_tokens"), seconds)
 
+    def _attempt(self, prompt: Prompt) -> Reply | RequestFailed:
+        try:
+            return self._one(prompt)
+        except RequestFailed as exc:
+            return exc
+
+    def submit(self, prompt: Prompt, priority: int = 1) -> Future:
+        """Queue one request; the future gives a Reply or a RequestFailed, or raises
+        BackendUnavailable. Lower priority numbers go first (instruct retries)."""
+        return self._pool.submit(prompt, priority)
+
     def generate(self, prompts: list[Prompt]) -> list[Reply | Exception]:
-        def attempt(p: Prompt):
-            try:
-                return self._one(p)
-            except RequestFailed as exc:
-                return exc
-        return list(self._pool.map(attempt, prompts))
+        return [f.result() for f in [self.submit(p) for p in prompts]]
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._pool.close()

@@ -11,9 +11,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 from dataclasses import dataclass
 
 LANGS = ("en", "zh")
+MAX_QUESTIONS_BYTES = 16 * 2**20
 
 
 @dataclass(frozen=True)
@@ -120,10 +122,20 @@ def load_questions_file(path: str) -> list[Question]:
     {id: text} object. Languages are detected when not given."""
     pool = f"file:{os.path.basename(path)}"
     try:
-        with open(path, encoding="utf-8") as f:
+        info = os.stat(path)
+        if not stat.S_ISREG(info.st_mode):  # a FIFO or device would block or never end
+            raise QuestionError(f"--questions: {path} is not a regular file")
+        if info.st_size > MAX_QUESTIONS_BYTES:
+            raise QuestionError(f"--questions: {path} is {info.st_size} bytes; a question file is at most "
+                                f"{MAX_QUESTIONS_BYTES // 2**20} MiB")
+        with open(path, encoding="utf-8-sig") as f:
             raw = f.read()
     except OSError as exc:
         raise QuestionError(f"--questions: cannot read {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise QuestionError(f"--questions: {path} is not UTF-8 text (a binary file?)") from None
+    if "\0" in raw:
+        raise QuestionError(f"--questions: {path} holds NUL bytes: not a text file")
     entries: list[tuple[str, str, str | None]] = []
     if path.endswith(".json"):
         try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import collections
+import contextlib
 import io
 import json
 import threading
@@ -49,14 +50,15 @@ class ChatServer:
     default_max_tokens = 256
 
     def __init__(self, respond: Responder, model: str = "tiny-random", api_key: str | None = None,
-                 host: str = "127.0.0.1", port: int = 0, timeout_sleep: float = 5.0):
+                 host: str = "127.0.0.1", port: int = 0, timeout_sleep: float = 5.0, parallel: bool = False):
         self.respond = respond
         self.model = model
         self.api_key = api_key
         self.timeout_sleep = timeout_sleep
         self.faults: collections.deque[str] = collections.deque()
         self.requests: list[dict] = []     # what clients sent (headers without the key, body)
-        self._lock = threading.Lock()      # one generation at a time: models are not thread-safe
+        # One generation at a time (models are not thread-safe), unless respond is (parallel).
+        self._lock = threading.Lock() if not parallel else contextlib.nullcontext()
         self._httpd = ThreadingHTTPServer((host, port), self._handler())
         self._httpd.daemon_threads = True
         self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)

@@ -1,30 +1,33 @@
 """`caption` as a pipeline Stage: read image -> ask the VLM (batched) -> judge the reply -> sample.
 
 The image member is the input file's bytes, unchanged: recaptioning must not alter the very
-diffusion traits the data is meant to carry.
+diffusion traits the data is meant to carry (an EXIF-rotated input is stored upright, see
+images.py). With the openai backend the request is submitted as soon as the image is read (in
+the loader threads, ahead of the job's batches), so --concurrency requests stay in flight across
+batch and shard boundaries; the job's batch only collects the answers, in input order.
 """
 
 from __future__ import annotations
 
 import collections
-import io
+import contextlib
 import math
+import re
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from PIL import Image
-
 from pipeline import SampleFailure
-from pipeline.images import FORMAT_MEMBER_EXT, LoadedImage, read_image
 from shards.schema import IMAGE_TAG, build_sample, encode_sample_json, image_member_names
 from sources import SourceItem
 
+from .images import CaptionImage, load_caption_image
 from .questions import INSTRUCT_RETRY, Question, QuestionPicker
 from .replies import MalformedReply, Reply, answer_flags, parse_instruct
+from .timing import CaptionTimes
 from .vlm import GenerationSettings, Prompt
 
 TASKS = ("caption", "instruct")
-_MIME = {"PNG": "image/png", "JPEG": "image/jpeg", "MPO": "image/jpeg", "WEBP": "image/webp", "GIF": "image/gif"}
 
 
 class VLMBackend(Protocol):
@@ -39,10 +42,10 @@ class VLMBackend(Protocol):
 
 @dataclass
 class CaptionUnit:
-    loaded: LoadedImage
-    ext: str
+    image: CaptionImage
     prompt: Question   # the caption question, or the instruct prompt sent to the VLM
     lang: str
+    pending: Future | None = None  # openai backend: the request, submitted at load time
 
 
 @dataclass
@@ -55,20 +58,12 @@ class CaptionResult:
     flags: list[str]
 
 
-def _exif_rotated(data: bytes) -> bool:
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            return img.getexif().get(0x0112, 1) not in (0, 1)
-    except Exception:
-        return True
-
-
 class CaptionStage:
     command = "caption"
 
     def __init__(self, vlm: VLMBackend, picker: QuestionPicker, *, task: str = "caption", seed: int = 0,
                  max_pixels: int | None = None, drop_truncated: bool = False,
-                 tags: dict[str, Any] | None = None):
+                 tags: dict[str, Any] | None = None, lossless: bool = False):
         if task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}")
         self.vlm = vlm
@@ -78,48 +73,69 @@ class CaptionStage:
         self.max_pixels = max_pixels
         self.drop_truncated = drop_truncated
         self.tags = tags or {}
+        self.lossless = lossless
+        self.streaming = hasattr(vlm, "submit")  # requests go out at load time (openai backend)
         self.counts: collections.Counter = collections.Counter()  # flags and retries, for the summary
+        if self.streaming:
+            self.times = CaptionTimes(vlm.concurrency)
+            vlm.times = self.times
+
+    def close(self) -> None:
+        close = getattr(self.vlm, "close", None)
+        if close:
+            close()
 
     # -- loader threads ---------------------------------------------------------------------------
     def load(self, item: SourceItem) -> list[CaptionUnit]:
         if len(item.images) != 1:
             raise SampleFailure("read", f"caption takes one image per sample; this one has {len(item.images)}")
-        loaded = read_image(item, 0, max_pixels=self.max_pixels)
-        fmt = loaded.source["format"]
-        if fmt not in FORMAT_MEMBER_EXT:
-            raise SampleFailure("decode", f"{fmt} images cannot be stored unchanged in a shard: {loaded.source['uri']}")
+        with self.times.measure_cpu("decode+resize+encode") if self.streaming else contextlib.nullcontext():
+            image = load_caption_image(item, max_pixels=self.max_pixels, for_server=self.streaming,
+                                       lossless=self.lossless)
         if self.task == "caption":
             prompt = self.picker.caption_question(self.seed, item.key)
         else:
             prompt = self.picker.instruct_prompt(self.seed, item.key)
-        return [CaptionUnit(loaded, FORMAT_MEMBER_EXT[fmt], prompt, prompt.lang)]
+        unit = CaptionUnit(image, prompt, prompt.lang)
+        if self.streaming:
+            unit.pending = self.vlm.submit(self._prompt(unit, prompt.text))
+        return [unit]
 
     def bucket(self, unit: CaptionUnit):
-        if self.vlm.backend == "openai":
+        if self.streaming:
             return 0  # the server batches; any mix of sizes can go together
         # Similar pixel counts give similar vision-token counts, so left padding wastes little.
-        w, h = unit.loaded.image.size
+        w, h = unit.image.model_size
         return round(math.log2(w * h) * 4)
 
     # -- the job's thread ---------------------------------------------------------------------------
     def _prompt(self, unit: CaptionUnit, text: str) -> Prompt:
-        src = unit.loaded.source
-        send_original = "resized_to" not in src and src["format"] in _MIME and not _exif_rotated(unit.loaded.data)
-        return Prompt(unit.loaded.image, text, unit.loaded.data if send_original else None,
-                      _MIME.get(src["format"]) if send_original else None)
+        return Prompt(unit.image.pixels, text, unit.image.send, unit.image.mime)
+
+    def _ask(self, units: list[CaptionUnit], texts: list[str] | None = None) -> list[Reply | Exception]:
+        if texts is None and self.streaming:
+            return [u.pending.result() for u in units]
+        prompts = [self._prompt(u, t) for u, t in zip(units, texts or [u.prompt.text for u in units])]
+        if self.streaming:  # a second try: ahead of the queued first tries
+            return [f.result() for f in [self.vlm.submit(p, priority=0) for p in prompts]]
+        return self.vlm.generate(prompts)
 
     def run(self, units: list[CaptionUnit]) -> list[CaptionResult | SampleFailure]:
-        replies = self.vlm.generate([self._prompt(u, u.prompt.text) for u in units])
+        replies = self._ask(units)
+        for u in units:
+            u.pending = None
         results = [self._judge(u, r, 1) for u, r in zip(units, replies)]
         if self.task == "instruct":
             # A malformed instruct reply gets one more try, with a stricter reminder.
             again = [i for i, r in enumerate(results) if isinstance(r, MalformedReply)]
             if again:
                 self.counts["instruct retries"] += len(again)
-                retry = self.vlm.generate([self._prompt(units[i], f"{units[i].prompt.text}\n\n{INSTRUCT_RETRY[units[i].lang]}")
-                                           for i in again])
+                retry = self._ask([units[i] for i in again],
+                                  [f"{units[i].prompt.text}\n\n{INSTRUCT_RETRY[units[i].lang]}" for i in again])
                 for i, reply in zip(again, retry):
                     results[i] = self._judge(units[i], reply, 2)
+        for u in units:  # the model is done with them; keep only what the shard stores
+            u.image.pixels = u.image.send = None
         return [SampleFailure("caption", f"malformed instruct reply after a retry: {r}")
                 if isinstance(r, MalformedReply) else r for r in results]
 
@@ -133,6 +149,11 @@ class CaptionStage:
                 return exc
         else:
             question, answer = unit.prompt.text, reply.text
+        if IMAGE_TAG in answer:
+            # The tag marks where the one image goes; a second one in the answer would make a
+            # sample that --verify and every trainer refuse (2 tags for 1 image).
+            answer = re.sub(rf"[ \t]*{re.escape(IMAGE_TAG)}[ \t]*", " ", answer).strip()
+            self.counts["image tag removed from answer"] += 1
         flags = answer_flags(answer, reply.finish_reason)
         self.counts.update(flags)
         if "empty" in flags:
@@ -148,22 +169,22 @@ class CaptionStage:
     def build(self, item: SourceItem, results: list[CaptionResult]) -> dict[str, bytes]:
         (res,) = results
         unit = res.unit
-        names = image_member_names(item.key, [unit.ext])
+        names = image_member_names(item.key, [unit.image.ext])
         messages = [{"role": "user", "content": IMAGE_TAG + res.question},
                     {"role": "assistant", "content": res.answer}]
         tags = {"domain": "business", "task": self.task, "stage": None}
         tags.update({k: v for k, v in self.tags.items() if v is not None})
         block = {**self.vlm.describe(), "task": self.task, "question_id": unit.prompt.id,
                  "pool": unit.prompt.pool, "lang": unit.lang, "generation": self.vlm.settings.record(),
-                 "max_pixels": self.max_pixels, "model_image": list(unit.loaded.image.size),
+                 "max_pixels": self.max_pixels, "model_image": list(unit.image.model_size),
                  "prompt_tokens": res.reply.prompt_tokens, "completion_tokens": res.reply.completion_tokens,
                  "finish_reason": res.reply.finish_reason, "flags": res.flags, "attempts": res.attempts,
                  "seconds": round(res.reply.seconds, 3), "run_seed": self.seed}
         if self.task == "instruct":
             block["prompt"] = unit.prompt.text
-        # The stored image is the original; the downsized copy the model saw is model_image.
-        source = {k: v for k, v in unit.loaded.source.items() if k != "resized_to"}
+        # The stored image is the original (upright); the downsized copy the model saw is model_image.
+        source = unit.image.source
         sample = build_sample(item.key, messages=messages, image_names=names,
                               source={"uri": item.uri, "images": [source]},
                               tags=tags, block_name="caption", block=block, extra=item.extra)
-        return {unit.ext: unit.loaded.data, "json": encode_sample_json(sample)}
+        return {unit.image.ext: unit.image.stored, "json": encode_sample_json(sample)}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import tempfile
 import threading
 import time
@@ -57,7 +58,7 @@ class GenerationSettings:
 class Prompt:
     """One request: an image (already capped to the pixel budget) and the user text."""
 
-    image: Image.Image
+    image: Image.Image | None   # the picture (transformers backend; None when data is given)
     text: str
     data: bytes | None = None   # original file bytes, sent as-is by the openai backend when usable
     mime: str | None = None
@@ -137,6 +138,13 @@ def resolve_vlm(name: str) -> str:
     return VLM_PRESETS.get(name, os.path.expanduser(name))
 
 
+def missing_package(exc: ImportError) -> str:
+    """The pip name in transformers' "... Install it with `pip install X`" messages, else the
+    module that failed to import."""
+    m = re.search(r"pip install ([A-Za-z0-9_.\-]+)", str(exc))
+    return m.group(1) if m else (exc.name or str(exc).splitlines()[0]).split(".")[0]
+
+
 # -- generation ------------------------------------------------------------------------------------
 class TransformersVLM:
     backend = "transformers"
@@ -154,6 +162,9 @@ class TransformersVLM:
             self.processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
             self.model = AutoModelForImageTextToText.from_pretrained(
                 path, dtype=self.dtype, use_safetensors=True, trust_remote_code=trust_remote_code)
+        except ImportError as exc:  # a family's optional dependency (SmolVLM: num2words)
+            raise VLMLoadError(f"cannot load VLM {name!r}: it needs the Python package "
+                               f"{missing_package(exc)} (pip install {missing_package(exc)})") from None
         except (OSError, ValueError, KeyError) as exc:
             hint = "" if trust_remote_code else " (if the model needs its own code, pass --trust-remote-code)"
             raise VLMLoadError(f"cannot load VLM {name!r}: {str(exc).splitlines()[0]}{hint}") from None
@@ -177,7 +188,9 @@ class TransformersVLM:
         texts = [self.processor.apply_chat_template(
             [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": p.text}]}],
             add_generation_prompt=True, tokenize=False) for p in prompts]
-        batch = self.processor(text=texts, images=[p.image for p in prompts], return_tensors="pt", padding=True)
+        # One list of images per prompt: processors that tile or count images per sample (Idefics3,
+        # SmolVLM, Gemma3, Mllama) refuse a flat list for a batch of 2+; the others take both.
+        batch = self.processor(text=texts, images=[[p.image] for p in prompts], return_tensors="pt", padding=True)
         return batch.to(self.device)
 
     @torch.inference_mode()
