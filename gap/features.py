@@ -63,43 +63,43 @@ class FeatureExtractor:
     def feature_names(self) -> list[str]:
         return [f"residual power at {f:.3f} cycles/px" for f in frequencies(self.crop)] + list(STAT_NAMES)
 
-    def residual(self, channels: np.ndarray) -> np.ndarray:
-        """HxWxC float image -> its median-filter noise residual, per channel."""
-        return channels - ndimage.median_filter(channels, size=(3, 3, 1), mode="reflect")
+    def residual(self, crops: np.ndarray) -> np.ndarray:
+        """k x H x W x C float crops -> their median-filter noise residuals, per crop and channel."""
+        return crops - ndimage.median_filter(crops, size=(1, 3, 3, 1), mode="reflect")
 
-    def _spectrum(self, residual: np.ndarray) -> np.ndarray:
-        centred = (residual - residual.mean()) * self._window
-        power = np.abs(np.fft.fft2(centred)) ** 2
-        radial = np.bincount(self._bins.ravel(), weights=power.ravel()) / self._bin_counts
-        return np.log10(radial[1: self.crop // 2 + 1] + 1e-6)
+    def _spectra(self, luma: np.ndarray) -> np.ndarray:
+        centred = (luma - luma.mean(axis=(1, 2), keepdims=True)) * self._window
+        power = (np.abs(np.fft.fft2(centred)) ** 2).reshape(len(luma), -1)
+        bins = self._bins.ravel()
+        radial = np.stack([np.bincount(bins, weights=row) for row in power]) / self._bin_counts
+        return np.log10(radial[:, 1: self.crop // 2 + 1] + 1e-6)
 
     def __call__(self, rgb: np.ndarray, rng: np.random.Generator) -> ImageFeatures:
         """rgb: HxWx3 uint8, at least crop x crop. Crops are drawn from rng."""
         height, width = rgb.shape[:2]
-        spectra, stat_rows, thumbnail = [], [], None
-        for y, x in crop_origins(height, width, self.crop, self.crops_per_image, rng):
-            patch = rgb[y: y + self.crop, x: x + self.crop].astype(np.float32)
-            res = self.residual(patch)
-            luma = res @ _LUMA
-            if thumbnail is None:
-                thumbnail = luma
-            spectra.append(self._spectrum(luma))
-            stat_rows.append(self._stats(res, luma))
-        spectrum = np.mean(spectra, axis=0)
-        return ImageFeatures(np.concatenate([spectrum, np.mean(stat_rows, axis=0)]), spectrum, thumbnail)
+        crops = np.stack([rgb[y: y + self.crop, x: x + self.crop]
+                          for y, x in crop_origins(height, width, self.crop, self.crops_per_image, rng)])
+        res = self.residual(crops.astype(np.float32))
+        luma = res @ _LUMA
+        spectrum = self._spectra(luma).mean(axis=0)
+        return ImageFeatures(np.concatenate([spectrum, self._stats(res, luma)]), spectrum, luma[0])
 
     @staticmethod
     def _stats(res: np.ndarray, luma: np.ndarray) -> np.ndarray:
-        flat = luma.ravel()
-        std = float(flat.std())
+        """STAT_NAMES, each the mean over the crops."""
+        flat = luma.reshape(len(luma), -1).astype(np.float64)
+        std = flat.std(axis=1)
         # Chroma residual energy against luma: JPEG's 4:2:0 subsampling and demosaicing both
         # shape it, and a VAE decoder shapes it its own way.
-        chroma = res - luma[..., None]
-        chroma_std = float(chroma.std())
-        kurt, skew, corr = 0.0, 0.0, 1.0  # a flat crop has no residual at all
-        if std > 1e-6:
-            kurt, skew = float(stats.kurtosis(flat)), float(stats.skew(flat))
-        channels = res.reshape(-1, 3).T
-        if np.all(channels.std(axis=1) > 1e-6):
-            corr = float(np.corrcoef(channels)[np.triu_indices(3, 1)].mean())
-        return np.array([np.log10(std + 1e-3), kurt, skew, np.log10((chroma_std + 1e-3) / (std + 1e-3)), corr])
+        chroma_std = (res - luma[..., None]).reshape(len(res), -1).std(axis=1)
+        textured = std > 1e-6  # a flat crop has no residual at all: kurtosis 0, skew 0
+        kurt, skew = np.zeros(len(flat)), np.zeros(len(flat))
+        if textured.any():
+            kurt[textured] = stats.kurtosis(flat[textured], axis=1)
+            skew[textured] = stats.skew(flat[textured], axis=1)
+        corr = []
+        for channels in res.reshape(len(res), -1, 3).transpose(0, 2, 1).astype(np.float64):
+            ok = np.all(channels.std(axis=1) > 1e-6)
+            corr.append(np.corrcoef(channels)[np.triu_indices(3, 1)].mean() if ok else 1.0)
+        return np.array([np.log10(std + 1e-3).mean(), kurt.mean(), skew.mean(),
+                         np.log10((chroma_std + 1e-3) / (std + 1e-3)).mean(), float(np.mean(corr))])

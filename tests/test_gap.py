@@ -112,6 +112,12 @@ def test_sampling_is_seeded_and_reads_tars_and_datasets(known_sets, tmp_path):
     names = sorted(os.listdir(known_sets / "general"))[:30]
     records = [{"messages": [{"role": "user", "content": "<image>Hi"}, {"role": "assistant", "content": "Hi."}],
                 "images": [f"general/{n}"]} for n in names]
+    odd = {"flat.png": Image.new("RGB", (100, 100), "white"),                  # no residual at all
+           "gray16.png": Image.fromarray((np.arange(96 * 80).reshape(80, 96) * 8).astype(np.uint16)),
+           "rgba.png": Image.new("RGBA", (90, 70), (10, 200, 30, 100))}
+    for name, img in odd.items():
+        img.save(tmp_path / name)
+        records.append({"messages": [], "images": [str(tmp_path / name)]})
     records.append({"messages": [], "images": ["general/missing.jpg"]})
     (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
     records.append({"messages": [], "images": [str(tmp_path / "broken.jpg")]})
@@ -122,7 +128,7 @@ def test_sampling_is_seeded_and_reads_tars_and_datasets(known_sets, tmp_path):
     first = json.loads(_gap(*args).stdout)
     sets = {s["name"]: s for s in first["sets"]}
     assert sets["business"]["sampled"] == 30 and sets["business"]["available"] == 30
-    assert sets["general"]["sampled"] == 30 and sets["general"]["available"] == 32
+    assert sets["general"]["sampled"] == 33 and sets["general"]["available"] == 35
     skipped = sets["general"]["skipped"]
     assert sum(skipped.values()) == 2 and any("broken image" in k for k in skipped)
     assert any("No such file" in k or "unreadable" in k for k in skipped), skipped
