@@ -485,6 +485,7 @@ Examples:
 @click.option("--dose-dir", type=click.Path(file_okay=False), default=None,
               help="With --dose: folder for the general sample and one augment output per dose (reruns resume).")
 @click.option("--device", default=None, help="With --dose: torch device for augment.")
+@click.option("-q", "--quiet", is_flag=True, help="With --dose: no progress bars.")
 @user_errors
 def gap(**kw) -> None:
     """Measure the domain gap between business images and general (or augmented) images.

@@ -95,7 +95,7 @@ def write_sample(general: ImageSet, dose_dir: str) -> str:
 
 
 def run_doses(doses: list[Dose], general: ImageSet, dose_dir: str, *, device: str | None, dtype: str,
-              seed: int, quiet: bool = True) -> list[dict[str, str]]:
+              seed: int, quiet: bool = False) -> list[dict[str, str]]:
     """Augment the general sample once per dose: {label, folder, augment (its summary line)} each."""
     from augment.recipe import RecipeSettings
     from augment.run import AugmentOptions, run_augment

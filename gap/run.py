@@ -35,7 +35,7 @@ class GapOptions:
     dose_dir: str | None = None
     device: str | None = None
     dose_dtype: str = "fp32"
-    quiet: bool = True
+    quiet: bool = False            # --dose: no augment progress bars
 
 
 def set_name(arg: str, taken: set[str]) -> tuple[str, str]:

@@ -164,7 +164,7 @@ def test_dose_finding_ranks_augment_outputs(known_sets, tmp_path):
     the point here; that the table ranks real augment outputs by their measured gap is."""
     dose_dir = tmp_path / "dose"
     args = ("--business", known_sets / "business", "--general", known_sets / "general", "--samples", 12,
-            "--crops", 2, "--folds", 3, "--device", "cpu", "--dose-dir", dose_dir,
+            "--crops", 2, "--folds", 3, "--device", "cpu", "-q", "--dose-dir", dose_dir,
             "--dose", "tiny-random@0.025", "--dose", "tiny-random@vae:webp")
     report = json.loads(_gap(*args, "--json").stdout)
     labels = ["tiny-random@0.025", "tiny-random@vae:webp"]
