@@ -439,7 +439,7 @@ def demo(output: str) -> None:
 
 
 def _parse_doses(ctx, param, values) -> tuple:
-    from gap import parse_dose
+    from gap import check_folders, parse_dose
 
     doses = []
     for value in values:
@@ -449,6 +449,10 @@ def _parse_doses(ctx, param, values) -> tuple:
             raise click.BadParameter(str(exc)) from None
         _validate_model(ctx, param, dose.model)
         doses.append(dose)
+    try:
+        check_folders(doses)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
     return tuple(doses)
 
 

@@ -40,7 +40,7 @@ class Dose:
 
     @property
     def folder_name(self) -> str:
-        return re.sub(r"[^A-Za-z0-9._-]+", "_", self.label.replace("@", "-s").replace(":", "-")).strip("_")
+        return re.sub(r"[^A-Za-z0-9.-]+", "_", self.label).strip("_.")
 
 
 def parse_dose(text: str) -> Dose:
@@ -67,23 +67,30 @@ def parse_dose(text: str) -> Dose:
     return Dose(model, "img2img", strength, image_format)
 
 
+def check_folders(doses: list[Dose]) -> None:
+    """Each dose needs its own output folder; ValueError names a clash."""
+    folders = [dose.folder_name for dose in doses]
+    clash = next((name for name in folders if folders.count(name) > 1), None)
+    if clash:
+        raise ValueError(f"two doses would share the folder {clash}; give each dose once")
+
+
 def write_sample(general: ImageSet, dose_dir: str) -> str:
     """The sampled general images, bytes unchanged, as the augment input. A folder left by an
     earlier run is reused only if it holds exactly this sample."""
+    from shards.writer import TMP_SUFFIX, atomic_write_bytes
+
     folder = os.path.join(dose_dir, SAMPLE_FOLDER)
     os.makedirs(folder, exist_ok=True)
-    wanted = {}
-    for i, image in enumerate(general.images):
-        wanted[f"{i:05d}.{FORMAT_MEMBER_EXT.get(image.format, 'png')}"] = image.ref.read()
-    present = set(os.listdir(folder))
-    stray = present - set(wanted)
+    names = [f"{i:05d}.{FORMAT_MEMBER_EXT.get(image.format, 'png')}" for i, image in enumerate(general.images)]
+    present = {name for name in os.listdir(folder) if TMP_SUFFIX not in name}  # a crash's leftovers are ignored
+    stray = sorted(present - set(names))
     if stray:
-        raise UserError(f"--dose-dir {dose_dir}: {folder} holds other files ({sorted(stray)[0]}, ...), "
+        raise UserError(f"--dose-dir {dose_dir}: {folder} holds other files ({stray[0]}, ...), "
                         f"from a different sample; give a new --dose-dir")
-    from shards.writer import atomic_write_bytes
-
-    for name, data in wanted.items():
+    for name, image in zip(names, general.images):
         path = os.path.join(folder, name)
+        data = image.ref.read()
         if name in present:
             with open(path, "rb") as f:
                 if f.read() == data:
@@ -100,6 +107,10 @@ def run_doses(doses: list[Dose], general: ImageSet, dose_dir: str, *, device: st
     from augment.recipe import RecipeSettings
     from augment.run import AugmentOptions, run_augment
 
+    try:
+        check_folders(doses)
+    except ValueError as exc:
+        raise UserError(f"--dose: {exc}") from None
     sample = write_sample(general, dose_dir)
     outputs = []
     for dose in doses:

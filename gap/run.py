@@ -76,8 +76,8 @@ def run_gap(opts: GapOptions) -> tuple[dict[str, Any], list[ImageSet]]:
         doses = run_doses(list(opts.doses), general, opts.dose_dir, device=opts.device, dtype=opts.dose_dtype,
                           seed=opts.seed, quiet=opts.quiet)
         for dose in doses:
-            taken.add(dose["label"])
-            augmented.append(load_set(dose["label"], "augmented", [dose["folder"]], **load))
+            name, _ = set_name(f"{dose['label']}={dose['folder']}", taken)
+            augmented.append(load_set(name, "augmented", [dose["folder"]], **load))
     sets = [business, general, *augmented]
     features_done = time.perf_counter()
 

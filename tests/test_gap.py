@@ -155,6 +155,9 @@ def test_bad_input_is_one_line(known_sets, tmp_path):
     assert "--dose-dir" in error(*base, "--dose", "tiny-random@0.025")
     assert "--dose" in error(*base, "--dose", "tiny-random@lots", "--dose-dir", tmp_path / "d")
     assert "--dose" in error(*base, "--dose", "tiny-random@1.5", "--dose-dir", tmp_path / "d")
+    assert "give each dose once" in error(*base, "--dose", "tiny-random", "--dose", "tiny-random@0.025",
+                                          "--dose-dir", tmp_path / "d")
+    assert "not a preset" in error(*base, "--dose", "no-such-model@0.025", "--dose-dir", tmp_path / "d")
     assert not (tmp_path / "d").exists()
 
 
