@@ -19,7 +19,7 @@ from PIL import Image, ImageDraw
 from sources.readers import _split_member_name, expand_input, missing_tar_end
 
 from .schema import IMAGE_SUFFIXES, validate_sample
-from .store import FAILURES, MANIFEST
+from .store import FAILURES, MANIFEST, RUN_FILE, STATS_SUFFIX
 
 
 class InspectError(Exception):
@@ -202,6 +202,16 @@ def _read_failures(rep: Report, folder: str) -> None:
 
 def _check_manifest(rep: Report, folder: str, shard_paths: list[str]) -> None:
     path = os.path.join(folder, MANIFEST)
+    if os.path.exists(os.path.join(folder, RUN_FILE)):
+        # A ddaug output folder: a tar without its done marker is an unfinished shard (a run
+        # died between the rename and the marker); its samples are not counted as done.
+        for p in shard_paths:
+            if (os.path.dirname(os.path.abspath(p)) == folder and p.endswith(".tar")
+                    and not os.path.exists(p[:-4] + STATS_SUFFIX)):
+                rep.problems.append(f"{p}: no done marker ({os.path.basename(p)[:-4]}{STATS_SUFFIX}); "
+                                    f"rerun the command that made it to finish it")
+        if not os.path.exists(path):
+            rep.problems.append(f"{folder}: no {MANIFEST}")
     if not os.path.exists(path):
         return
     import hashlib
