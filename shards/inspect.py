@@ -16,6 +16,7 @@ from typing import Any, Iterator
 import numpy as np
 from PIL import Image, ImageDraw
 
+from sources.items import MAX_INPUT_BYTES
 from sources.readers import _split_member_name, expand_input, missing_tar_end
 
 from .schema import IMAGE_SUFFIXES, validate_sample
@@ -45,9 +46,12 @@ def find_shards(paths: tuple[str, ...] | list[str]) -> list[str]:
     for arg in paths:
         for p in expand_input(arg):
             if os.path.isdir(p):
-                found.extend(sorted(glob.glob(os.path.join(glob.escape(p), "*.tar"))))
-            elif os.path.exists(p):
+                # Only plain files: opening a FIFO named *.tar would block forever.
+                found.extend(sorted(t for t in glob.glob(os.path.join(glob.escape(p), "*.tar")) if os.path.isfile(t)))
+            elif os.path.isfile(p):
                 found.append(p)
+            elif os.path.exists(p):
+                raise InspectError(f"{p} is not a plain file")
             else:
                 raise InspectError(f"no such shard or folder: {p}")
     if not found:
@@ -64,6 +68,8 @@ def iter_shard(path: str) -> Iterator[ShardSample]:
             if not member.isfile():
                 continue
             key, suffix = _split_member_name(member.name)
+            if member.size > MAX_INPUT_BYTES:  # a crafted header must not make us read gigabytes
+                raise tarfile.ReadError(f"member {member.name} of {member.size} bytes is over the limit")
             f = tf.extractfile(member)
             data = f.read() if f else b""
             if len(data) != member.size:

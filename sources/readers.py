@@ -30,7 +30,7 @@ TAR_META_EXTENSIONS = ("json", "txt")
 # Files that mark a folder as a ddaug output folder (shards/store.py writes them).
 OUTPUT_MARKERS = ("run.json", "manifest.json")
 # Fields of a ddaug shard's json that describe how the previous run made it, not the sample.
-SHARD_PROVENANCE_FIELDS = ("key", "source", "augment", "caption", "extra")
+SHARD_PROVENANCE_FIELDS = ("key", "images", "source", "augment", "caption", "extra")
 _COMPRESSED_MAGIC = {b"\x1f\x8b": "gzip", b"\x28\xb5\x2f\xfd": "zstd", b"BZh": "bzip2", b"\xfd7zXZ": "xz"}
 
 
@@ -66,9 +66,10 @@ def is_output_folder(folder: str) -> bool:
     return False
 
 
-def _inside(path: str, folders: tuple[str, ...]) -> bool:
+def _in_output(path: str, outputs: tuple[str, ...]) -> bool:
+    """Whether path is one of the output folders (real paths) or a file written straight into one."""
     real = os.path.realpath(path)
-    return any(real == f or real.startswith(f.rstrip(os.sep) + os.sep) for f in folders)
+    return real in outputs or (not os.path.isdir(real) and os.path.dirname(real) in outputs)
 
 
 def read_directory(root: str, exclude: tuple[str, ...] = ()) -> Iterator[SourceItem]:
@@ -86,7 +87,7 @@ def read_directory(root: str, exclude: tuple[str, ...] = ()) -> Iterator[SourceI
         dirnames.sort()
         for d in list(dirnames):
             sub = os.path.join(dirpath, d)
-            if _inside(sub, exclude) or is_output_folder(sub):
+            if _in_output(sub, exclude) or is_output_folder(sub):
                 log.warning("not reading %s: it is a ddaug output folder (name it as an input to read it)",
                             printable(sub))
                 dirnames.remove(d)
@@ -286,7 +287,7 @@ def _tar_meta(fh, members: dict[str, TarMember], file_size: int) -> tuple[list, 
     if "json" in members:
         meta = _parse_json(_read_member(fh, members["json"], file_size))
         try:
-            rec = read_record(meta, skip=SHARD_PROVENANCE_FIELDS)
+            rec = read_record(meta, skip=SHARD_PROVENANCE_FIELDS, image_paths=False)
         except RecordError as exc:
             raise RecordError(f"sample json: {exc}") from None
         messages, tags = rec.messages, rec.tags
@@ -356,9 +357,9 @@ def read_sources(inputs: Iterable[str], media_dir: str | None = None,
     skip = tuple(os.path.realpath(p) for p in exclude)
     for arg in inputs:
         for path in expand_input(arg):
-            if skip and _inside(path, skip):
-                log.warning("not reading %s: it is inside the output folder", path)
-                continue
+            if skip and _in_output(path, skip):
+                raise SourceError(f"{path} is the output folder or in it: ddaug never reads its "
+                                  f"own output; pick another -o")
             for item in _read_one(path, media_dir, skip):
                 if item.key in seen:
                     log.warning("skipping duplicate input %s", item.uri)

@@ -114,15 +114,16 @@ def record_images(record: dict[str, Any]) -> list[str]:
     return paths
 
 
-def read_record(record: Any, *, skip: tuple[str, ...] = ()) -> Record:
+def read_record(record: Any, *, skip: tuple[str, ...] = (), image_paths: bool = True) -> Record:
     """A dataset record or a tar sample's json as a Record; RecordError for anything else.
 
     Fields other than the conversation, images and tags go to `extra` (minus `skip`); tags that
-    are not an object are kept there too rather than dropped."""
+    are not an object are kept there too rather than dropped. Without image_paths (a tar
+    sample, whose images are members) the image fields are not read."""
     if not isinstance(record, dict):
         raise RecordError(f"record is {_type_name(record)}, expected an object")
-    rec = Record(messages=normalise_messages(record), images=record_images(record))
-    mapped = CONVERSATION_FIELDS + IMAGE_FIELDS + skip
+    rec = Record(messages=normalise_messages(record), images=record_images(record) if image_paths else [])
+    mapped = CONVERSATION_FIELDS + (IMAGE_FIELDS if image_paths else ()) + skip
     rec.extra = {k: v for k, v in record.items() if k not in mapped and k != "tags"}
     tags = record.get("tags")
     if isinstance(tags, dict):

@@ -96,9 +96,10 @@ def test_output_folder_inside_the_input_is_never_read(tmp_path, photo_dir):
     # Another run's output folder inside the input is not read either ...
     invoke("augment", photo_dir, "-o", photo_dir / "vae", *FAST, "--mode", "vae")
     assert len(read_samples(photo_dir / "vae")) == 4
-    # ... nor a shard of -o named explicitly ...
-    r = invoke("augment", photo_dir, out / "shard-000-000000.tar", "-o", out, *FAST)
-    assert "done 0, skipped 4" in r.output
+    # ... and naming -o (or a shard in it) as an input is refused in one line ...
+    for bad in (out, out / "shard-000-000000.tar"):
+        r = invoke("augment", photo_dir, bad, "-o", out, *FAST, expect_ok=False)
+        assert r.exit_code == 1 and "never reads its own output" in r.output and "Traceback" not in r.output
     # ... but an output folder named as the input is read (caption of an augment output).
     invoke("augment", out, "-o", tmp_path / "second", *FAST, "--mode", "vae")
     assert len(read_samples(tmp_path / "second")) == 4
