@@ -16,7 +16,7 @@ from typing import Any, Iterator
 import numpy as np
 from PIL import Image, ImageDraw
 
-from sources.items import MAX_INPUT_BYTES
+from sources.items import MAX_INPUT_BYTES, open_regular, printable
 from sources.readers import _split_member_name, expand_input, missing_tar_end
 
 from .schema import IMAGE_SUFFIXES, validate_sample
@@ -149,7 +149,7 @@ def inspect_shards(paths, verify: bool = False) -> Report:
 
 
 def _summarise(rep: Report, s: ShardSample, verify: bool, seen: set[str]) -> None:
-    where = f"{s.shard}:{s.key}"
+    where = printable(f"{s.shard}:{s.key}")  # names of any bytes; printed and written as UTF-8
     if s.key in seen:
         rep.problems.append(f"{where}: duplicate key in shard")
     seen.add(s.key)
@@ -254,12 +254,16 @@ def find_sample(paths, key: str) -> ShardSample:
 def _read_source(uri: str) -> Image.Image | None:
     """The original image when it is still readable: a file path, or `tar#member`."""
     try:
+        # The uri comes from a sample's json: read only plain files, of bounded size.
         if "#" in uri and uri.split("#", 1)[0].endswith(".tar"):
             tar_path, member = uri.split("#", 1)
-            with tarfile.open(tar_path, "r:") as tf:
-                data = tf.extractfile(member).read()
+            with open_regular(tar_path, None) as fh, tarfile.open(fileobj=fh, mode="r:") as tf:
+                info = tf.getmember(member)
+                if info.size > MAX_INPUT_BYTES:
+                    return None
+                data = tf.extractfile(info).read()
         else:
-            with open(uri, "rb") as f:
+            with open_regular(uri) as f:
                 data = f.read()
         from sources import decode_image
 

@@ -151,16 +151,23 @@ def _parse_json(data: bytes) -> Any:
 
 def _dataset_records(path: str) -> Iterator[tuple[int, Any]]:
     """(index, record or RecordError) of a .json list/object or a .jsonl file."""
-    data = _read_bytes(path)
     if path.lower().endswith(".jsonl"):
-        for lineno, line in enumerate(data.removeprefix(codecs.BOM_UTF8).split(b"\n")):
-            if not line.strip():
-                continue
-            try:
-                yield lineno, _parse_json(line)
-            except RecordError as exc:
-                yield lineno, RecordError(f"line {lineno + 1}: {exc}")
+        try:
+            f = open_regular(path, None)
+        except OSError as exc:
+            raise SourceError(f"{path}: cannot read ({exc.strerror or exc})") from None
+        with f:  # line by line: a dataset of millions of records is never held as one string
+            for lineno, line in enumerate(f):
+                if lineno == 0:
+                    line = line.removeprefix(codecs.BOM_UTF8)
+                if not line.strip():
+                    continue
+                try:
+                    yield lineno, _parse_json(line)
+                except RecordError as exc:
+                    yield lineno, RecordError(f"line {lineno + 1}: {exc}")
         return
+    data = _read_bytes(path)
     try:
         records = _parse_json(data)
     except RecordError as exc:

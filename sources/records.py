@@ -108,8 +108,9 @@ def record_images(record: dict[str, Any]) -> list[str]:
     for i, entry in enumerate(value):
         if isinstance(entry, dict) and isinstance(entry.get("path"), str):
             entry = entry["path"]
-        if not isinstance(entry, str) or not entry:
-            raise RecordError(f"{field_name}[{i}] is {_type_name(entry) if entry != '' else 'empty'}, expected a path")
+        if not isinstance(entry, str) or not entry or "\0" in entry:
+            what = "empty" if entry == "" else "a path with a NUL byte" if isinstance(entry, str) else _type_name(entry)
+            raise RecordError(f"{field_name}[{i}] is {what}, expected a path")
         paths.append(entry)
     return paths
 
@@ -122,6 +123,12 @@ def read_record(record: Any, *, skip: tuple[str, ...] = (), image_paths: bool = 
     sample, whose images are members) the image fields are not read."""
     if not isinstance(record, dict):
         raise RecordError(f"record is {_type_name(record)}, expected an object")
+    try:  # JSON may escape lone surrogates (\ud800), which no UTF-8 sample file can hold
+        json.dumps(record, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise RecordError(f"text is not valid Unicode ({exc.reason} at character {exc.start})") from None
+    except RecursionError:
+        raise RecordError("record is nested too deeply to write") from None
     rec = Record(messages=normalise_messages(record), images=record_images(record) if image_paths else [])
     mapped = CONVERSATION_FIELDS + (IMAGE_FIELDS if image_paths else ()) + skip
     rec.extra = {k: v for k, v in record.items() if k not in mapped and k != "tags"}

@@ -148,6 +148,7 @@ def test_bad_records_go_to_the_ledger_and_the_rest_is_made(tmp_path, photo_dir, 
         b"5", b"null",                                                                              # ledger x2
         b"[" * 100_000 + b"]" * 100_000,                                                            # ledger
         b'{"messages": "caf\xe9"}',                                                                 # ledger
+        json.dumps({**good, "messages": [{"role": "user", "content": "<image>\ud800"}]}).encode(),  # ledger
     ]
     (tmp_path / "chat.jsonl").write_bytes(codecs.BOM_UTF8 + b"\n".join(lines) + b"\n")
     (tmp_path / "top-string.json").write_text(json.dumps("abcdef"))                                # ledger, once
@@ -158,7 +159,7 @@ def test_bad_records_go_to_the_ledger_and_the_rest_is_made(tmp_path, photo_dir, 
     inputs = [tmp_path / n for n in ("chat.jsonl", "top-string.json", "bom.json", "list.txt", "foreign.tar")]
     out = tmp_path / "out"
     r = invoke("augment", *inputs, "-o", out, *FAST)
-    assert "done 12, skipped 0 (already done), failed 10" in r.output, r.output
+    assert "done 12, skipped 0 (already done), failed 11" in r.output, r.output
     _verify(out)  # nothing --verify rejects was written
 
     metas = [sample_meta(m) for m in read_samples(out).values()]
@@ -178,10 +179,10 @@ def test_bad_records_go_to_the_ledger_and_the_rest_is_made(tmp_path, photo_dir, 
     reasons = sorted(f["reason"] for f in _ledger(out))
     expected = ["images is bool", "images is int", "is nested too deeply", "messages is a string",
                 "not UTF-8 text", "record is int", "record is null", "text member is not UTF-8",
-                "the file holds a JSON str", "unknown role 'narrator'"]
+                "the file holds a JSON str", "unknown role 'narrator'", "text is not valid Unicode"]
     for want in expected:
         assert sum(want in reason for reason in reasons) == 1, (want, reasons)
-    assert len(reasons) == 10
+    assert len(reasons) == 11
 
 
 # -- class 6: names of any bytes ---------------------------------------------------------------------------
@@ -251,3 +252,23 @@ def test_fifos_devices_huge_files_and_bad_tars_are_refused_not_read(tmp_path, ph
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "done 0, skipped 7" in r.stdout + r.stderr, r.stderr
     assert len(read_samples(out)) == 1
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_inspect_preview_does_not_follow_a_source_uri_into_a_fifo(tmp_path, photos):
+    """A sample's source uri is data from a tar: the preview reads it only if it is a plain file."""
+    os.mkfifo(tmp_path / "fifo.png")
+    meta = {"key": "k", "images": ["k.png"], "source": {"uri": str(tmp_path / "fifo.png"),
+                                                        "images": [{"uri": str(tmp_path / "fifo.png")}]}}
+    with tarfile.open(tmp_path / "s.tar", "w") as tf:
+        for name, data in (("k.png", _png_bytes(photos["rocket"])), ("k.json", json.dumps(meta).encode())):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    os.mkfifo(tmp_path / "fifo.tar")  # a FIFO among the shards of a folder is not opened either
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    cmd = [sys.executable, os.path.join(ROOT, "cli.py"), "inspect", str(tmp_path), "--preview",
+           str(tmp_path / "sheet.png")]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert Image.open(tmp_path / "sheet.png").size[0] > 0
