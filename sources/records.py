@@ -73,10 +73,16 @@ def _turns(value: Any, field_name: str) -> list[Any]:
     return value
 
 
+def _field(record: dict[str, Any], names: tuple[str, ...]) -> str | None:
+    """The first of names the record fills (an empty one yields to a filled alternative)."""
+    present = [f for f in names if record.get(f) not in (None, [], "")]
+    return present[0] if present else next((f for f in names if f in record), None)
+
+
 def normalise_messages(record: dict[str, Any]) -> list[dict[str, Any]]:
     """The record's conversation as schema turns ([] when it has none); RecordError if unreadable."""
-    field_name = next((f for f in CONVERSATION_FIELDS if record.get(f) is not None), None)
-    if field_name is None:
+    field_name = _field(record, CONVERSATION_FIELDS)
+    if field_name is None or record[field_name] is None:
         return []
     out = []
     for i, turn in enumerate(_turns(record[field_name], field_name)):
@@ -96,7 +102,7 @@ def normalise_messages(record: dict[str, Any]) -> list[dict[str, Any]]:
 
 def record_images(record: dict[str, Any]) -> list[str]:
     """Image paths of a record: a path, or a list of paths (or {"path": ...} objects)."""
-    field_name = next((f for f in IMAGE_FIELDS if f in record), None)
+    field_name = _field(record, IMAGE_FIELDS)
     if field_name is None or record[field_name] is None:
         return []
     value = record[field_name]
@@ -130,8 +136,11 @@ def read_record(record: Any, *, skip: tuple[str, ...] = (), image_paths: bool = 
     except RecursionError:
         raise RecordError("record is nested too deeply to write") from None
     rec = Record(messages=normalise_messages(record), images=record_images(record) if image_paths else [])
-    mapped = CONVERSATION_FIELDS + (IMAGE_FIELDS if image_paths else ()) + skip
-    rec.extra = {k: v for k, v in record.items() if k not in mapped and k != "tags"}
+    # Only the fields read are left out of extra: an unused alternative (both `messages` and
+    # `conversations` filled) is kept, not lost.
+    mapped = (_field(record, CONVERSATION_FIELDS),) + ((_field(record, IMAGE_FIELDS),) if image_paths else ()) + skip
+    empty_alternative = {f for f in CONVERSATION_FIELDS + IMAGE_FIELDS if record.get(f) in (None, [], "")}
+    rec.extra = {k: v for k, v in record.items() if k not in mapped and k != "tags" and k not in empty_alternative}
     tags = record.get("tags")
     if isinstance(tags, dict):
         rec.tags = dict(tags)
