@@ -59,7 +59,7 @@ def execute(command: str, opts: RunOptions, config: dict[str, Any],
             make_stage: Callable[[Placement], Stage]) -> JobSummary:
     if opts.retry_failures and opts.overwrite:
         raise UserError("--retry-failures and --overwrite contradict each other: pick one")
-    items = read_sources(opts.inputs, opts.media_dir)
+    items = read_sources(opts.inputs, opts.media_dir, exclude=[opts.output])  # never our own output
     if not items:
         raise UserError(f"no input images found in {', '.join(opts.inputs)}")
     try:

@@ -12,6 +12,7 @@ inside the output folder; a sample that would escape is skipped and reported.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -24,9 +25,11 @@ from typing import Any, Iterator
 
 from tqdm import tqdm
 
+from sources.items import printable
+
 from .inspect import ShardSample, find_shards, iter_shard
-from .schema import count_image_tags
-from .writer import atomic_write_bytes, atomic_write_json
+from .schema import count_image_tags, message_problems
+from .writer import TMP_SUFFIX, atomic_write_bytes, atomic_write_json
 
 log = logging.getLogger(__name__)
 FORMATS = ("llamafactory", "swift", "energon")
@@ -34,6 +37,10 @@ FORMATS = ("llamafactory", "swift", "energon")
 
 class ExportError(Exception):
     """Export cannot run as asked; one line for the user."""
+
+
+class ImageClash(ValueError):
+    """An image file name is taken by other bytes; it is never replaced."""
 
 
 @dataclass
@@ -84,6 +91,14 @@ def _conversation(s: ShardSample, summary: ExportSummary) -> tuple[dict, list[tu
     if not isinstance(meta, dict) or not meta.get("messages"):
         summary.skip("no conversation")
         return None
+    if not isinstance(meta["messages"], list) or message_problems(meta["messages"]):
+        summary.skip("messages with unknown roles or non-text content")
+        return None
+    try:  # text from a crafted tar may hold lone surrogates, which no UTF-8 file can store
+        json.dumps([meta["messages"], meta.get("tags")], ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        summary.skip("text that is not valid Unicode")
+        return None
     images = []
     for name in meta.get("images") or []:
         suffix = str(name)[len(s.key) + 1:] if str(name).startswith(s.key + ".") else None
@@ -97,16 +112,38 @@ def _conversation(s: ShardSample, summary: ExportSummary) -> tuple[dict, list[tu
     return meta, images
 
 
+def image_file_name(key: str, suffix: str, data: bytes) -> str:
+    """`{key}.{content hash}.{suffix}`: shard sets made from the same inputs share keys (augment
+    and caption of one folder, SDXL and SSD-1B runs), so the key alone would let one set's image
+    replace another's. With the hash, equal names mean equal bytes."""
+    key.encode("utf-8")  # a key that is not valid Unicode (crafted tar) cannot be named in JSON
+    return f"{key}.{hashlib.sha256(data).hexdigest()[:16]}.{suffix}"
+
+
 def _write_images(out: str, key: str, images: list[tuple[str, bytes]]) -> list[str]:
     rels = []
     for suffix, data in images:
-        rel = f"images/{key}.{suffix}"
+        rel = f"images/{image_file_name(key, suffix, data)}"
         path = safe_join(out, rel)  # keys come from tars: never trust them
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "wb") as f:
-            f.write(data)
+        if os.path.lexists(path):
+            # Written before (this export or an earlier one into DIR): the same bytes by name;
+            # anything else there is not ours to replace.
+            if not os.path.isfile(path) or os.path.getsize(path) != len(data) or _file_sha256(path) != \
+                    hashlib.sha256(data).hexdigest():
+                raise ImageClash(f"{rel} exists with other content; not replaced")
+        else:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            tmp = f"{path}{TMP_SUFFIX}-{os.getpid()}"  # a killed export leaves no half image under the name
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
         rels.append(rel)
     return rels
+
+
+def _file_sha256(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _exportable(paths, out: str, summary: ExportSummary, show_progress: bool, embed: bool = False):
@@ -120,12 +157,12 @@ def _exportable(paths, out: str, summary: ExportSummary, show_progress: bool, em
         try:
             if embed:
                 safe_join(out, f"images/{s.key}")  # the same key check, though nothing is written
-                field = [{"bytes": data, "path": f"{s.key}.{suffix}"} for suffix, data in images]
+                field = [{"bytes": data, "path": image_file_name(s.key, suffix, data)} for suffix, data in images]
             else:
                 field = _write_images(out, s.key, images)
-        except ValueError as exc:
-            log.warning("skipping %s: %s", s.key, exc)
-            summary.skip("unsafe key")
+        except ValueError as exc:  # UnicodeEncodeError included
+            log.warning("skipping %s: %s", printable(s.key), exc)
+            summary.skip("image name clash" if isinstance(exc, ImageClash) else "unsafe key")
             continue
         yield s, meta, field
 

@@ -16,10 +16,11 @@ from typing import Any, Iterator
 import numpy as np
 from PIL import Image, ImageDraw
 
+from sources.items import MAX_INPUT_BYTES, open_regular, printable
 from sources.readers import _split_member_name, expand_input, missing_tar_end
 
 from .schema import IMAGE_SUFFIXES, validate_sample
-from .store import FAILURES, MANIFEST
+from .store import FAILURES, MANIFEST, RUN_FILE, STATS_SUFFIX
 
 
 class InspectError(Exception):
@@ -45,9 +46,12 @@ def find_shards(paths: tuple[str, ...] | list[str]) -> list[str]:
     for arg in paths:
         for p in expand_input(arg):
             if os.path.isdir(p):
-                found.extend(sorted(glob.glob(os.path.join(glob.escape(p), "*.tar"))))
-            elif os.path.exists(p):
+                # Only plain files: opening a FIFO named *.tar would block forever.
+                found.extend(sorted(t for t in glob.glob(os.path.join(glob.escape(p), "*.tar")) if os.path.isfile(t)))
+            elif os.path.isfile(p):
                 found.append(p)
+            elif os.path.exists(p):
+                raise InspectError(f"{p} is not a plain file")
             else:
                 raise InspectError(f"no such shard or folder: {p}")
     if not found:
@@ -64,6 +68,8 @@ def iter_shard(path: str) -> Iterator[ShardSample]:
             if not member.isfile():
                 continue
             key, suffix = _split_member_name(member.name)
+            if member.size > MAX_INPUT_BYTES:  # a crafted header must not make us read gigabytes
+                raise tarfile.ReadError(f"member {member.name} of {member.size} bytes is over the limit")
             f = tf.extractfile(member)
             data = f.read() if f else b""
             if len(data) != member.size:
@@ -143,7 +149,7 @@ def inspect_shards(paths, verify: bool = False) -> Report:
 
 
 def _summarise(rep: Report, s: ShardSample, verify: bool, seen: set[str]) -> None:
-    where = f"{s.shard}:{s.key}"
+    where = printable(f"{s.shard}:{s.key}")  # names of any bytes; printed and written as UTF-8
     if s.key in seen:
         rep.problems.append(f"{where}: duplicate key in shard")
     seen.add(s.key)
@@ -202,6 +208,16 @@ def _read_failures(rep: Report, folder: str) -> None:
 
 def _check_manifest(rep: Report, folder: str, shard_paths: list[str]) -> None:
     path = os.path.join(folder, MANIFEST)
+    if os.path.exists(os.path.join(folder, RUN_FILE)):
+        # A ddaug output folder: a tar without its done marker is an unfinished shard (a run
+        # died between the rename and the marker); its samples are not counted as done.
+        for p in shard_paths:
+            if (os.path.dirname(os.path.abspath(p)) == folder and p.endswith(".tar")
+                    and not os.path.exists(p[:-4] + STATS_SUFFIX)):
+                rep.problems.append(f"{p}: no done marker ({os.path.basename(p)[:-4]}{STATS_SUFFIX}); "
+                                    f"rerun the command that made it to finish it")
+        if not os.path.exists(path):
+            rep.problems.append(f"{folder}: no {MANIFEST}")
     if not os.path.exists(path):
         return
     import hashlib
@@ -238,12 +254,16 @@ def find_sample(paths, key: str) -> ShardSample:
 def _read_source(uri: str) -> Image.Image | None:
     """The original image when it is still readable: a file path, or `tar#member`."""
     try:
+        # The uri comes from a sample's json: read only plain files, of bounded size.
         if "#" in uri and uri.split("#", 1)[0].endswith(".tar"):
             tar_path, member = uri.split("#", 1)
-            with tarfile.open(tar_path, "r:") as tf:
-                data = tf.extractfile(member).read()
+            with open_regular(tar_path, None) as fh, tarfile.open(fileobj=fh, mode="r:") as tf:
+                info = tf.getmember(member)
+                if info.size > MAX_INPUT_BYTES:
+                    return None
+                data = tf.extractfile(info).read()
         else:
-            with open(uri, "rb") as f:
+            with open_regular(uri) as f:
                 data = f.read()
         from sources import decode_image
 

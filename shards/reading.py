@@ -29,7 +29,7 @@ def index_shard(path: str) -> tuple[list[SampleIndex], str | None]:
         groups, problem = index_tar(path)
     except (tarfile.TarError, OSError) as exc:
         return [], f"unreadable tar: {exc}"
-    samples = [SampleIndex(k, tuple((ext, m.offset, m.size) for ext, m in v.items())) for k, v in groups.items()]
+    samples = [SampleIndex(g.key, tuple((ext, m.offset, m.size) for ext, m in g.members.items())) for g in groups]
     if problem and samples:
         samples.pop()  # the last group may be missing members that sat past the damage
     return samples, problem

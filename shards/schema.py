@@ -50,6 +50,12 @@ def encode_sample_json(sample: dict[str, Any]) -> bytes:
     return json.dumps(sample, ensure_ascii=False, sort_keys=True).encode("utf-8")
 
 
+def message_problems(messages: list[Any]) -> list[str]:
+    """What --verify and the exports refuse in a conversation: unknown roles, non-text content."""
+    return [f"message {i} needs a known role and string content" for i, m in enumerate(messages)
+            if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str)]
+
+
 def validate_sample(key: str, meta: Any, member_suffixes: set[str]) -> list[str]:
     """Problems with one sample (empty list if it is valid). member_suffixes are the parts of
     the member names after `{key}.`, e.g. {"png", "json"}."""
@@ -62,9 +68,7 @@ def validate_sample(key: str, meta: Any, member_suffixes: set[str]) -> list[str]
     if not isinstance(messages, list):
         problems.append("messages is not a list")
         messages = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-            problems.append(f"message {i} needs a known role and string content")
+    problems += message_problems(messages)
     images = meta.get("images")
     if not isinstance(images, list) or not images:
         problems.append("images must be a non-empty list")

@@ -2,11 +2,56 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import re
+import stat
 from dataclasses import dataclass, field
 from typing import Any
+
+
+# What one input file may cost: a bigger file is refused with a ledger line instead of being read
+# whole (a sparse 20 GB file, a symlink to a device). 80 MP of 16-bit RGB uncompressed is 480 MB.
+MAX_INPUT_BYTES = 1 << 30
+
+
+def _file_kind(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def open_regular(path: str, max_bytes: int | None = MAX_INPUT_BYTES):
+    """Open a plain file for reading, or raise OSError with a one-line reason.
+
+    The type and size are checked on the opened descriptor (no race with the name): opening does
+    not block on a FIFO, and FIFOs, devices (a symlink to /dev/zero) and folders are refused
+    before anything is read, as is a file over max_bytes."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(errno.EINVAL, f"{_file_kind(st.st_mode)}, not a regular file; not read")
+        if max_bytes is not None and st.st_size > max_bytes:
+            raise OSError(errno.EFBIG, f"file of {st.st_size} bytes is over the {max_bytes}-byte "
+                                       f"limit for one input; not read")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def printable(text: str) -> str:
+    """text safe for JSON files: bytes of a non-UTF-8 file or tar member name (surrogate-escaped
+    by Python) are shown as \\xNN escapes instead of failing when the ledger is written."""
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # lone surrogates that do not stand for bytes (from \ud800 in JSON)
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 @dataclass(frozen=True)
@@ -18,10 +63,19 @@ class ImageRef:
     offset: int = 0  # byte offset of a tar member's data; 0 and size -1 for a plain file
     size: int = -1
 
+    def __post_init__(self):
+        object.__setattr__(self, "uri", printable(self.uri))  # it is written to JSON files
+
     def read(self) -> bytes:
-        with open(self.path, "rb") as f:
+        if self.size > MAX_INPUT_BYTES:
+            raise OSError(errno.EFBIG, f"tar member of {self.size} bytes is over the {MAX_INPUT_BYTES}-byte "
+                                       f"limit for one input; not read")
+        with open_regular(self.path, None if self.size >= 0 else MAX_INPUT_BYTES) as f:
             if self.size < 0:
-                return f.read()
+                data = f.read(MAX_INPUT_BYTES + 1)
+                if len(data) > MAX_INPUT_BYTES:  # grew after the check, or lies about its size
+                    raise OSError(errno.EFBIG, f"file is over the {MAX_INPUT_BYTES}-byte limit for one input")
+                return data
             f.seek(self.offset)
             data = f.read(self.size)
         if len(data) != self.size:
@@ -40,6 +94,9 @@ class SourceItem:
     # Set when the reader already knows the sample is unusable (e.g. a json naming no image).
     error: str | None = None
 
+    def __post_init__(self):
+        self.uri = printable(self.uri)  # it is written to JSON files (samples, the ledger)
+
 
 _SLUG_BAD = re.compile(r"[^A-Za-z0-9_-]+")
 
@@ -51,7 +108,7 @@ def make_key(name: str, uri: str) -> str:
     name on export, so only [A-Za-z0-9_-] survive.
     """
     slug = _SLUG_BAD.sub("_", name).strip("_")[:32] or "item"
-    digest = hashlib.sha1(uri.encode("utf-8", "surrogateescape")).hexdigest()[:12]
+    digest = hashlib.sha1(printable(uri).encode("utf-8")).hexdigest()[:12]
     return f"{slug}-{digest}"
 
 
