@@ -116,6 +116,8 @@ def run_options(fn):
         click.option("--overwrite", is_flag=True, help="Delete earlier output in the folder and start fresh."),
         click.option("--retry-failures", is_flag=True,
                      help="Retry only the inputs listed in OUT/failures.jsonl (same inputs and options as the run)."),
+        click.option("--drop-text-only", is_flag=True,
+                     help="Leave out records without images (default: pass them through unchanged, json only)."),
         click.option("-q", "--quiet", is_flag=True, help="No progress bar."),
     ]
     for option in reversed(options):
@@ -127,7 +129,7 @@ def _run_options(kw: dict):
     from pipeline.command import RunOptions
 
     keys = ("output", "media_dir", "device", "batch_size", "shard_size", "seed", "prefix", "workers",
-            "rank", "world_size", "overwrite", "quiet", "retry_failures")
+            "rank", "world_size", "overwrite", "quiet", "retry_failures", "drop_text_only")
     return RunOptions(inputs=tuple(kw.pop("inputs")), **{k: kw.pop(k) for k in keys})
 
 

@@ -16,6 +16,7 @@ from PIL import Image
 
 from pipeline import SampleFailure
 from pipeline.images import FORMAT_MEMBER_EXT, LoadedImage, read_image
+from pipeline.passthrough import TextOnlyCounter, text_only_units
 from shards.schema import IMAGE_TAG, build_sample, encode_sample_json, image_member_names
 from sources import SourceItem
 
@@ -79,9 +80,12 @@ class CaptionStage:
         self.drop_truncated = drop_truncated
         self.tags = tags or {}
         self.counts: collections.Counter = collections.Counter()  # flags and retries, for the summary
+        self.text_only = TextOnlyCounter(self.counts)
 
     # -- loader threads ---------------------------------------------------------------------------
     def load(self, item: SourceItem) -> list[CaptionUnit]:
+        if not item.images:
+            return text_only_units(item)
         if len(item.images) != 1:
             raise SampleFailure("read", f"caption takes one image per sample; this one has {len(item.images)}")
         loaded = read_image(item, 0, max_pixels=self.max_pixels)
@@ -146,6 +150,9 @@ class CaptionStage:
 
     # -- builder threads ------------------------------------------------------------------------------
     def build(self, item: SourceItem, results: list[CaptionResult]) -> dict[str, bytes]:
+        if not results:
+            tags = {"domain": "business", "stage": None, **{k: v for k, v in self.tags.items() if v is not None}}
+            return self.text_only.members(item, tags, "caption", {"run_seed": self.seed})
         (res,) = results
         unit = res.unit
         names = image_member_names(item.key, [unit.ext])

@@ -303,6 +303,8 @@ class Job:
                     continue
                 st = _ItemState(item, len(units))
                 states.append(st)
+                if not units:  # nothing for the model (a text-only record): build it now
+                    st.future = builders.submit(self._build, st)
                 for ui, unit in enumerate(units):
                     bkey = self.stage.bucket(unit)
                     buckets.setdefault(bkey, []).append((st, ui, unit))

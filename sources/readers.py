@@ -146,9 +146,9 @@ def read_dataset(path: str, media_dir: str | None) -> Iterator[SourceItem]:
         extra = {k: v for k, v in record.items()
                  if k not in ("messages", "conversations", "images", "image", "tags")}
         tags = record.get("tags") if isinstance(record.get("tags"), dict) else {}
-        yield SourceItem(key=key, uri=uri, images=refs, messages=_normalise_messages(record),
-                         tags=dict(tags), extra=extra,
-                         error=None if refs else "dataset record names no image")
+        messages = _normalise_messages(record)
+        yield SourceItem(key=key, uri=uri, images=refs, messages=messages, tags=dict(tags), extra=extra,
+                         error=None if refs or messages else "dataset record has neither images nor messages")
 
 
 def _split_member_name(name: str) -> tuple[str, str]:
@@ -235,8 +235,8 @@ def read_tar(path: str) -> Iterator[SourceItem]:
                 m = members["txt"]
                 fh.seek(m.offset)
                 extra["text"] = fh.read(m.size).decode("utf-8", "replace")
-            if not refs and error is None:
-                error = "tar sample has no image member"
+            if not refs and not messages and error is None:
+                error = "tar sample has no image member and no conversation"
             yield SourceItem(key=key, uri=uri, images=refs, messages=messages, tags=tags,
                              extra=extra, error=error)
     if problem:
