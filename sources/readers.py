@@ -267,11 +267,18 @@ def read_sources(inputs: Iterable[str], media_dir: str | None = None) -> list[So
 
 
 def _read_one(path: str, media_dir: str | None) -> Iterator[SourceItem]:
+    from . import parquet  # parquet/arrow tables and hub datasets
+
+    if path.startswith(parquet.HUB_PREFIX):
+        return parquet.read_hub_dataset(path, media_dir)
     if not os.path.lexists(path):
         raise SourceError(f"input not found: {path}")
     low = path.lower()
     if os.path.isdir(path):
-        return read_directory(path)
+        tables = parquet.table_files_in(path)
+        return parquet.read_table_files(tables, media_dir) if tables else read_directory(path)
+    if parquet.is_table_file(low):
+        return parquet.read_table_file(path, media_dir)
     if low.endswith(".tar"):
         return read_tar(path)
     if low.endswith((".tar.gz", ".tgz", ".tar.zst")):
@@ -282,5 +289,5 @@ def _read_one(path: str, media_dir: str | None) -> Iterator[SourceItem]:
         return read_path_list(path)
     if _is_image_name(low):
         return iter([_file_item(path)])
-    raise SourceError(f"{path}: unknown input kind (expected a folder, .tar, .json/.jsonl, "
-                      f".txt list or an image file)")
+    raise SourceError(f"{path}: unknown input kind (expected a folder, .tar, .json/.jsonl, .parquet, "
+                      f".arrow, .txt list, an image file or hf://org/name)")
