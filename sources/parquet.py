@@ -239,8 +239,11 @@ class TableImageRef(ImageRef):
             return bytes(cell)
         if isinstance(cell, str) and cell:
             full = cell if os.path.isabs(cell) else os.path.join(self.base, cell)
-            with open(full, "rb") as f:
-                return f.read()
+            try:
+                with open(full, "rb") as f:
+                    return f.read()
+            except OSError as exc:  # name the file the cell points to, not only the row
+                raise OSError(f"{exc.strerror or exc}: {full}") from None
         raise OSError(f"image cell {self.column}[{self.index}] of row {self.row} holds no bytes and no path")
 
 
