@@ -66,7 +66,7 @@ def cli(verbose: int) -> None:
       caption   recaption business images with a VLM (caption and instruct data)
       inspect   summarise, verify and preview shards
       plan      what a training recipe (sources, ratios, stages) will draw
-      export    shards -> LLaMA-Factory, ms-swift or Megatron-Energon datasets
+      export    shards -> LLaMA-Factory, ms-swift, Megatron-Energon or HF datasets
       demo      offline end-to-end run on bundled photos with tiny models
     """
     _setup_logging(verbose)
@@ -400,10 +400,11 @@ Examples:
   ddaug export out/cap-s1 -o lf/ --format llamafactory --embed --name cap    # parquet, image bytes inside
   ddaug export out/cap-s1 out/general -o swift/ --format swift               # jsonl with channel = tags.domain
   ddaug export out/cap-s1 -o energon/ --format energon                       # shards + .nv-meta (energon prepare)
+  ddaug export out/cap-s1 out/general -o hf/ --format hf                     # parquet for HF datasets, images list
 """)
 @click.argument("paths", nargs=-1, required=True)
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Output folder.")
-@click.option("--format", "fmt", required=True, type=click.Choice(["llamafactory", "swift", "energon"]))
+@click.option("--format", "fmt", required=True, type=click.Choice(["llamafactory", "swift", "energon", "hf"]))
 @click.option("--name", default="ddaug", show_default=True, help="Dataset name (file name and dataset_info key).")
 @click.option("--jsonl", is_flag=True, help="llamafactory: write jsonl instead of one json array.")
 @click.option("--embed", is_flag=True, help="llamafactory: parquet with the image bytes embedded (needs pyarrow).")
@@ -421,6 +422,8 @@ def export(paths, output, fmt, name, jsonl, embed, channel_tag, quiet) -> None:
         kwargs.update(name=name, jsonl=jsonl, embed=embed)
     elif fmt == "swift":
         kwargs.update(name=name, channel_tag=channel_tag)
+    elif fmt == "hf":
+        kwargs.update(name=name)
     summary = run_export(paths, fmt, output, **kwargs)
     click.echo(f"export ({fmt}): {summary.line()} -> {output} ({', '.join(summary.files)})", err=True)
 

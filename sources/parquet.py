@@ -81,7 +81,9 @@ class _Table:
         self.pa, self.pc, self.pq = _pa()
         try:
             if path.lower().endswith(".parquet"):
-                self._parquet = self.pq.ParquetFile(path)
+                # pre_buffer (pyarrow's default) caches every range it has read until the file
+                # is closed: a whole 50 GB file over a run. Off, batches are read and freed.
+                self._parquet = self.pq.ParquetFile(path, pre_buffer=False)
                 self.schema = self._parquet.schema_arrow
                 meta = self._parquet.metadata
                 self._group_starts = []
