@@ -261,7 +261,7 @@ class Job:
                     log.info("failed %s (%s): %s", st.item.uri, st.failure.stage, st.failure.reason)
                 else:
                     summary.done += 1
-                st.results = []  # free pixels as soon as the sample is written
+                st.results, st.future = [], None  # free pixels and members once the sample is written
                 next_out += 1
                 bar.update(1)
                 bar.set_postfix(failed=summary.failed, refresh=False)
