@@ -1,7 +1,7 @@
 """Every reader the README names loads ddaug data with 1- and 2-image samples, a text-only
 sample and mixed JPEG/PNG members, and gets every turn and every image: HF datasets (through
-`export --format hf`), Megatron-Energon (the shipped sample type and cooker, `energon info` and
-`lint`), plain webdataset, the ddaug loader, and the LLaMA-Factory / ms-swift exports."""
+`export --format hf`), Megatron-Energon (the shipped sample type and cooker, `energon info`, `lint`
+and `preview`), plain webdataset, the ddaug loader, and the LLaMA-Factory / ms-swift exports."""
 
 from __future__ import annotations
 
@@ -131,6 +131,8 @@ def test_energon_sample_type_loads_every_turn_and_image(mixed_set, tmp_path):
     assert "DdaugChatSample" in info.stdout and "4 samples" in info.stdout
     lint = subprocess.run(cli + ["lint", str(out)], capture_output=True, text=True, env=env)
     assert lint.returncode == 0, (lint.stdout + lint.stderr)[-2000:]
+    preview = subprocess.run(cli + ["preview", str(out)], input="n\n", capture_output=True, text=True, env=env)
+    assert preview.returncode == 0 and "messages (list)" in preview.stdout, preview.stderr[-2000:]
 
 
 def test_energon_cooker_on_a_crude_dataset(mixed_set, tmp_path):
