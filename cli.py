@@ -327,6 +327,8 @@ def inspect(paths, verify, show_key, save_image, preview, limit, as_json) -> Non
         sample = ins.find_sample(paths, show_key)
         click.echo(json.dumps(sample.meta, ensure_ascii=False, indent=2))
         if save_image:
+            if not sample.image_members():
+                raise click.ClickException(f"{show_key} has no image (a text-only sample)")
             with open(save_image, "wb") as f:
                 f.write(sample.members[sample.image_members()[0]])
             click.echo(f"saved {save_image}", err=True)

@@ -68,7 +68,7 @@ def main() -> None:
     ap.add_argument("--side", type=int, default=1024)
     args = ap.parse_args()
     os.makedirs(args.workdir, exist_ok=True)
-    path = os.path.join(args.workdir, f"big-rg{args.row_group}.parquet")
+    path = os.path.join(args.workdir, f"big-{args.rows}-rg{args.row_group}.parquet")
     t0 = time.time()
     size = os.path.getsize(path) if os.path.exists(path) else write_parquet(path, args.rows, args.row_group, args.side)
     print(f"parquet {path}: {size / 2**30:.2f} GiB, {args.rows} rows, row groups of {args.row_group or args.rows} "
@@ -77,7 +77,7 @@ def main() -> None:
     server = multiprocessing.Process(target=serve, args=(queue, stop), daemon=True)
     server.start()
     url = queue.get(timeout=60)
-    out = os.path.join(args.workdir, f"out-rg{args.row_group}")
+    out = os.path.join(args.workdir, f"out-{args.rows}-rg{args.row_group}")
     env = {**os.environ, "PYTHONPATH": HERE, "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost",
            "OPENAI_API_KEY": "EMPTY"}
     cmd = [sys.executable, "-m", "cli", "caption", path, "-o", out, "--overwrite", "-q", "--backend", "openai",

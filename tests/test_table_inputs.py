@@ -85,6 +85,10 @@ def test_parquet_rows_text_only_and_resume(tmp_path, table_rows):
     assert totals == {"samples": 3, "text_only": 1, "failed": 1}
     assert json.load(open(out / "manifest.json"))["text_only"] == 1
     invoke("inspect", out, "--verify")
+    sheet = invoke("inspect", out, "--preview", tmp_path / "sheet.png")  # sources read back from the parquet
+    assert "3 rows" in sheet.output
+    no_image = invoke("inspect", out, "--show", meta["key"], "--save-image", tmp_path / "x.png", expect_ok=False)
+    assert no_image.exit_code == 1 and "text-only" in no_image.output
 
     # A rerun skips everything; once the missing file exists, --retry-failures brings it in.
     again = invoke("augment", tmp_path / "train.parquet", "-o", out, "--shard-size", 3, *AUGMENT)
