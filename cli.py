@@ -66,7 +66,7 @@ def cli(verbose: int) -> None:
       caption   recaption business images with a VLM (caption and instruct data)
       inspect   summarise, verify and preview shards
       plan      what a training recipe (sources, ratios, stages) will draw
-      export    shards -> LLaMA-Factory, ms-swift or Megatron-Energon datasets
+      export    shards -> LLaMA-Factory, ms-swift, Megatron-Energon or HF datasets
       demo      offline end-to-end run on bundled photos with tiny models
       gap       how far general (and augmented) images are from business, and which dose closes it
     """
@@ -117,6 +117,8 @@ def run_options(fn):
         click.option("--overwrite", is_flag=True, help="Delete earlier output in the folder and start fresh."),
         click.option("--retry-failures", is_flag=True,
                      help="Retry only the inputs listed in OUT/failures.jsonl (same inputs and options as the run)."),
+        click.option("--drop-text-only", is_flag=True,
+                     help="Leave out records without images (default: pass them through unchanged, json only)."),
         click.option("-q", "--quiet", is_flag=True, help="No progress bar."),
     ]
     for option in reversed(options):
@@ -128,7 +130,7 @@ def _run_options(kw: dict):
     from pipeline.command import RunOptions
 
     keys = ("output", "media_dir", "device", "batch_size", "shard_size", "seed", "prefix", "workers",
-            "rank", "world_size", "overwrite", "quiet", "retry_failures")
+            "rank", "world_size", "overwrite", "quiet", "retry_failures", "drop_text_only")
     return RunOptions(inputs=tuple(kw.pop("inputs")), **{k: kw.pop(k) for k in keys})
 
 
@@ -337,6 +339,8 @@ def inspect(paths, verify, show_key, save_image, preview, limit, as_json) -> Non
         sample = ins.find_sample(paths, show_key)
         click.echo(json.dumps(sample.meta, ensure_ascii=False, indent=2))
         if save_image:
+            if not sample.image_members():
+                raise click.ClickException(f"{show_key} has no image (a text-only sample)")
             with open(save_image, "wb") as f:
                 f.write(sample.members[sample.image_members()[0]])
             click.echo(f"saved {save_image}", err=True)
@@ -410,10 +414,11 @@ Examples:
   ddaug export out/cap-s1 -o lf/ --format llamafactory --embed --name cap    # parquet, image bytes inside
   ddaug export out/cap-s1 out/general -o swift/ --format swift               # jsonl with channel = tags.domain
   ddaug export out/cap-s1 -o energon/ --format energon                       # shards + .nv-meta (energon prepare)
+  ddaug export out/cap-s1 out/general -o hf/ --format hf                     # parquet for HF datasets, images list
 """)
 @click.argument("paths", nargs=-1, required=True)
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Output folder.")
-@click.option("--format", "fmt", required=True, type=click.Choice(["llamafactory", "swift", "energon"]))
+@click.option("--format", "fmt", required=True, type=click.Choice(["llamafactory", "swift", "energon", "hf"]))
 @click.option("--name", default="ddaug", show_default=True, help="Dataset name (file name and dataset_info key).")
 @click.option("--jsonl", is_flag=True, help="llamafactory: write jsonl instead of one json array.")
 @click.option("--embed", is_flag=True, help="llamafactory: parquet with the image bytes embedded (needs pyarrow).")
@@ -431,6 +436,8 @@ def export(paths, output, fmt, name, jsonl, embed, channel_tag, quiet) -> None:
         kwargs.update(name=name, jsonl=jsonl, embed=embed)
     elif fmt == "swift":
         kwargs.update(name=name, channel_tag=channel_tag)
+    elif fmt == "hf":
+        kwargs.update(name=name)
     summary = run_export(paths, fmt, output, **kwargs)
     click.echo(f"export ({fmt}): {summary.line()} -> {output} ({', '.join(summary.files)})", err=True)
 

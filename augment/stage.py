@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -9,6 +10,7 @@ import numpy as np
 
 from pipeline import SampleFailure
 from pipeline.images import read_image
+from pipeline.passthrough import TextOnlyCounter, text_only_units
 from pipeline.timing import StageTimes
 from shards.codec import FORMAT_EXT, encode_image
 from shards.schema import build_sample, count_image_tags, encode_sample_json, image_member_names
@@ -44,8 +46,12 @@ class AugmentStage:
         self.provenance = flavour.provenance()
         self.times = StageTimes()  # the job adds its parts; the flavour adds the GPU's
         flavour.times = self.times
+        self.counts: Counter = Counter()
+        self.text_only = TextOnlyCounter(self.counts)
 
     def load(self, item: SourceItem) -> list[ImageUnit]:
+        if not item.images:
+            return text_only_units(item)
         check_conversation(item)
         units = []
         for i in range(len(item.images)):
@@ -81,14 +87,16 @@ class AugmentStage:
                 for out, u in zip(outs, units)]
 
     def build(self, item: SourceItem, results: list[Any]) -> dict[str, bytes]:
+        tags = {"domain": "general", "task": "conversation" if item.messages else "image", "stage": None}
+        tags.update({k: v for k, v in item.tags.items() if k in ("domain", "task", "stage")})
+        tags.update({k: v for k, v in self.tags.items() if v is not None})
+        if not results:
+            return self.text_only.members(item, tags, "augment", {"run_seed": self.flavour.settings.seed})
         ext = FORMAT_EXT[self.image_format]
         names = image_member_names(item.key, [ext] * len(results))
         files = {}
         for name, (pixels, _) in zip(names, results):
             files[name[len(item.key) + 1:]] = encode_image(pixels, self.image_format, self.quality)
-        tags = {"domain": "general", "task": "conversation" if item.messages else "image", "stage": None}
-        tags.update({k: v for k, v in item.tags.items() if k in ("domain", "task", "stage")})
-        tags.update({k: v for k, v in self.tags.items() if v is not None})
         block = dict(self.provenance)
         block["canvases"] = [list(u.pixels.shape[:2]) for _, u in results]  # H, W each image was computed at
         if self.flavour.settings.mode == "img2img" or self.flavour.settings.latent == "sample":

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from pipeline import SampleFailure
+from pipeline.passthrough import TextOnlyCounter, text_only_units
 from shards.schema import IMAGE_TAG, build_sample, encode_sample_json, image_member_names
 from sources import SourceItem
 
@@ -76,6 +77,7 @@ class CaptionStage:
         self.lossless = lossless
         self.streaming = hasattr(vlm, "submit")  # requests go out at load time (openai backend)
         self.counts: collections.Counter = collections.Counter()  # flags and retries, for the summary
+        self.text_only = TextOnlyCounter(self.counts)
         if self.streaming:
             self.times = CaptionTimes(vlm.concurrency)
             vlm.times = self.times
@@ -87,6 +89,8 @@ class CaptionStage:
 
     # -- loader threads ---------------------------------------------------------------------------
     def load(self, item: SourceItem) -> list[CaptionUnit]:
+        if not item.images:
+            return text_only_units(item)
         if len(item.images) != 1:
             raise SampleFailure("read", f"caption takes one image per sample; this one has {len(item.images)}")
         with self.times.measure_cpu("decode+resize+encode") if self.streaming else contextlib.nullcontext():
@@ -167,6 +171,9 @@ class CaptionStage:
 
     # -- builder threads ------------------------------------------------------------------------------
     def build(self, item: SourceItem, results: list[CaptionResult]) -> dict[str, bytes]:
+        if not results:
+            tags = {"domain": "business", "stage": None, **{k: v for k, v in self.tags.items() if v is not None}}
+            return self.text_only.members(item, tags, "caption", {"run_seed": self.seed})
         (res,) = results
         unit = res.unit
         names = image_member_names(item.key, [unit.image.ext])

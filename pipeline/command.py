@@ -15,6 +15,7 @@ from shards.store import OutputFolder
 from sources import read_sources
 
 from .job import Job, JobAbort, JobSummary, Stage
+from .passthrough import drop_text_only
 from .placement import Placement, resolve_placement
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,7 @@ class RunOptions:
     overwrite: bool = False
     quiet: bool = False
     retry_failures: bool = False
+    drop_text_only: bool = False   # leave out records without images instead of passing them through
 
 
 def package_versions() -> dict[str, str]:
@@ -60,6 +62,11 @@ def execute(command: str, opts: RunOptions, config: dict[str, Any],
     if opts.retry_failures and opts.overwrite:
         raise UserError("--retry-failures and --overwrite contradict each other: pick one")
     items = read_sources(opts.inputs, opts.media_dir, exclude=[opts.output])  # never our own output
+    dropped = 0
+    if opts.drop_text_only:
+        items, dropped = drop_text_only(items)
+        config = {**config, "drop_text_only": True}  # absent otherwise: older folders still resume
+        log.info("left out %d text-only record(s) (--drop-text-only)", dropped)
     if not items:
         raise UserError(f"no input images found in {', '.join(opts.inputs)}")
     try:
@@ -69,6 +76,8 @@ def execute(command: str, opts: RunOptions, config: dict[str, Any],
     run_info = {"versions": package_versions(), "argv": sys.argv, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     folder = OutputFolder(opts.output, prefix=opts.prefix, command=command, config=config,
                           run_info=run_info, rank=placement.rank, overwrite=opts.overwrite)
+    if dropped:
+        folder.run_counts["text_only_dropped"] = dropped
     try:
         stage = make_stage(placement)
         batch_size = opts.batch_size or getattr(stage, "batch_size", None) or DEFAULT_BATCH_SIZE
@@ -79,6 +88,8 @@ def execute(command: str, opts: RunOptions, config: dict[str, Any],
         if retry is not None:
             log.info("retrying %d failed input(s) from %s/failures.jsonl", len(retry), opts.output)
         summary = job.run(items, retry_keys=retry)
+        if dropped:
+            summary.counts["text-only dropped"] = dropped
         folder.refresh_summary()
     except JobAbort as exc:
         raise UserError(str(exc)) from None

@@ -269,7 +269,7 @@ class Job:
                     log.info("failed %s (%s): %s", st.item.uri, st.failure.stage, st.failure.reason)
                 else:
                     summary.done += 1
-                st.results = []  # free pixels as soon as the sample is written
+                st.results, st.future = [], None  # free pixels and members once the sample is written
                 next_out += 1
                 bar.update(1)
                 bar.set_postfix(failed=summary.failed, refresh=False)
@@ -311,6 +311,8 @@ class Job:
                     continue
                 st = _ItemState(item, len(units))
                 states.append(st)
+                if not units:  # nothing for the model (a text-only record): build it now
+                    st.future = builders.submit(self._build, st)
                 for ui, unit in enumerate(units):
                     bkey = self.stage.bucket(unit)
                     buckets.setdefault(bkey, []).append((st, ui, unit))

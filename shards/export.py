@@ -4,7 +4,10 @@ llamafactory  {name}.json|.jsonl (+ images/), or {name}.parquet with embedded im
               plus the dataset_info.json entry (sharegpt formatting, OpenAI-style role tags)
 swift         {name}.jsonl for ms-swift: messages + images + channel (per-source loss)
 energon       the shards plus the .nv-meta/ index that Megatron-Energon's loader needs,
-              made by Energon's own `energon prepare`
+              made by Energon's own `energon prepare`, and a dataset.yaml naming ddaug's
+              sample type (shards/energon.py)
+hf            {name}.parquet with HF datasets features: an `images` list of Image, so
+              samples with any number of images (or none) and any mix of formats load
 
 Member names come from tars, which anyone can craft: every path written is checked to stay
 inside the output folder; a sample that would escape is skipped and reported.
@@ -32,7 +35,8 @@ from .schema import count_image_tags, message_problems
 from .writer import TMP_SUFFIX, atomic_write_bytes, atomic_write_json
 
 log = logging.getLogger(__name__)
-FORMATS = ("llamafactory", "swift", "energon")
+FORMATS = ("llamafactory", "swift", "energon", "hf")
+HF_ROWS_PER_GROUP = 100  # what datasets itself writes for image data: bounded memory on both sides
 
 
 class ExportError(Exception):
@@ -271,7 +275,61 @@ def export_energon(paths, out: str, *, show_progress: bool = True) -> ExportSumm
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
         raise ExportError(f"energon prepare failed: {tail[0]}")
-    summary.files = [f"{len(names)} shard(s)", ".nv-meta/"]
+    # prepare wrote a CrudeWebdataset config; name ddaug's sample type instead, so Energon's
+    # loaders and `energon info/lint/preview` read the samples without a user cooker.
+    from .energon import DATASET_YAML, SAMPLE_LOADER_FILE, SAMPLE_LOADER_SOURCE
+
+    meta_dir = os.path.join(out, ".nv-meta")
+    atomic_write_bytes(os.path.join(meta_dir, SAMPLE_LOADER_FILE), SAMPLE_LOADER_SOURCE.encode("utf-8"))
+    atomic_write_bytes(os.path.join(meta_dir, "dataset.yaml"),
+                       DATASET_YAML.format(loader=SAMPLE_LOADER_FILE).encode("utf-8"))
+    summary.files = [f"{len(names)} shard(s)", ".nv-meta/ (sample type shards.energon.DdaugChatSample)"]
+    return summary
+
+
+def hf_features():
+    """The columns of `--format hf`: the sample's messages, its images in <image> order (any
+    count, any format), its tags, and the whole sample json (source, provenance, extra)."""
+    try:
+        import datasets
+    except ImportError:
+        raise ExportError("--format hf needs HF datasets: pip install datasets") from None
+    text = datasets.Value("string")
+    return datasets.Features({"key": text, "messages": [{"role": text, "content": text}],
+                              "images": [datasets.Image()],
+                              "tags": {"domain": text, "task": text, "stage": text}, "json": text})
+
+
+def export_hf(paths, out: str, *, name: str = "ddaug", show_progress: bool = True) -> ExportSummary:
+    """Stream the samples into {name}.parquet, HF_ROWS_PER_GROUP per row group, with the
+    features in the schema so `datasets.load_dataset("parquet", ...)` decodes the images."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    features = hf_features()
+    schema = features.arrow_schema
+    summary = ExportSummary()
+    file_name = f"{name}.parquet"
+    tmp = safe_join(out, file_name + ".tmp")
+    rows: list[dict] = []
+    try:
+        with pq.ParquetWriter(tmp, schema) as writer:
+            for s, meta, images in _exportable(paths, out, summary, show_progress, embed=True):
+                tags = meta.get("tags") or {}
+                rows.append({"key": s.key, "messages": _messages(meta), "images": images,
+                             "tags": {k: None if tags.get(k) is None else str(tags[k]) for k in ("domain", "task", "stage")},
+                             "json": json.dumps(meta, ensure_ascii=False, sort_keys=True)})
+                summary.written += 1
+                if len(rows) == HF_ROWS_PER_GROUP:
+                    writer.write_table(pa.Table.from_pylist(rows, schema=schema))
+                    rows = []
+            if rows:
+                writer.write_table(pa.Table.from_pylist(rows, schema=schema))
+        os.replace(tmp, os.path.join(out, file_name))
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    summary.files = [file_name]
     return summary
 
 
@@ -279,5 +337,6 @@ def export(paths, fmt: str, out: str, **kwargs) -> ExportSummary:
     if fmt not in FORMATS:
         raise ExportError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
     os.makedirs(out, exist_ok=True)
-    fn = {"llamafactory": export_llamafactory, "swift": export_swift, "energon": export_energon}[fmt]
+    fn = {"llamafactory": export_llamafactory, "swift": export_swift, "energon": export_energon,
+          "hf": export_hf}[fmt]
     return fn(list(paths), out, **kwargs)

@@ -252,7 +252,10 @@ def find_sample(paths, key: str) -> ShardSample:
 
 # -- contact sheet ---------------------------------------------------------------------------------
 def _read_source(uri: str) -> Image.Image | None:
-    """The original image when it is still readable: a file path, or `tar#member`."""
+    """The original image when it is still readable: a file path, `tar#member`, or a parquet/arrow
+    `file#row/column/index` (paths in the cell relative to the file)."""
+    from sources.parquet import TableImageRef, is_table_file
+
     try:
         # The uri comes from a sample's json: read only plain files, of bounded size.
         if "#" in uri and uri.split("#", 1)[0].endswith(".tar"):
@@ -262,6 +265,11 @@ def _read_source(uri: str) -> Image.Image | None:
                 if info.size > MAX_INPUT_BYTES:
                     return None
                 data = tf.extractfile(info).read()
+        elif "#" in uri and is_table_file(uri.split("#", 1)[0]):  # file.parquet#row/column/index
+            path, place = uri.split("#", 1)
+            row, column, index = place.split("/")
+            data = TableImageRef(uri=uri, path=path, column=column, row=int(row), index=int(index),
+                                 base=os.path.dirname(path)).read()
         else:
             with open_regular(uri) as f:
                 data = f.read()

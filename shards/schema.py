@@ -23,6 +23,8 @@ IMAGE_TAG = "<image>"
 IMAGE_SUFFIXES = ("png", "webp", "jpg", "jpeg", "bmp", "tif", "tiff", "gif")
 PROVENANCE_BLOCKS = ("augment", "caption")
 ROLES = {"system", "user", "assistant", "observation", "function_call", "tool"}
+# tags.task of a record without images, passed through unchanged (a json member only).
+TEXT_ONLY_TASK = "text-only"
 
 
 def image_member_names(key: str, exts: list[str]) -> list[str]:
@@ -70,9 +72,12 @@ def validate_sample(key: str, meta: Any, member_suffixes: set[str]) -> list[str]
         messages = []
     problems += message_problems(messages)
     images = meta.get("images")
-    if not isinstance(images, list) or not images:
+    text_only = isinstance(meta.get("tags"), dict) and meta["tags"].get("task") == TEXT_ONLY_TASK
+    if not isinstance(images, list) or not (images or text_only):
         problems.append("images must be a non-empty list")
         images = []
+    if text_only and (images or not messages):
+        problems.append(f"a {TEXT_ONLY_TASK} sample needs messages and no images")
     for name in images:
         suffix = str(name)[len(key) + 1:] if str(name).startswith(key + ".") else None
         if suffix is None or suffix not in member_suffixes:

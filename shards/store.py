@@ -73,6 +73,9 @@ class OutputFolder:
         self.rank = rank
         self.command = command
         self.config = config
+        # Counts of this run that no done marker holds (e.g. text-only records dropped before the
+        # run); written to run.json's totals with the others.
+        self.run_counts: dict[str, int] = {}
         self._lock_file = None
         try:
             self._open(run_info, overwrite)
@@ -198,6 +201,7 @@ class OutputFolder:
             writer.abort()
             tar_info, shard = {"bytes": 0, "sha256": None}, None
         stats = {"shard": shard, "rank": self.rank, "index": index, "samples": writer.samples,
+                 "text_only": writer.text_only,
                  "failed": len(failures), "seconds": round(seconds, 3), **tar_info,
                  "sample_keys": writer.keys, "keys": covered_keys,
                  "failures": [f.to_json() for f in failures]}
@@ -225,8 +229,16 @@ class OutputFolder:
                    "sha256": s["sha256"]} for s in finished if s["shard"]]
         failures = self._final_failures(finished)
         manifest = {"command": self.command, "prefix": self.prefix, "shards": shards,
-                    "samples": sum(s["samples"] for s in finished), "failed": len(failures)}
+                    "samples": sum(s["samples"] for s in finished),
+                    "text_only": sum(s.get("text_only", 0) for s in finished), "failed": len(failures)}
         atomic_write_json(os.path.join(self.path, MANIFEST), manifest)
+        run_path = os.path.join(self.path, RUN_FILE)
+        if os.path.exists(run_path):
+            with open(run_path, encoding="utf-8") as f:
+                run = json.load(f)
+            run["totals"] = {**run.get("totals", {}), **self.run_counts,
+                             **{k: manifest[k] for k in ("samples", "text_only", "failed")}}
+            atomic_write_json(run_path, run)
         lines = [json.dumps(f, ensure_ascii=False) for f in failures]
         atomic_write_bytes(os.path.join(self.path, FAILURES),
                            ("\n".join(lines) + ("\n" if lines else "")).encode("utf-8"))

@@ -77,6 +77,7 @@ class ShardWriter:
         self._hashing = _HashingFile(self._file)
         self._tar = TarWriter(self._hashing, encoder=False, mtime=0, user="ddaug", group="ddaug")
         self.samples = 0
+        self.text_only = 0  # samples with a json member only (records without images)
         self.keys: list[str] = []
 
     def write(self, key: str, files: dict[str, bytes]) -> None:
@@ -84,6 +85,7 @@ class ShardWriter:
         self._tar.write({"__key__": key, **files})
         crash_point("tar-write")
         self.samples += 1
+        self.text_only += set(files) == {"json"}
         self.keys.append(key)
 
     def commit(self) -> dict[str, Any]:

@@ -208,7 +208,7 @@ def read_dataset(path: str, media_dir: str | None) -> Iterator[SourceItem]:
             full = os.path.abspath(p if os.path.isabs(p) else os.path.join(base, p))
             refs.append(ImageRef(uri=full, path=full))
         yield SourceItem(key=key, uri=uri, images=refs, messages=rec.messages, tags=rec.tags,
-                         extra=rec.extra, error=None if refs else "dataset record names no image")
+                         extra=rec.extra, error=None if refs or rec.messages else "dataset record has neither images nor messages")
 
 
 def _split_member_name(name: str) -> tuple[str, str]:
@@ -339,8 +339,8 @@ def read_tar(path: str) -> Iterator[SourceItem]:
                 messages, tags, extra = _tar_meta(fh, members, file_size)
             except RecordError as exc:
                 error = str(exc)
-            if not refs and error is None:
-                error = "tar sample has no image member"
+            if not refs and not messages and error is None:
+                error = "tar sample has no image member and no conversation"
             yield SourceItem(key=key, uri=uri, images=refs, messages=messages, tags=tags,
                              extra=extra, error=error)
     if problem:
@@ -377,11 +377,18 @@ def read_sources(inputs: Iterable[str], media_dir: str | None = None,
 
 
 def _read_one(path: str, media_dir: str | None, exclude: tuple[str, ...] = ()) -> Iterator[SourceItem]:
+    from . import parquet  # parquet/arrow tables and hub datasets
+
+    if path.startswith(parquet.HUB_PREFIX):
+        return parquet.read_hub_dataset(path, media_dir)
     if not os.path.lexists(path):
         raise SourceError(f"input not found: {path}")
     low = path.lower()
     if os.path.isdir(path):
-        return read_directory(path, exclude)
+        tables = parquet.table_files_in(path)
+        return parquet.read_table_files(tables, media_dir) if tables else read_directory(path, exclude)
+    if parquet.is_table_file(low):
+        return parquet.read_table_file(path, media_dir)
     if low.endswith(".tar"):
         return read_tar(path)
     if low.endswith((".tar.gz", ".tgz", ".tar.zst")):
@@ -392,5 +399,5 @@ def _read_one(path: str, media_dir: str | None, exclude: tuple[str, ...] = ()) -
         return read_path_list(path)
     if _is_image_name(low):
         return iter([_file_item(path)])
-    raise SourceError(f"{path}: unknown input kind (expected a folder, .tar, .json/.jsonl, "
-                      f".txt list or an image file)")
+    raise SourceError(f"{path}: unknown input kind (expected a folder, .tar, .json/.jsonl, .parquet, "
+                      f".arrow, .txt list, an image file or hf://org/name)")
