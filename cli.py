@@ -430,8 +430,8 @@ Example:
 @click.option("-o", "--output", type=click.Path(file_okay=False), default="demo-out", show_default=True)
 @user_errors
 def demo(output: str) -> None:
-    """Offline end-to-end run on CPU: bundled photos -> augment (tiny-random) -> inspect + preview."""
-    from pipeline.demo import run_demo
+    """Offline end-to-end run on CPU: bundled photos -> augment (tiny) -> inspect + preview -> caption."""
+    from demo import run_demo
 
     for line in run_demo(output):
         click.echo(line)
