@@ -148,7 +148,7 @@ Examples:
   ddaug augment 'gen-{000..009}.tar' -o out/ --model lcm-sdxl --image-format webp
   ddaug augment photos/ -o out/ --compile --compile-cache ~/.cache/ddaug-compile  # big GPU runs
   accelerate launch --multi_gpu --num_processes 8 cli.py augment photos/ -o out/  # per GPU
-  ddaug augment photos/ -o out/ --model tiny-random --device cpu  # offline smoke test
+  ddaug augment photos/ -o out/ --model tiny --device cpu          # offline: the tiny model trained here
 """)
 @click.argument("inputs", nargs=-1, required=True)
 @run_options
