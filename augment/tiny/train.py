@@ -207,7 +207,7 @@ def _train_loop(name: str, step_fn, opt, params, lr: float, hp: Hyper, steps: in
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         step += 1
-        if step % 50 == 0 or step == total:
+        if step == 1 or step % 50 == 0 or step == total:
             losses.append(loss.item())  # the only host syncs: the GPU runs ahead otherwise
             log.info("%s step %d/%d loss %.5f", name, step, total, losses[-1])
         if time.time() > deadline:
@@ -309,16 +309,11 @@ def save_family(folder: str, vae, unet) -> None:
 
 
 def model_card(info: dict) -> str:
+    from .evaluate import figures_markdown
+
     f = info["figures"]
-    rows = []
-    for dtype in f["dtypes"]:
-        for mode in ("vae", "img2img"):
-            per = ", ".join(f"{k} {v:.2f}" for k, v in f["per_photo"][f"{mode}_{dtype}"].items())
-            rows.append(f"| {mode} | {dtype} | **{f[f'{mode}_{dtype}']:.2f}** | {per} |")
-    train = "\n".join(f"- {p['name']} ({p['package']}/{p['path']}, {p['licence']}, sha256 {p['sha256'][:16]})"
-                      for p in info["photos"]["train"])
-    held = "\n".join(f"- {p['name']} ({p['package']}/{p['path']}, {p['licence']}, sha256 {p['sha256'][:16]})"
-                     for p in info["photos"]["held_out"])
+    train, held = ("\n".join(f"- {p['name']} ({p['package']}/{p['path']}, {p['licence']}, sha256 {p['sha256'][:16]})"
+                             for p in info["photos"][part]) for part in ("train", "held_out"))
     return f"""# ddaug `tiny`: a tiny SDXL-shaped VAE + UNet trained on offline photos
 
 Made by `augment/tiny/train.py` for offline demos and fidelity tests; not a generative model.
@@ -330,25 +325,11 @@ none), SDXL's Euler scheduler config.
 - UNet: UNet2DConditionModel {UNET_CONFIG['block_out_channels']}, text_time conditioning, epsilon
   prediction at t in [1, {info['hyper']['max_timestep']}] with zero conditioning; {info['unet_params'] / 1e6:.2f}M parameters.
 - Trained on {info['device']} (torch {info['torch']}, diffusers {info['diffusers']}) in {info['train_seconds']:.0f} s:
-  VAE {info['vae_steps']} steps of {info['hyper']['batch']} crops of {info['hyper']['crop']}² (final L1 {info['vae_loss'][-1]:.4f}),
-  UNet {info['unet_steps']} steps of {info['hyper']['unet_batch']} latent crops of {info['hyper']['unet_crop'] // 8}² (final MSE {info['unet_loss'][-1]:.4f}).
+  VAE {info['vae_steps']} steps of {info['hyper']['batch']} crops of {info['hyper']['crop']}² (L1 {info['vae_loss'][0]:.4f} at step 1, {info['vae_loss'][-1]:.4f} at the end),
+  UNet {info['unet_steps']} steps of {info['hyper']['unet_batch']} latent crops of {info['hyper']['unet_crop'] // 8}² (MSE {info['unet_loss'][0]:.4f} at step 1, {info['unet_loss'][-1]:.4f} at the end).
 - Reproduce: `{info['command']}` (seed {SEED}; hyper-parameters: `{json.dumps(info['hyper'])}`).
 
-## Held-out PSNR (dB, against the source photo{f['note']})
-
-ddaug's own recipe (`augment.recipe.DiffusionFlavour`, as `ddaug augment` runs it) on {f['device']};
-img2img is strength 0.025 (t = 25, one UNet step), posterior mean.
-
-| mode | dtype | mean | per photo |
-|---|---|---|---|
-{chr(10).join(rows)}
-
-One step at t = 25 leaves {f['noise_left_t25']:.1%} of the noise it added (mean squared latent error
-over the added noise's, held-out photos, fp32). Alignment: the best integer shift of each img2img
-output against its source is
-{', '.join(f'{n} {tuple(s)}' for n, s in f['best_shift'].items())} ((0, 0) = aligned); the same outputs against the source
-with its red and blue channels swapped score {f['swapped_channels']:.2f} dB.
-
+{figures_markdown(f)}
 ## Data
 
 Training photos (random crops at scales {info['hyper']['scales']}, 8 flips/rotations, colour jitter):
