@@ -1,8 +1,8 @@
 """The trained `tiny` preset keeps the picture: held-out photos through `ddaug augment --model tiny`.
 
-Random weights turn any input into noise, so only a trained model lets a test see fidelity: a
-pixel shift in the pad/crop-back, swapped colour channels, a wrong pixel range or a VAE
-scaling-factor slip all drop the PSNR below these floors.
+Random weights turn any input into noise, so only a trained model lets a test see fidelity:
+swapped colour channels, a wrong pixel range or a VAE scaling-factor slip drop the PSNR below
+the floors, and a pixel shift in the pad/crop-back moves the best alignment off zero.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from augment.tiny.evaluate import best_shift, shifted_psnr
+from augment.tiny.evaluate import best_shift
 from augment.tiny.photos import HELD_OUT, held_out
 from conftest import decode, invoke, read_samples
 from shards.inspect import psnr
@@ -22,19 +22,18 @@ from shards.inspect import psnr
 # Held-out PSNR floors (dB) of the committed weights on the crops below, each photo, CPU fp32:
 # about 2 dB under what they measure (`pytest tests/test_tiny_model.py -s` prints it). Update them
 # with the weights (augment/tiny/weights/README.md has the whole-photo figures).
-PSNR_FLOORS = {"vae": 0.0, "img2img": 0.0}
-# The committed weights come from a CPU run of a few dozen steps (this machine cannot train them
-# further) and keep too little of the picture for alignment and colour order to show: the
-# alignment test is expected to fail until the GPU-trained weights replace them. Set this to
-# False with those weights.
+PSNR_FLOORS = {"vae": 8.3, "img2img": 8.6}
+# The committed weights come from a short CPU run (the helper's machine could not train them
+# further) and keep too little of the picture for alignment and colour order to show: that test
+# is expected to fail until the GPU-trained weights replace them. Set this to False with those.
 INTERIM_WEIGHTS = True
 
 # Crops of the held-out photos with detail in them, at sizes that need padding (not multiples of 32).
 CROPS = {
-    "astronaut": (slice(60, 157), slice(150, 263)),   # 97x113: face, hair, suit
-    "coffee": (slice(80, 221), slice(200, 331)),      # 141x131: cup rim, spoon
-    "chelsea": (slice(60, 181), slice(120, 249)),     # 121x129: fur, eyes
-    "rocket": (slice(150, 263), slice(250, 377)),     # 113x127: rocket, scaffolding
+    "astronaut": (slice(352, 449), slice(144, 257)),  # 97x113: mission patch, lettering
+    "coffee": (slice(192, 333), slice(0, 131)),       # 141x131: wood grain, saucer rim
+    "chelsea": (slice(0, 121), slice(144, 273)),      # 121x129: fur, eye
+    "rocket": (slice(256, 369), slice(0, 127)),       # 113x127: launch tower lattice
 }
 
 
@@ -85,14 +84,18 @@ def test_held_out_psnr_floor(outputs, mode):
 
 @pytest.mark.xfail(INTERIM_WEIGHTS, strict=True, reason="the interim CPU-trained weights keep too little detail")
 @pytest.mark.parametrize("mode", ["vae", "img2img"])
-def test_aligned_and_the_floors_catch_a_shifted_crop_and_swapped_channels(outputs, mode):
-    """Each output is best aligned with its source unshifted, and the same outputs, compared as a
-    buggy pipeline would leave them (one pixel off, red and blue swapped), fall below the floor."""
-    floor = PSNR_FLOORS[mode]
+def test_alignment_and_colour_order_and_what_they_catch(outputs, mode):
+    """Each output matches its source best unshifted, and the test's own comparison, done as a
+    buggy pipeline would leave it, is caught: against the crop taken one pixel lower the best
+    match moves by that pixel, and against red and blue swapped the PSNR falls below the floor.
+    (A one-pixel shift costs about as much PSNR as the model's own blur does, so the alignment
+    check, not the floor, is what catches it.)"""
     pairs = outputs[mode]
     assert {n: best_shift(o, s) for n, (s, o) in pairs.items()} == {n: (0, 0) for n in pairs}
-    shifted = {n: round(shifted_psnr(o, s, 0, 1), 2) for n, (s, o) in pairs.items()}  # one pixel right
-    swapped = {n: round(psnr(s[..., ::-1], o), 2) for n, (s, o) in pairs.items()}     # RGB <-> BGR
-    print(f"{mode}: one pixel off {shifted}, channels swapped {swapped}")
-    assert np.mean(list(shifted.values())) < floor, shifted
-    assert np.mean(list(swapped.values())) < floor, swapped
+    for name, (source, output) in pairs.items():
+        rows, cols = CROPS[name]
+        one_lower = held_out(name)[rows.start + 1:rows.stop + 1, cols]
+        assert best_shift(output, one_lower) == (-1, 0), name
+    swapped = {n: round(psnr(s[..., ::-1], o), 2) for n, (s, o) in pairs.items()}  # RGB <-> BGR
+    print(f"{mode}: channels swapped {swapped}")
+    assert max(swapped.values()) < PSNR_FLOORS[mode], swapped
