@@ -146,7 +146,7 @@ Examples:
   ddaug augment photos/ -o out/general-sdxl                      # SDXL, strength 0.025, zeros
   ddaug augment llava.json --media-dir imgs/ -o out/ --model ssd-1b
   ddaug augment 'gen-{000..009}.tar' -o out/ --model lcm-sdxl --image-format webp
-  ddaug augment photos/ -o out/ --compile --compile-cache ~/.cache/ddaug-compile  # big GPU runs
+  ddaug augment photos/ -o out/ --compile always --compile-cache ~/.cache/ddaug-compile  # compiled VAE
   accelerate launch --multi_gpu --num_processes 8 cli.py augment photos/ -o out/  # per GPU
   ddaug augment photos/ -o out/ --model tiny --device cpu          # offline: the tiny model trained here
 """)
@@ -175,8 +175,10 @@ Examples:
               help="Downsize images whose longer side exceeds this first (recorded). Default: native size.")
 @click.option("--domain", default="general", show_default=True, help="tags.domain of the output samples.")
 @click.option("--stage", "stage_tag", default=None, help="tags.stage of the output samples.")
-@click.option("--compile", "compile_", is_flag=True,
-              help="GPU speed: channels_last + torch.compile per size bucket (minutes of warm-up; pays on big runs).")
+@click.option("--compile", "compile_", type=click.Choice(["auto", "always", "never"]), default="auto",
+              show_default=True, is_flag=False, flag_value="auto",
+              help="GPU: torch.compile the VAE (one graph for all sizes; ~2 min cold). auto stays eager, which "
+                   "measured as fast or faster (bench/RESULTS.md); -v says what was chosen.")
 @click.option("--compile-cache", type=click.Path(file_okay=False), default=None,
               help="Folder for torch.compile's cache, kept across runs (cuts the warm-up of later runs).")
 @user_errors

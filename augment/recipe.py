@@ -20,12 +20,14 @@ import contextlib
 import hashlib
 import logging
 import math
+import time
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from pipeline.timing import DeviceTimeline, StageTimes
 
@@ -34,6 +36,7 @@ from .models import DiffusionComponents
 log = logging.getLogger(__name__)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+_ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 @dataclass(frozen=True)
@@ -65,19 +68,48 @@ def guidance_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
     return F.pad(emb, (0, 1)) if dim % 2 else emb
 
 
-# --batch-size auto: the GPU batch is fitted to free memory up to this many 1024² images.
-# Larger batches do not run faster: compiled SDXL on an H100 did 14.1 img/s at 16, 13.4 at 32
-# (bench/RESULTS.md, session 4).
+# --batch-size N means N images per model call at 1024² (REFERENCE_PIXELS); a call holds the
+# same number of pixels at other sizes, so small images go in larger batches, up to
+# MAX_IMAGES_PER_CALL. auto fits N to free memory, at most AUTO_BATCH_CAP: more pixels per call
+# did not run faster at 1024² (compiled SDXL on an H100: 14.1 img/s at 16, 13.4 at 32), while
+# COCO-sized images (0.3 MP) ran 39 img/s of GPU work at 64 per call against 33.5 at 32
+# (bench/RESULTS.md, session 5).
+REFERENCE_PIXELS = 1024 * 1024
 AUTO_BATCH_CAP = 16
+MAX_IMAGES_PER_CALL = 64
 CPU_BATCH_SIZE = 8
+# Canvas sides are multiples of this (or of the nets' own multiple, if larger). Every new
+# (batch, H, W) costs a fixed host-side set-up in cuDNN (~2 ms per convolution) while the GPU
+# waits; coarser canvases mean fewer shapes and fuller batches. 1,000 COCO-like images make 69
+# shapes padded to 32; padded to 128, 14 shapes (tails included) in 27 calls of 37 images, for
+# 12.5% more pixels (bench/RESULTS.md, session 5).
+CANVAS_STEP = 128
 
 
-def batch_from_memory(budget_bytes: float, peak_one: int, peak_two: int, cap: int) -> int:
+def batch_from_memory(budget_bytes: float, peak_one: int, peak_two: int, cap: int, scale: float = 1.0) -> int:
     """The most images per batch whose peak fits the budget, from the peaks of batches of 1 and
-    2 (peak(n) is close to linear in n: activations grow with it, the workspace does not)."""
-    per_image = max(peak_two - peak_one, 1)
-    fixed = max(peak_one - per_image, 0)
+    2 (peak(n) is close to linear in n: activations grow with it, the workspace does not).
+    scale converts the probe's per-image memory to the size the batch is counted at (memory
+    grows with pixels: convolutions and memory-efficient attention are linear in them)."""
+    per_image = max(peak_two - peak_one, 1) * scale
+    fixed = max(peak_one - max(peak_two - peak_one, 1), 0)
     return max(1, min(cap, int((budget_bytes - fixed) // per_image)))
+
+
+def images_per_call(canvas: tuple[int, int], batch_size: int, cap: int = MAX_IMAGES_PER_CALL) -> int:
+    """Images per model call on one canvas: batch_size images' worth of 1024² pixels, at least
+    one image and at most max(cap, batch_size). A function of the canvas alone, so an image's
+    batch never depends on which other images came along."""
+    pixels = canvas[0] * canvas[1]
+    return max(1, min(max(cap, batch_size), batch_size * REFERENCE_PIXELS // pixels))
+
+
+def canvas_for(height: int, width: int, multiple: int, step: int = CANVAS_STEP) -> tuple[int, int]:
+    """The padded size an image is computed at: each side rounded up to max(step, multiple),
+    and at least two of the nets' deepest units, so its group norms see more than one value per
+    group even for a 1x1 image."""
+    m = max(step, multiple)
+    return max(-(-height // m) * m, 2 * multiple), max(-(-width // m) * m, 2 * multiple)
 
 
 class DiffusionFlavour:
@@ -105,39 +137,28 @@ class DiffusionFlavour:
         T = self.scheduler.config.num_train_timesteps
         self.timestep = min(max(int(round(settings.strength * T)), 0), T - 1)
         self._cond = self._conditioning() if self.unet is not None else None
-        # Images per model call at 1024² (fewer above, see batch_for). The job forms batches per
-        # block of inputs, so a batch's make-up does not depend on the process count.
+        # Images per model call at 1024² (other sizes: same pixels per call, see batch_for). The
+        # job forms batches per block of inputs, so a batch's make-up does not depend on the
+        # process count.
         self.batch_size = batch_size
-        self.static_shapes = False  # compiled: pad every batch to its bucket's full size
-        self.reference_pixels = 1024 * 1024  # batch_size is for images up to this size
+        self.compiled = False  # the VAE runs through torch.compile (dynamic shapes)
         self.memory_format = torch.contiguous_format
         self.times: StageTimes | None = None  # set by the stage to get a per-part breakdown
+        self._seen_shapes: set[tuple[int, int, int]] = set()
 
     # -- the fast path ---------------------------------------------------------------------------
-    def optimize(self, batch_size: int, compile: bool = True, backend: str = "inductor",
-                 unet_cuda_graphs: bool = False) -> None:
-        """channels_last weights and activations, and torch.compile of the VAE encoder, decoder
-        and UNet with static shapes: one graph per size bucket (partial batches are padded to
-        batch_size, so the tail of a bucket does not compile again). Results match the eager path
-        to bf16 noise (tests/test_reference.py). unet_cuda_graphs replays the UNet as one CUDA
-        graph (its ~1000 kernel launches otherwise queue behind busy CPU threads)."""
+    def compile_vae(self, backend: str = "inductor") -> None:
+        """torch.compile the VAE encoder and decoder with dynamic shapes: one graph for every
+        canvas and batch size, so mixed sizes never recompile. The VAE is where eager mode loses
+        (its group norms and elementwise ops at full resolution: compiled, 480x640 decodes in
+        8.8 ms instead of 13.4); the UNet gains little from compiling and costs most of the
+        compile time, so it stays eager. Results match the eager path to bf16 noise
+        (tests/test_reference.py)."""
         self.memory_format = torch.channels_last
         self.vae.to(memory_format=torch.channels_last)
-        if self.unet is not None:
-            self.unet.to(memory_format=torch.channels_last)
-        if not compile:
-            return
-        from torch import _dynamo
-
-        # One graph per (bucket shape) and module: allow many buckets before falling back.
-        _dynamo.config.cache_size_limit = max(_dynamo.config.cache_size_limit, 64)
-        self.batch_size = batch_size or self.batch_size
-        self.static_shapes = True
-        self.vae.encoder = torch.compile(self.vae.encoder, backend=backend, dynamic=False)
-        self.vae.decoder = torch.compile(self.vae.decoder, backend=backend, dynamic=False)
-        if self.unet is not None:
-            self.unet = torch.compile(self.unet, backend=backend, dynamic=False,
-                                      mode="reduce-overhead" if unet_cuda_graphs else None)
+        self.vae.encoder = torch.compile(self.vae.encoder, backend=backend, dynamic=True)
+        self.vae.decoder = torch.compile(self.vae.decoder, backend=backend, dynamic=True)
+        self.compiled = True
 
     # -- conditioning, computed once ----------------------------------------------------------
     def _conditioning(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -172,7 +193,8 @@ class DiffusionFlavour:
         s = self.settings
         info = {"mode": s.mode, "model": self.comps.names.get("model"), "vae": self.comps.names.get("vae"),
                 "latent": s.latent, "dtype": s.dtype,
-                "vae_dtype": {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.vae_dtype]}
+                "vae_dtype": {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.vae_dtype],
+                "vae_compiled": self.compiled}
         if s.mode == "img2img":
             info.update({"unet": self.comps.names.get("unet"), "scheduler": self.comps.names.get("scheduler"),
                          "strength": s.strength, "timestep": self.timestep, "cond": s.cond, "unet_calls": 1})
@@ -180,32 +202,34 @@ class DiffusionFlavour:
                 info["lcm_w"] = s.lcm_guidance - 1.0
         return info
 
-    def fit_batch_size(self, cap: int = AUTO_BATCH_CAP, headroom: float = 0.85) -> int:
-        """Sets and returns batch_size from the device's free memory. The recipe's peak memory is
-        probed at 1024² with batches of 1 and 2 (eager; compiled graphs need less), which splits
-        it into a fixed part and a per-image part; the batch is the most images that fit in
-        `headroom` of the free memory, at most `cap` (larger batches do not run faster)."""
+    def fit_batch_size(self, cap: int = AUTO_BATCH_CAP, headroom: float = 0.85, probe_side: int = 512) -> int:
+        """Sets and returns batch_size (images per call at 1024²) from the device's free memory.
+        The recipe's peak memory is probed with batches of 1 and 2 at probe_side² (small, so the
+        probe takes a fraction of a second), which splits it into a fixed part and a per-pixel
+        part; the batch is the most 1024² images that fit in `headroom` of the free memory, at
+        most `cap`. Other sizes get the same pixels per call (batch_for)."""
         if self.device.type != "cuda":
             self.batch_size = CPU_BATCH_SIZE
             return self.batch_size
         try:
-            one, two = self._probe_peak_bytes(1), self._probe_peak_bytes(2)
+            one, two = self._probe_peak_bytes(1, probe_side), self._probe_peak_bytes(2, probe_side)
         except torch.cuda.OutOfMemoryError:
             torch.cuda.empty_cache()
-            log.warning("a batch of two 1024² images does not fit in free GPU memory: batch size 1 (large "
-                        "images may fail; --max-side limits their size)")
+            log.warning("two %d² images do not fit in free GPU memory: batch size 1 (large images may fail; "
+                        "--max-side limits their size)", probe_side)
             self.batch_size = 1
             return 1
         torch.cuda.empty_cache()
         free = torch.cuda.mem_get_info(self.device)[0]
-        self.batch_size = batch_from_memory(free * headroom, one, two, cap)
-        log.info("batch size %d (auto): %.1f GiB free, about %.2f GiB per 1024² image", self.batch_size,
-                 free / 2 ** 30, max(two - one, 0) / 2 ** 30)
+        scale = REFERENCE_PIXELS / probe_side ** 2
+        self.batch_size = batch_from_memory(free * headroom, one, two, cap, scale=scale)
+        log.info("batch size %d at 1024² (auto; %d images of 640x480): %.1f GiB free, about %.2f GiB per 1024² image",
+                 self.batch_size, self.batch_for(self.canvas_size(480, 640)), free / 2 ** 30,
+                 max(two - one, 0) * scale / 2 ** 30)
         return self.batch_size
 
-    def _probe_peak_bytes(self, n: int) -> int:
-        """Peak device memory above what is allocated now, for one batch of n 1024² images."""
-        side = math.isqrt(self.reference_pixels)
+    def _probe_peak_bytes(self, n: int, side: int) -> int:
+        """Peak device memory above what is allocated now, for one batch of n side² images."""
         image = np.zeros((side, side, 3), dtype=np.uint8)
         torch.cuda.synchronize(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
@@ -217,27 +241,22 @@ class DiffusionFlavour:
             self.times = times
         return torch.cuda.max_memory_allocated(self.device) - base
 
-    def batch_for(self, padded: tuple[int, int]) -> int | None:
-        """Images per model call for one padded size: batch_size up to 1 MP, fewer for larger
-        images so a batch's memory stays what batch_size means at 1024². A function of the size
-        alone, so it keeps outputs independent of batch composition."""
-        if not self.batch_size:
-            return None
-        pixels = padded[0] * padded[1]
-        return max(1, min(self.batch_size, self.batch_size * self.reference_pixels // pixels))
+    def batch_for(self, canvas: tuple[int, int]) -> int | None:
+        """Images per model call on one canvas (images_per_call)."""
+        return images_per_call(canvas, self.batch_size) if self.batch_size else None
 
-    def padded_size(self, height: int, width: int) -> tuple[int, int]:
-        """At least two units of the deepest level, so its group norms see more than one value
-        per group even for a 1x1 image."""
-        m = self.pad_multiple
-        return max(-(-height // m) * m, 2 * m), max(-(-width // m) * m, 2 * m)
+    def canvas_size(self, height: int, width: int) -> tuple[int, int]:
+        return canvas_for(height, width, self.pad_multiple)
 
     # -- the recipe -----------------------------------------------------------------------------
     def pad_image(self, image: np.ndarray) -> np.ndarray:
-        """HxWx3 -> padded_size, on the CPU, so images of different sizes that pad to the same
-        size share a batch (each cropped back to its own size afterwards)."""
+        """HxWx3 -> its canvas, on the CPU, so images of different sizes that pad to the same
+        canvas share a batch (each cropped back to its own size afterwards). Reflection means
+        the nets see natural content up to the edge of the image and beyond it; what lies past
+        the crop changes the kept pixels only through the nets' receptive fields near the
+        right and bottom edges."""
         h, w = image.shape[:2]
-        ph, pw = self.padded_size(h, w)
+        ph, pw = self.canvas_size(h, w)
         if (ph, pw) == (h, w):
             return image
         # Reflection keeps edge statistics natural; tiny images can't reflect further than
@@ -319,8 +338,10 @@ class DiffusionFlavour:
             images = [self.pad_image(im) for im in images]
         ph, pw = images[0].shape[:2]
         n = len(images)
-        target = (self.batch_for((ph, pw)) or n) if self.static_shapes else n
-        if n < target:  # compiled graphs see one batch size: no recompiles for a bucket's tail
+        # A compiled graph specialises a batch of one (dynamic shapes treat size 1 apart): a
+        # lone image is run beside a copy of itself instead of compiling again.
+        target = 2 if self.compiled and n == 1 else n
+        if n < target:
             images = list(images) + [images[-1]] * (target - n)
             seeds = list(seeds) + [seeds[-1]] * (target - n)
             sizes = list(sizes) + [sizes[-1]] * (target - n)
@@ -341,12 +362,30 @@ class DiffusionFlavour:
 
     def run_staged(self, staged: StagedBatch) -> list[np.ndarray | None]:
         """The GPU half: upload, encode, one UNet step, decode, and one download into pinned
-        memory with a single synchronisation at the end."""
-        with self._current_device():
-            return self._run_staged(staged)
+        memory with a single synchronisation at the end.
+
+        cuDNN's attention is left out: it builds a graph per attention call at every new
+        (batch, H, W), ~2 ms each on the host, 140 calls in SDXL's UNet, so with mixed sizes the
+        GPU waited on it (a first call at a new shape took 419 ms instead of 162); flash and
+        memory-efficient attention cost 3% more per call and nothing per shape."""
+        shape = (int(staged.pixels.shape[0]), int(staged.pixels.shape[1]), int(staged.pixels.shape[2]))
+        new_shape = shape not in self._seen_shapes
+        self._seen_shapes.add(shape)
+        t0 = time.perf_counter()
+        with self._current_device(), sdpa_kernel(_ATTENTION_BACKENDS):
+            out, device_seconds = self._run_staged(staged)
+        if self.times is not None:
+            # The call's host time beyond its device time is GPU idle: set-up at a new shape,
+            # launch gaps otherwise (pipeline/timing.py names the bound from these).
+            gaps = max(time.perf_counter() - t0 - device_seconds, 0.0)
+            self.times.add("shape set-up" if new_shape else "launch gaps", gaps)
+            self.times.count("model calls")
+            self.times.count("images", staged.n)
+            self.times.count("batch slots", max(self.batch_for(shape[1:]) or staged.n, staged.n))
+        return out
 
     @torch.no_grad()
-    def _run_staged(self, staged: StagedBatch) -> list[np.ndarray | None]:
+    def _run_staged(self, staged: StagedBatch) -> tuple[list[np.ndarray | None], float]:
         n = staged.n
         timeline = DeviceTimeline(self.device, self.times)
         batch = staged.pixels.to(self.device, non_blocking=True)
@@ -368,9 +407,9 @@ class DiffusionFlavour:
         else:
             host, finite_host = pixels, finite
         timeline.mark("device->host")
-        timeline.finish()
+        device_seconds = timeline.finish()
         return [p[:h, :w] if ok else None
-                for p, ok, (h, w) in zip(host.numpy(), finite_host.tolist(), staged.sizes)]
+                for p, ok, (h, w) in zip(host.numpy(), finite_host.tolist(), staged.sizes)], device_seconds
 
     def __call__(self, images: list[np.ndarray], seeds: list[int]) -> list[np.ndarray | None]:
         """Same-size HxWx3 uint8 images in; same-size uint8 images out (None where the output
@@ -381,7 +420,7 @@ class DiffusionFlavour:
 @dataclass
 class StagedBatch:
     pixels: torch.Tensor                  # (batch, H, W, 3) uint8 on the host, pinned on CUDA
-    n: int                                # real images; the rest pads a compiled batch
+    n: int                                # real images; a compiled lone image is run in a pair
     sizes: list[tuple[int, int]]          # each image's H, W before padding (cropped back to it)
     posterior_noise: torch.Tensor | None  # latent="sample" draws
     noise: torch.Tensor | None            # the denoise step's noise

@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import asdict, dataclass
+
+import torch
 
 from pipeline.command import RunOptions, UserError, execute
 from pipeline.job import JobSummary
 
 from .models import ModelLoadError, load_components, resolve_spec
-from .recipe import DiffusionFlavour, RecipeSettings
+from .recipe import DTYPES, DiffusionFlavour, RecipeSettings
 from .stage import AugmentStage
+
+log = logging.getLogger(__name__)
+
+# --compile auto runs eager: compiling the VAE (dynamic shapes, one graph for all sizes) took
+# 131 s cold on an H100, and a compiled 1,000-image COCO-like run was no faster than eager once
+# compiled (bench/RESULTS.md, session 5), so no job size was found where it pays.
 
 
 @dataclass
@@ -25,9 +34,8 @@ class AugmentOptions:
     domain: str = "general"
     stage: str | None = None
     recipe: RecipeSettings = RecipeSettings()
-    compile: bool = False          # speed only: not part of the folder's config
+    compile: str = "auto"          # auto | always | never; speed only: not part of the folder's config
     compile_cache: str | None = None  # where torch.compile keeps its artifacts across processes
-    unet_cuda_graphs: bool = False  # with compile: the UNet as one CUDA graph (bench/ measures it)
 
 
 def use_compile_cache(folder: str) -> None:
@@ -42,10 +50,24 @@ def use_compile_cache(folder: str) -> None:
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = path
 
 
+def choose_compile(setting: str, device: str) -> tuple[bool, str]:
+    """Whether this process compiles the VAE, and why (logged)."""
+    if setting == "never":
+        return False, "--compile never"
+    if not str(device).startswith("cuda"):
+        return False, f"not compiling on {device}: torch.compile pays on GPUs only"
+    if setting == "always":
+        return True, "--compile always: compiling the VAE (about 2 minutes cold)"
+    return False, ("eager (--compile auto): a compiled VAE did not pay on any measured job "
+                   "(bench/RESULTS.md); --compile always forces it")
+
+
 def run_augment(run: RunOptions, opts: AugmentOptions) -> JobSummary:
+    if opts.compile not in ("auto", "always", "never"):
+        raise UserError(f"--compile {opts.compile}: choose auto, always or never")
     if opts.compile_cache:
-        if not opts.compile:
-            raise UserError("--compile-cache only applies with --compile")
+        if opts.compile == "never":
+            raise UserError("--compile-cache does not apply with --compile never")
         use_compile_cache(opts.compile_cache)
     spec = resolve_spec(opts.model, opts.unet, opts.scheduler)
     # Everything that changes output bytes; a rerun into the folder must match it.
@@ -55,13 +77,18 @@ def run_augment(run: RunOptions, opts: AugmentOptions) -> JobSummary:
               "shard_size": run.shard_size, "prefix": run.prefix, **asdict(opts.recipe)}
 
     def make_stage(placement):
+        compile_vae, why = choose_compile(opts.compile, placement.device)
+        log.info("%s", why)
+        dtype = DTYPES[opts.recipe.dtype]
         try:
-            comps = load_components(spec, vae=opts.vae, text_encoders=opts.recipe.cond == "empty")
+            comps = load_components(spec, vae=opts.vae, text_encoders=opts.recipe.cond == "empty", dtype=dtype,
+                                    vae_dtype=torch.float32 if dtype == torch.float16 else dtype,
+                                    device=placement.device)
             flavour = DiffusionFlavour(comps, opts.recipe, placement.device, batch_size=run.batch_size)
-            if run.batch_size is None:  # --batch-size auto; before compiling, which fixes the shapes
+            if run.batch_size is None:  # --batch-size auto
                 flavour.fit_batch_size()
-            if opts.compile:
-                flavour.optimize(batch_size=flavour.batch_size, unet_cuda_graphs=opts.unet_cuda_graphs)
+            if compile_vae:
+                flavour.compile_vae()
         except ModelLoadError as exc:
             raise UserError(str(exc)) from None
         return AugmentStage(flavour, image_format=opts.image_format, quality=opts.quality,

@@ -19,7 +19,7 @@ from .recipe import DiffusionFlavour, sample_seed
 
 @dataclass
 class ImageUnit:
-    pixels: np.ndarray          # padded to the nets' multiple (DiffusionFlavour.pad_image)
+    pixels: np.ndarray          # padded to its canvas (DiffusionFlavour.pad_image)
     size: tuple[int, int]       # the image's own H, W
     seed: int
     source: dict[str, Any]
@@ -60,6 +60,11 @@ class AugmentStage:
     def batch_size(self) -> int | None:
         return self.flavour.batch_size
 
+    @property
+    def device(self):
+        """Where the model runs (the job samples the GPU's utilization there)."""
+        return self.flavour.device
+
     def bucket(self, unit: ImageUnit):
         return unit.pixels.shape[:2]
 
@@ -85,6 +90,7 @@ class AugmentStage:
         tags.update({k: v for k, v in item.tags.items() if k in ("domain", "task", "stage")})
         tags.update({k: v for k, v in self.tags.items() if v is not None})
         block = dict(self.provenance)
+        block["canvases"] = [list(u.pixels.shape[:2]) for _, u in results]  # H, W each image was computed at
         if self.flavour.settings.mode == "img2img" or self.flavour.settings.latent == "sample":
             block["seeds"] = [u.seed for _, u in results]
         block["run_seed"] = self.flavour.settings.seed

@@ -4,7 +4,11 @@ Full-size SDXL UNet + VAE are built from the published SDXL base config with ran
 (same FLOPs as the real ones), saved with save_pretrained (safetensors) and loaded back through
 ddaug's real `--model FOLDER` path. Writes a markdown block to stdout and to --results.
 
-    python bench/augment_bench.py --images 64 --naive-images 16 --results bench/RESULTS.md
+The realistic workload is COCO-like photos (~0.3 MP, dozens of sizes) made by the shared
+cocolike.py (--cocolike PATH); --size N makes N x N crops of real photos instead.
+
+    python bench/augment_bench.py --cocolike ../shared/bench/cocolike.py --images 1000 --parts naive default
+    python bench/augment_bench.py --size 1024 --images 128 --parts naive default always
 """
 
 from __future__ import annotations
@@ -106,49 +110,6 @@ class BusySampler:
         return sum(vals) / len(vals) / 100 if vals else float("nan")
 
 
-MIXED_SIZES = [(768, 1344), (1152, 896), (1344, 768), (896, 1152), (1024, 1024), (832, 1216)]
-
-
-def make_mixed_inputs(folder: str, n: int) -> float:
-    """Mixed sizes near 1 MP (SDXL's buckets); returns mean pixels per image."""
-    from skimage import data
-
-    os.makedirs(folder, exist_ok=True)
-    bases = [data.astronaut(), data.coffee(), data.chelsea(), data.rocket()]
-    px = []
-    for i in range(n):
-        h, w = MIXED_SIZES[i % len(MIXED_SIZES)]
-        Image.fromarray(bases[i % 4]).resize((w, h), Image.Resampling.BICUBIC).save(
-            os.path.join(folder, f"mix{i:04d}.jpg"), quality=95)
-        px.append(h * w)
-    return sum(px) / len(px)
-
-
-def recipe_tflop(model_dir: str, size: int) -> dict[str, float]:
-    """TFLOP per image of each GPU part of ddaug's recipe at size x size (torch's flop counter:
-    convolutions, matmuls, attention)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from augment import DiffusionFlavour, RecipeSettings, load_components, resolve_spec
-
-    fl = DiffusionFlavour(load_components(resolve_spec(model_dir)), RecipeSettings(dtype="bf16"), "cuda")
-    x = torch.rand(1, 3, size, size, device="cuda") * 2 - 1
-    gens = fl._generators([0])
-    out = {}
-    with FlopCounterMode(display=False) as fc:
-        lat = fl.encode(x, gens)
-    out["vae encode"] = fc.get_total_flops() / 1e12
-    with FlopCounterMode(display=False) as fc:
-        lat = fl.denoise_once(lat, gens, [(size, size)])
-    out["unet"] = fc.get_total_flops() / 1e12
-    with FlopCounterMode(display=False) as fc:
-        fl.decode(lat)
-    out["vae decode"] = fc.get_total_flops() / 1e12
-    del fl
-    torch.cuda.empty_cache()
-    return out
-
-
 def make_inputs(folder: str, n: int, size: int) -> None:
     from skimage import data
 
@@ -198,40 +159,6 @@ def naive_baseline(model_dir: str, inputs: list[str], out_dir: str) -> float:
     return len(inputs) / dt
 
 
-def gpu_stage_times(model_dir: str, batch: int, size: int, cudnn_benchmark: bool = False) -> dict[str, float]:
-    """ms per image of each GPU part of ddaug's recipe at `batch`, CUDA-event timed, median of 3
-    after a warm-up."""
-    from augment import DiffusionFlavour, RecipeSettings, load_components, resolve_spec
-
-    torch.backends.cudnn.benchmark = cudnn_benchmark
-    fl = DiffusionFlavour(load_components(resolve_spec(model_dir)), RecipeSettings(dtype="bf16"), "cuda")
-    x = torch.rand(batch, 3, size, size, device="cuda") * 2 - 1
-    gens = fl._generators(list(range(batch)))
-    torch.cuda.reset_peak_memory_stats()
-    lat = fl.encode(x, gens)
-    parts = {"vae encode": lambda: fl.encode(x, gens),
-             "unet": lambda: fl.denoise_once(lat, gens, [(size, size)] * batch),
-             "vae decode": lambda: fl.decode(lat)}
-    res = {}
-    for name, fn in parts.items():
-        fn()  # warm-up (and cudnn's autotuning when on)
-        times = []
-        for _ in range(3):
-            torch.cuda.synchronize()
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            fn()
-            e.record()
-            torch.cuda.synchronize()
-            times.append(s.elapsed_time(e) / batch)
-        res[name] = sorted(times)[1]
-    res["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
-    torch.backends.cudnn.benchmark = False
-    del fl
-    torch.cuda.empty_cache()
-    return res
-
-
 @dataclass
 class RunResult:
     batch: int                  # images per model call (what auto chose, when asked)
@@ -243,14 +170,24 @@ class RunResult:
     times: dict[str, float]     # the job's own breakdown (pipeline/timing.py)
     peak_gib: float
     out_dir: str
+    time_line: str = ""
+
+    @property
+    def startup(self) -> float:
+        """Model load, memory probe and compile (if any): the run's wall time before the job."""
+        return self.wall - self.job_seconds
+
+    @property
+    def gpu_busy(self) -> float:
+        """GPU parts' device time (CUDA events) over the job's wall time."""
+        return sum(self.times.get(p, 0.0) for p in GPU_PARTS) / self.job_seconds
 
 
 def ddaug_run(model_dir: str, in_dir: str, out_dir: str, batch: int | None, mode: str = "img2img",
-              compile: bool = False, rank: int | None = None, world_size: int | None = None,
-              shard_size: int = 10_000, workers: int = 6, unet_cuda_graphs: bool = False,
-              compile_cache: str | None = None) -> RunResult:
+              compile: str = "auto", rank: int | None = None, world_size: int | None = None,
+              shard_size: int = 1000, workers: int = 4, compile_cache: str | None = None) -> RunResult:
     """A whole `ddaug augment` run through the library entry point the CLI uses (batch None:
-    --batch-size auto)."""
+    --batch-size auto; the defaults are the CLI's)."""
     from augment.recipe import RecipeSettings
     from augment.run import AugmentOptions, run_augment
     from pipeline.command import RunOptions
@@ -261,43 +198,15 @@ def ddaug_run(model_dir: str, in_dir: str, out_dir: str, batch: int | None, mode
         summary = run_augment(RunOptions(inputs=(in_dir,), output=out_dir, device="cuda", batch_size=batch,
                                          shard_size=shard_size, workers=workers, overwrite=rank is None, quiet=True,
                                          rank=rank, world_size=world_size),
-                              AugmentOptions(model=model_dir, compile=compile, unet_cuda_graphs=unet_cuda_graphs,
-                                             compile_cache=compile_cache if compile else None,
+                              AugmentOptions(model=model_dir, compile=compile,
+                                             compile_cache=compile_cache if compile != "never" else None,
                                              recipe=RecipeSettings(dtype="bf16", mode=mode)))
     wall = time.perf_counter() - t0
     return RunResult(summary.batch_size, wall, summary.done, summary.seconds, busy.busy, busy.busy_over_last(summary.seconds),
-                     summary.times, torch.cuda.max_memory_allocated() / 2 ** 30, out_dir)
+                     summary.times, torch.cuda.max_memory_allocated() / 2 ** 30, out_dir, summary.time_line)
 
 
 GPU_PARTS = ("host->device", "vae encode", "unet", "vae decode", "device->host")
-
-
-def breakdown(label: str, run: RunResult, tflop: dict[str, float] | None) -> list[str]:
-    """Per-part table of one run: where its time went, GPU parts with achieved TFLOP/s."""
-    from pipeline.timing import JOB_PARTS
-
-    lines = [f"Time breakdown, {label} ({run.done} images, {run.job_seconds:.1f}s after load; thread-seconds "
-             "for the loader and builder pools, GPU time from CUDA events for the model's parts):", "",
-             "| part | seconds | % of run | ms/image | TFLOP/s |", "|---|---|---|---|---|"]
-    order = [p for p in JOB_PARTS if p != "model"] + ["model", *GPU_PARTS]
-    for part in order:
-        if part not in run.times:
-            continue
-        secs = run.times[part]
-        rate = "-"
-        if tflop and part in tflop:
-            rate = f"{tflop[part] * run.done / secs:.0f}"
-        name = f"  GPU: {part}" if part in GPU_PARTS else part
-        lines.append(f"| {name} | {secs:.2f} | {secs / run.job_seconds:.0%} | {1000 * secs / run.done:.1f} | {rate} |")
-    gpu = sum(run.times.get(p, 0.0) for p in GPU_PARTS)
-    lines += ["", f"GPU busy from events (GPU parts / run after load): {gpu / run.job_seconds:.0%}; nvidia-smi: "
-              f"{run.busy_after_load:.0%} after load, {run.busy:.0%} over the whole run. Peak GPU memory "
-              f"{run.peak_gib:.1f} GiB."]
-    if tflop:
-        total = sum(tflop.values()) * run.done / run.job_seconds
-        lines.append(f"Achieved over the run after load: {total:.0f} TFLOP/s of model work "
-                     f"({sum(tflop.values()):.2f} TFLOP per image).")
-    return lines + [""]
 
 
 def images_by_key(folder: str) -> dict[str, bytes]:
@@ -350,7 +259,7 @@ def compile_startup(model_dir: str, in_dir: str, cache: str, work: str, batch: i
     for label in ("empty cache", "warm cache"):
         t0 = time.perf_counter()
         proc = subprocess.run([sys.executable, os.path.join(root, "cli.py"), "augment", warm_in, "-o",
-                               os.path.join(work, f"startup-{len(res)}"), "--model", model_dir, "--compile",
+                               os.path.join(work, f"startup-{len(res)}"), "--model", model_dir, "--compile", "always",
                                "--compile-cache", cache, "--batch-size", str(batch), "--device", "cuda", "-q",
                                "--overwrite"], capture_output=True, text=True)
         if proc.returncode:
@@ -360,17 +269,27 @@ def compile_startup(model_dir: str, in_dir: str, cache: str, work: str, batch: i
             + ", ".join(res) + ".", ""]
 
 
+def make_cocolike(script: str, folder: str, n: int) -> str:
+    """COCO-like JPEGs from the shared generator (seed 0); returns its shape statistics."""
+    import importlib
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(script)))  # its pool workers import it by name
+    mod = importlib.import_module(os.path.splitext(os.path.basename(script))[0])
+    mod.write(folder, n, seed=0, procs=16)
+    return mod.count(n, seed=0)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--images", type=int, default=128)
-    ap.add_argument("--naive-images", type=int, default=16)
-    ap.add_argument("--size", type=int, default=1024)
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--parts", nargs="+", default=["naive", "stages", "eager", "compile"],
-                    choices=["naive", "stages", "eager", "compile", "compile-cudnn", "compile-workers12",
-                             "compile-graphs", "compile-workers4", "compile-b32", "compile-auto", "inductor-flags", "vae", "ssd1b",
-                             "mixed", "determinism", "startup"])
+    ap.add_argument("--images", type=int, default=1000)
+    ap.add_argument("--naive-images", type=int, default=32)
+    ap.add_argument("--cocolike", default=None, help="path of cocolike.py: the realistic workload")
+    ap.add_argument("--size", type=int, default=1024, help="without --cocolike: N x N crops of real photos")
+    ap.add_argument("--batch", type=int, default=None, help="--batch-size (default: auto)")
+    ap.add_argument("--parts", nargs="+", default=["naive", "default"],
+                    choices=["naive", "default", "never", "always", "vae", "ssd1b", "determinism", "startup"])
     ap.add_argument("--det-images", type=int, default=64, help="inputs for the determinism part")
+    ap.add_argument("--compile-cache", default=None, help="torch.compile cache folder (default: a new one)")
     ap.add_argument("--results", default=None)
     args = ap.parse_args()
     import diffusers
@@ -379,147 +298,52 @@ def main() -> None:
     dlog.set_verbosity_error()  # per-load dtype notices drown the results
     work = tempfile.mkdtemp(prefix="ddaug-bench-")
     model_dir, in_dir = os.path.join(work, "sdxl"), os.path.join(work, "in")
-    cache = os.path.join(work, "inductor-cache")  # --compile-cache of every compiled run here
+    cache = args.compile_cache or os.path.join(work, "inductor-cache")  # every compiled run's --compile-cache
     t = time.perf_counter()
     build_sdxl_folder(model_dir)
-    make_inputs(in_dir, args.images, args.size)
+    if args.cocolike:
+        workload = f"COCO-like ({args.images} images from cocolike.py, seed 0)"
+        notes = [make_cocolike(args.cocolike, in_dir, args.images), ""]
+    else:
+        workload = f"{args.size}x{args.size}"
+        make_inputs(in_dir, args.images, args.size)
+        notes = []
     setup_s = time.perf_counter() - t
     inputs = sorted(os.path.join(in_dir, f) for f in os.listdir(in_dir))
-    tflop = recipe_tflop(model_dir, args.size)
-    rows, notes = [], [f"TFLOP per {args.size}² image: " + ", ".join(f"{k} {v:.2f}" for k, v in tflop.items()) + ".", ""]
+    rows: list[str] = []
     naive = None
 
-    def row(label: str, run: RunResult) -> float:
+    def row(label: str, run: RunResult) -> None:
         rate = run.done / run.wall
-        ratio = f"{rate / naive:.2f}x" if naive else "-"
-        rows.append(f"| {label} | {run.done} | {rate:.2f} | {run.done / run.job_seconds:.2f} | {ratio} | "
-                    f"{run.busy:.0%} ({run.busy_after_load:.0%} after load) | {run.peak_gib:.1f} |")
+        ratio = f"{rate / naive:.1f}x" if naive else "-"
+        rows.append(f"| {label} | {run.done} | {rate:.1f} | {run.done / run.job_seconds:.1f} | {run.startup:.1f} | "
+                    f"{ratio} | {run.gpu_busy:.0%} / {run.busy_after_load:.0%} | {run.batch} | {run.peak_gib:.1f} |")
+        notes.append(f"- {label}: {run.time_line}")
         print(rows[-1], flush=True)
-        return rate
 
     def part_naive():
         nonlocal naive
         naive = naive_baseline(model_dir, inputs[: args.naive_images], os.path.join(work, "naive"))
         rows.append(f"| naive `StableDiffusionXLImg2ImgPipeline` loop (bf16, batch 1, 40 steps, strength 0.025, "
-                    f"PIL, PNG level 6) | {args.naive_images} | {naive:.2f} | - | 1.00x | - | - |")
+                    f"PIL, PNG level 6), after load | {args.naive_images} | {naive:.2f} | - | - | 1.0x | - | 1 | - |")
+        print(rows[-1], flush=True)
 
-    def part_stages():
-        for bench_on in (False, True):
-            st = gpu_stage_times(model_dir, args.batch, args.size, cudnn_benchmark=bench_on)
-            gpu_ms = st["vae encode"] + st["unet"] + st["vae decode"]
-            notes.append(f"Eager GPU ms/image at batch {args.batch}{' with cudnn.benchmark' if bench_on else ''}: "
-                         + ", ".join(f"{k} {st[k]:.1f}" for k in ("vae encode", "unet", "vae decode"))
-                         + f" ({1000 / gpu_ms:.2f} img/s of GPU work); peak {st['peak_mem_gib']:.1f} GiB.")
-        notes.append("")
+    def run_part(label: str, out: str, model: str = model_dir, **kw) -> None:
+        row(label, ddaug_run(model, in_dir, os.path.join(work, out), args.batch, compile_cache=cache, **kw))
 
-    def part_eager():
-        run = ddaug_run(model_dir, in_dir, os.path.join(work, "eager"), args.batch)
-        row(f"`ddaug augment` img2img, eager, end to end incl. model load (batch {args.batch})", run)
-        fixed["eager"] = run.done / run.job_seconds
-        notes.extend(breakdown(f"eager, batch {args.batch}", run, tflop))
-
-    def warm_up(batch: int | None, graphs: bool = False) -> float:
-        """Compile (or load from the cache) outside the measured run; returns its seconds."""
-        warm_dir = os.path.join(work, "warm-in")
-        if not os.path.isdir(warm_dir):
-            os.makedirs(warm_dir)
-            for p in inputs[: max(args.batch, 32)]:
-                shutil.copy(p, warm_dir)
-        t0 = time.perf_counter()
-        ddaug_run(model_dir, warm_dir, os.path.join(work, f"warm-{batch}-{graphs}"), batch, compile=True,
-                  unet_cuda_graphs=graphs, compile_cache=cache)
-        return time.perf_counter() - t0
-
-    def part_compile_warmup():
-        secs = warm_up(args.batch)
-        earlier = args.parts[:args.parts.index("warm-up")]
-        state = "warm from the parts before" if {"startup", "inductor-flags"} & set(earlier) else "empty"
-        notes.extend([f"`--compile` first in-process run over {max(args.batch, 32)} images (load + compile, "
-                      f"compile cache {state}): {secs:.0f}s; the compiled runs below reuse it.", ""])
-
-    def part_compile(cudnn_benchmark: bool = False, workers: int = 6, graphs: bool = False,
-                     batch: int | None = -1):
-        batch = args.batch if batch == -1 else batch
-        torch.backends.cudnn.benchmark = cudnn_benchmark
-        try:
-            if graphs or batch != args.batch:  # another shape or mode: its own compile, kept out of the run
-                notes.append(f"(warm-up for batch {batch or 'auto'}{', UNet CUDA graph' if graphs else ''}: "
-                             f"{warm_up(batch, graphs):.0f}s)")
-            run = ddaug_run(model_dir, in_dir, os.path.join(work, f"compiled-{cudnn_benchmark}-{workers}-{graphs}-{batch}"),
-                            batch, compile=True, workers=workers, unet_cuda_graphs=graphs, compile_cache=cache)
-        finally:
-            torch.backends.cudnn.benchmark = False
-        extra = (", cudnn.benchmark on" if cudnn_benchmark else "") + f", {workers} workers" + \
-            (", UNet as a CUDA graph" if graphs else "")
-        size = f"batch {run.batch}" + (" chosen by --batch-size auto" if batch is None else "")
-        row(f"`ddaug augment --compile` img2img end to end incl. model load, compile cache warm ({size}{extra})", run)
-        notes.extend(breakdown(f"--compile, {size}{extra}", run, tflop))
-
-    def part_inductor_flags():
-        """Inductor settings from diffusers' SDXL speed-up guide, on top of --compile. Its
-        coordinate_descent_tuning is left out: with it, compiling UNet + VAE at batch 16 did not
-        finish within 10 minutes on an H100 (bench/RESULTS.md)."""
-        import torch._inductor.config as inductor
-
-        flags = {"conv_1x1_as_mm": True, "epilogue_fusion": False}
-        saved = {k: getattr(inductor, k) for k in flags}
-        for k, v in flags.items():
-            setattr(inductor, k, v)
-        try:
-            notes.append(f"(compile with inductor {', '.join(f'{k}={v}' for k, v in flags.items())}: "
-                         f"{warm_up(args.batch):.0f}s)")
-            run = ddaug_run(model_dir, in_dir, os.path.join(work, "compiled-flags"), args.batch, compile=True,
-                            compile_cache=cache)
-        finally:
-            for k, v in saved.items():
-                setattr(inductor, k, v)
-        row(f"`ddaug augment --compile` with diffusers' inductor flags (batch {args.batch}, 6 workers)", run)
-        notes.extend(breakdown(f"--compile + inductor flags, batch {args.batch}", run, tflop))
-
-    def part_vae():
-        row("`ddaug augment --mode vae`, eager, end to end",
-            ddaug_run(model_dir, in_dir, os.path.join(work, "vae"), args.batch, mode="vae"))
-
-    def part_ssd1b():
-        ssd_dir = os.path.join(work, "ssd1b")
-        build_sdxl_folder(ssd_dir, SSD1B_UNET)
-        notes.append(f"UNet TFLOP per 1024² image: SDXL {tflop['unet']:.2f}, "
-                     f"SSD-1B {recipe_tflop(ssd_dir, 1024)['unet']:.2f}.")
-        row("`ddaug augment`, SSD-1B UNet, eager, end to end",
-            ddaug_run(ssd_dir, in_dir, os.path.join(work, "ssd"), args.batch))
-
-    def part_mixed():
-        mixed_dir = os.path.join(work, "mixed")
-        mean_px = make_mixed_inputs(mixed_dir, args.images)
-        run = ddaug_run(model_dir, mixed_dir, os.path.join(work, "mixed-out"), args.batch)
-        row(f"`ddaug augment`, eager, mixed sizes {', '.join(f'{w}x{h}' for h, w in MIXED_SIZES)}", run)
-        if "eager" in fixed:
-            per_px = (run.done / run.job_seconds) * mean_px / (fixed["eager"] * args.size * args.size)
-            notes.append(f"Mixed sizes: {per_px:.0%} of the fixed-size rate per pixel after load "
-                         f"(mean {mean_px / 1e6:.2f} MP).")
-
-    def part_determinism():
-        det_dir = os.path.join(work, "det-in")
-        os.makedirs(det_dir, exist_ok=True)
-        for p in inputs[: args.det_images]:
-            shutil.copy(p, det_dir)
-        notes.extend(determinism(model_dir, det_dir, work, args.batch))
-
-    parts = {"naive": part_naive, "stages": part_stages, "eager": part_eager,
-             "compile": part_compile, "compile-cudnn": lambda: part_compile(cudnn_benchmark=True),
-             "compile-workers12": lambda: part_compile(workers=12),
-             "compile-graphs": lambda: part_compile(workers=6, graphs=True),
-             "compile-workers4": lambda: part_compile(workers=4),
-             "compile-b32": lambda: part_compile(batch=32),
-             "compile-auto": lambda: part_compile(batch=None),
-             "inductor-flags": part_inductor_flags,
-             "vae": part_vae, "ssd1b": part_ssd1b, "mixed": part_mixed, "determinism": part_determinism,
-             "startup": lambda: notes.extend(compile_startup(model_dir, in_dir, cache, work, args.batch))}
-    fixed: dict[str, float] = {}
-    compiled_parts = [p for p in args.parts if p.startswith("compile")]
-    if compiled_parts:
-        args.parts.insert(args.parts.index(compiled_parts[0]), "warm-up")
-        parts["warm-up"] = part_compile_warmup
+    parts = {
+        "naive": part_naive,
+        "default": lambda: run_part("`ddaug augment` defaults (img2img, --compile auto, --batch-size auto)", "default"),
+        "never": lambda: run_part("`--compile never` (eager)", "never", compile="never"),
+        "always": lambda: run_part("`--compile always` (VAE compiled, dynamic shapes; cache cold unless a run "
+                                   "above compiled)", "always", compile="always"),
+        "vae": lambda: run_part("`--mode vae` defaults", "vae", mode="vae"),
+        "ssd1b": lambda: (build_sdxl_folder(os.path.join(work, "ssd1b"), SSD1B_UNET),
+                          run_part("SSD-1B UNet, defaults", "ssd", model=os.path.join(work, "ssd1b"))),
+        "determinism": lambda: notes.extend(determinism(model_dir, _subset(inputs, work, args.det_images), work,
+                                                        args.batch or 8)),
+        "startup": lambda: notes.extend(compile_startup(model_dir, in_dir, cache, work, 16)),
+    }
     for name in args.parts:
         try:
             parts[name]()
@@ -529,17 +353,25 @@ def main() -> None:
             traceback.print_exc()
             notes.append(f"Part {name} failed: {type(exc).__name__}: {exc}")
 
-    lines = [f"## augment, SDXL architecture (random weights), {args.size}x{args.size}",
+    lines = [f"## augment, SDXL architecture (random weights), {workload}",
              f"- date {datetime.date.today()}, device {torch.cuda.get_device_name()}, driver {driver_version()}, "
              f"torch {torch.__version__}, diffusers {diffusers.__version__}, python {platform.python_version()}",
-             f"- command: `python bench/augment_bench.py --images {args.images} --naive-images {args.naive_images} "
-             f"--size {args.size} --batch {args.batch} --parts {' '.join(p for p in args.parts if p != 'warm-up')}"
-             + (f" --det-images {args.det_images}" if "determinism" in args.parts else "") + f"` (setup {setup_s:.0f}s)",
-             "", "| path | images | img/s end to end | img/s after load | vs naive | GPU busy (nvidia-smi) | peak GiB |",
-             "|---|---|---|---|---|---|---|",
-             *[r for r in rows if r], "", *notes, ""]
+             f"- command: `python bench/augment_bench.py {' '.join(sys.argv[1:])}` (setup {setup_s:.0f}s)",
+             "", "| path | images | img/s end to end | img/s after load | start-up s | vs naive (end to end) | "
+             "GPU busy after load (events / nvidia-smi) | batch at 1024² | peak GiB |",
+             "|---|---|---|---|---|---|---|---|---|", *rows, "",
+             "Start-up is model load + memory probe (+ compile when chosen), in a process that has imported torch.",
+             "Where the time went (-v's line) per run:", *notes, ""]
     emit(lines, args.results)
     shutil.rmtree(work, ignore_errors=True)
+
+
+def _subset(inputs: list[str], work: str, n: int) -> str:
+    folder = os.path.join(work, "subset")
+    os.makedirs(folder, exist_ok=True)
+    for p in inputs[:n]:
+        shutil.copy(p, folder)
+    return folder
 
 
 def driver_version() -> str:

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from shards.store import Failure, OutputFolder
 from sources import SourceItem
 
-from .timing import StageTimes
+from .timing import GpuBusySampler, StageTimes
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +53,8 @@ class Stage(Protocol):
 
     def bucket(self, unit: Any) -> Hashable:
         """Units with equal bucket keys can share a batch (e.g. same padded size). A stage may
-        also define batch_limit(bucket) -> int | None to cap that bucket's batches below
-        batch_size (e.g. large images)."""
+        also define batch_limit(bucket) -> int | None: that bucket's batch size in place of
+        batch_size (e.g. by pixels: fewer large images per batch, more small ones)."""
 
     def run(self, units: list[Any], prepared: Any = None) -> list[Any]:
         """Process a batch; per unit a result or a SampleFailure (runs on the model thread). A
@@ -86,6 +86,13 @@ class JobSummary:
         if self.counts:
             text += "; " + ", ".join(f"{k} {v}" for k, v in sorted(self.counts.items()))
         return text
+
+
+def owned_blocks(items: list, shard_size: int, rank: int, world_size: int) -> list[list]:
+    """This rank's blocks of inputs: block j (shard_size inputs, in input order) is rank
+    j % world_size's, and becomes one shard."""
+    blocks = [items[i:i + shard_size] for i in range(0, len(items), shard_size)]
+    return blocks[rank::world_size]
 
 
 def _ordered_prefetch(pool: ThreadPoolExecutor, fn: Callable, items: list, window: int) -> Iterator:
@@ -156,7 +163,7 @@ class Job:
 
     def _batch_limit(self, bkey: Hashable) -> int:
         limit = getattr(self.stage, "batch_limit", None)
-        return min(self.batch_size, (limit(bkey) if limit else None) or self.batch_size)
+        return (limit(bkey) if limit else None) or self.batch_size
 
     def _prepare(self, units: list[Any]) -> Any:
         prepare = getattr(self.stage, "prepare", None)
@@ -195,12 +202,12 @@ class Job:
         # batches are formed within a block. A block is thus batched the same way whatever the
         # process count, or after a crash: GPU kernels give an image the same bits only in the
         # same batch position and shape, so this keeps outputs identical across process counts.
-        blocks = [items[i:i + self.shard_size] for i in range(0, len(items), self.shard_size)]
-        if len(blocks) < self.world_size:
+        n_blocks = -(-len(items) // self.shard_size)
+        if n_blocks < self.world_size:
             log.warning("%d input(s) make %d block(s) of --shard-size %d for %d processes: ranks %d+ have "
-                        "nothing to do; a smaller --shard-size spreads the work", len(items), len(blocks),
-                        self.shard_size, self.world_size, len(blocks))
-        mine_blocks = blocks[self.rank::self.world_size]
+                        "nothing to do; a smaller --shard-size spreads the work", len(items), n_blocks,
+                        self.shard_size, self.world_size, n_blocks)
+        mine_blocks = owned_blocks(items, self.shard_size, self.rank, self.world_size)
         mine = [it for block in mine_blocks for it in block]
         if retry_keys is not None:
             todo = [it for it in mine if it.key in retry_keys]
@@ -216,7 +223,8 @@ class Job:
         window = max(2 * self.batch_size, 4 * self.workers)
         with ThreadPoolExecutor(self.workers, thread_name_prefix="load") as loaders, \
                 ThreadPoolExecutor(self.workers, thread_name_prefix="build") as builders, \
-                ThreadPoolExecutor(1, thread_name_prefix="model") as self._model_thread:
+                ThreadPoolExecutor(1, thread_name_prefix="model") as self._model_thread, \
+                GpuBusySampler(getattr(self.stage, "device", None), self.times):
             loaded = _ordered_prefetch(loaders, self._load, todo, window)
             for j, chunk in enumerate(chunks):
                 self._run_chunk(first_index + j, chunk, loaded, builders, bar, summary)

@@ -10,6 +10,7 @@ model-bound one a bigger batch or --compile.
 from __future__ import annotations
 
 import collections
+import os
 import threading
 import time
 from contextlib import contextmanager
@@ -30,17 +31,27 @@ JOB_PARTS = {
 
 
 class StageTimes:
-    """Thread-safe accumulator of seconds and counts per part."""
+    """Thread-safe accumulator of seconds and counts per part. Parts timed on the device
+    (DeviceTimeline on CUDA) are remembered as GPU parts: their sum over the wall time is how
+    busy the GPU was."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.seconds: collections.Counter = collections.Counter()
         self.calls: collections.Counter = collections.Counter()
+        self.counts: collections.Counter = collections.Counter()  # model calls, images, batch slots
+        self.gpu_parts: set[str] = set()
 
-    def add(self, part: str, seconds: float, calls: int = 1) -> None:
+    def add(self, part: str, seconds: float, calls: int = 1, gpu: bool = False) -> None:
         with self._lock:
             self.seconds[part] += seconds
             self.calls[part] += calls
+            if gpu:
+                self.gpu_parts.add(part)
+
+    def count(self, name: str, n: int = 1) -> None:
+        with self._lock:
+            self.counts[name] += n
 
     @contextmanager
     def measure(self, part: str) -> Iterator[None]:
@@ -74,16 +85,87 @@ class StageTimes:
         return "; ".join(parts) + f". {self.bottleneck(wall)}"
 
     def bottleneck(self, wall: float) -> str:
-        idle_input = self.seconds.get("wait for input", 0.0) / wall
-        model = self.seconds.get("model", 0.0) / wall
-        build = self.seconds.get("wait for build", 0.0) / wall
-        if idle_input > 0.2:
-            return "Bound by reading/decoding inputs: raise --workers."
-        if build > 0.2:
-            return "Bound by encoding outputs: raise --workers or use --image-format webp."
-        if model > 0.8:
-            return "Bound by the model (as it should be)."
-        return "No single bound."
+        """What to change. With GPU parts, from the GPU's idle time: each reason below is a
+        share of the seconds the GPU waited; otherwise from the threads' waits."""
+        sec = self.seconds
+        if not self.gpu_parts:
+            if sec.get("wait for input", 0.0) / wall > 0.2:
+                return "Bound by reading/decoding inputs: raise --workers."
+            if sec.get("wait for build", 0.0) / wall > 0.2:
+                return "Bound by encoding outputs: raise --workers or use --image-format webp."
+            if sec.get("model", 0.0) / wall > 0.8:
+                return "Bound by the model (as it should be)."
+            return "No single bound."
+        samples = self.counts.get("gpu samples", 0)
+        if samples:  # NVML: the share of time a kernel was running
+            busy, source = self.counts["gpu busy %"] / samples / 100, "nvidia-smi"
+        else:  # CUDA events also count the gaps between kernels inside a model call
+            busy, source = min(sum(sec[p] for p in self.gpu_parts) / wall, 1.0), "CUDA events, an upper bound"
+        if busy >= 0.85:
+            return f"Bound by the GPU (busy {busy:.0%}, {source}), as it should be."
+        calls, images, slots = (self.counts.get(k, 0) for k in ("model calls", "images", "batch slots"))
+        shapes = self.calls.get("shape set-up", 0)
+        waits = {"reading/decoding inputs: raise --workers": sec.get("wait for input", 0.0),
+                 "encoding outputs: raise --workers or use --image-format webp": sec.get("wait for build", 0.0)}
+        cause, waited = max(waits.items(), key=lambda kv: kv[1])
+        text = f"GPU busy {busy:.0%} ({source})"
+        if waited / wall > 0.1:
+            text += f"; the model waited on {cause} ({waited:.1f}s)"
+        elif calls and shapes / calls > 0.25:
+            text += (f"; shape changes: {shapes} of {calls} model calls were at a new (batch, H, W), which cuDNN "
+                     "sets up on the host while the GPU waits (fewer distinct sizes, or a larger --shard-size, help)")
+        else:
+            text += "; kernel launches on the model thread leave gaps (larger batches help)"
+        if calls and slots and images / slots < 0.6:
+            text += (f"; batches were small: {images / calls:.1f} images per call, {images / slots:.0%} of what "
+                     "fits (few images per canvas in each --shard-size block)")
+        return text + "."
+
+
+class GpuBusySampler:
+    """The GPU's utilization (the share of time a kernel was running, as nvidia-smi shows it),
+    sampled through NVML every `period` seconds into times.counts while a job runs. CUDA events
+    cannot give this: an interval between two events also holds the gaps in which the host was
+    still setting up the next kernel. Without NVML (nvidia-ml-py) or a CUDA device it does
+    nothing."""
+
+    def __init__(self, device, times: StageTimes, period: float = 0.2) -> None:
+        self.times, self.period = times, period
+        self.handle = None
+        self._stop = threading.Event()
+        if getattr(device, "type", None) != "cuda":
+            return
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            index = device.index or 0
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+            ids = [v for v in visible.split(",") if v.strip()]
+            if ids and ids[index].strip().isdigit():
+                index = int(ids[index])
+            self.handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+            self._nvml = pynvml
+        except Exception:  # no NVML here: the report falls back to CUDA events
+            self.handle = None
+
+    def __enter__(self) -> "GpuBusySampler":
+        if self.handle is not None:
+            self._thread = threading.Thread(target=self._sample, name="gpu-busy", daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.period):
+            try:
+                util = self._nvml.nvmlDeviceGetUtilizationRates(self.handle).gpu
+            except Exception:
+                return
+            self.times.count("gpu busy %", util)
+            self.times.count("gpu samples")
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
 
 
 class DeviceTimeline:
@@ -109,10 +191,14 @@ class DeviceTimeline:
         else:
             self.marks.append((part_ending, time.perf_counter()))
 
-    def finish(self) -> None:
-        """Add each interval to times (call after the device has finished the batch)."""
+    def finish(self) -> float:
+        """Add each interval to times (call after the device has finished the batch); returns
+        the batch's total device seconds."""
         if self.times is None:
-            return
+            return 0.0
+        total = 0.0
         for (_, a), (part, b) in zip(self.marks, self.marks[1:]):
             secs = a.elapsed_time(b) / 1000 if self.cuda else b - a
-            self.times.add(part, secs)
+            self.times.add(part, secs, gpu=self.cuda)
+            total += secs
+        return total

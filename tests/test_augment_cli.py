@@ -430,22 +430,53 @@ def test_run_reports_where_the_time_went(tmp_path, photo_dir):
     assert re.search(r"\. (Bound by|No single bound)", line), line
 
 
-def test_large_images_get_smaller_batches(tiny_model_dir):
-    """batch_size is what fits at 1024²; above that a batch holds proportionally fewer images, so
-    a folder of big scans does not run out of memory at the user's batch size."""
+def test_batch_follows_pixels(tiny_model_dir):
+    """--batch-size N means N images' worth of 1024² pixels per model call: proportionally fewer
+    large images (a folder of big scans does not run out of memory), more small ones, up to
+    MAX_IMAGES_PER_CALL (COCO-sized photos fill the GPU instead of running 16 at a time)."""
     from augment import DiffusionFlavour, RecipeSettings, load_components, resolve_spec
+    from augment.recipe import MAX_IMAGES_PER_CALL, images_per_call
 
     flavour = DiffusionFlavour(load_components(resolve_spec(tiny_model_dir)), RecipeSettings(dtype="fp32"),
                                "cpu", batch_size=8)
-    assert flavour.batch_for((512, 512)) == 8
     assert flavour.batch_for((1024, 1024)) == 8
     assert flavour.batch_for((2048, 1024)) == 4
     assert flavour.batch_for((4096, 4096)) == 1
+    assert flavour.batch_for((512, 512)) == 32
+    assert flavour.batch_for((512, 640)) == 25          # a 480x640 COCO photo's canvas
+    assert flavour.batch_for((64, 128)) == MAX_IMAGES_PER_CALL
+    assert images_per_call((512, 640), 16) == 51       # what auto's 16 gives on an H100
+    assert images_per_call((64, 64), 100) == 100       # an explicit batch above the cap is kept
+
+
+def test_canvases_are_few_and_fit_the_image():
+    """Each side is padded up to a multiple of CANVAS_STEP (or of the nets' multiple if larger),
+    never below two of the nets' units: a canvas holds its image, and 1,000 COCO-like sizes fall
+    on far fewer canvases than padded to 32."""
+    import random
+
+    from augment.recipe import CANVAS_STEP, canvas_for
+
+    assert canvas_for(480, 640, 32) == (512, 640)
+    assert canvas_for(427, 640, 32) == (512, 640)
+    assert canvas_for(1, 1, 32) == (128, 128)
+    assert canvas_for(1024, 1024, 32) == (1024, 1024)
+    assert canvas_for(70, 70, 128) == (256, 256)   # a net whose own multiple is larger
+    rng = random.Random(0)
+    sizes = [(rng.choice([480, 427, 360, 640, 512]) + rng.randint(-3, 3), 640) for _ in range(1000)]
+    canvases = {canvas_for(h, w, 32) for h, w in sizes}
+    fine = {(-(-h // 32) * 32, -(-w // 32) * 32) for h, w in sizes}
+    assert len(canvases) < len(fine)
+    for h, w in sizes:
+        ch, cw = canvas_for(h, w, 32)
+        assert ch >= h and cw >= w and ch % CANVAS_STEP == 0 and cw % CANVAS_STEP == 0
+        assert ch - h < CANVAS_STEP and cw - w < CANVAS_STEP
 
 
 def test_auto_batch_size_fits_free_memory(tiny_model_dir):
     """--batch-size auto: the peaks of batches of 1 and 2 give a fixed and a per-image part; the
-    batch is what fits the budget, at least 1, at most the cap. On CPU it is a fixed 8."""
+    batch is what fits the budget, at least 1, at most the cap. The probe runs small images and
+    scales the per-image part by pixels. On CPU it is a fixed 8."""
     from augment import DiffusionFlavour, RecipeSettings, load_components, resolve_spec
     from augment.recipe import batch_from_memory
 
@@ -454,8 +485,54 @@ def test_auto_batch_size_fits_free_memory(tiny_model_dir):
     assert batch_from_memory(5 * gib, int(1.5 * gib), int(2.5 * gib), cap=16) == 4
     assert batch_from_memory(70 * gib, int(1.5 * gib), int(2.5 * gib), cap=16) == 16
     assert batch_from_memory(1 * gib, int(1.5 * gib), int(2.5 * gib), cap=16) == 1
+    # Probed at 512²: 0.25 GiB per image there is 1 GiB per 1024² image.
+    assert batch_from_memory(5 * gib, int(0.75 * gib), int(1.0 * gib), cap=16, scale=4) == 4
     flavour = DiffusionFlavour(load_components(resolve_spec(tiny_model_dir)), RecipeSettings(dtype="fp32"), "cpu")
     assert flavour.batch_size is None and flavour.fit_batch_size() == 8 and flavour.batch_for((1024, 1024)) == 8
+
+
+def test_compile_choice():
+    """--compile auto stays eager (compiling never paid in bench/RESULTS.md); always compiles
+    on a GPU only; the reason is what -v logs."""
+    from augment.run import choose_compile
+
+    assert choose_compile("auto", "cuda:0") == (False, choose_compile("auto", "cuda:0")[1])
+    assert "--compile always" in choose_compile("auto", "cuda:0")[1]
+    assert choose_compile("always", "cuda:1")[0] is True
+    assert choose_compile("always", "cpu")[0] is False
+    assert choose_compile("never", "cuda:0")[0] is False
+
+
+def test_bound_report_reads_gpu_busy_time():
+    """With the GPU's utilization sampled (NVML), -v names the bound from how busy the GPU was,
+    not from which thread was busiest: the GPU itself, reading, shape changes, small batches."""
+    from pipeline.timing import StageTimes
+
+    def sampled(busy_percent: int) -> StageTimes:
+        t = StageTimes()
+        t.add("unet", 9.5, gpu=True)      # events say 95%: an upper bound that NVML corrects
+        t.add("model", 9.8)
+        t.count("gpu busy %", busy_percent * 10)
+        t.count("gpu samples", 10)
+        return t
+
+    assert sampled(90).bottleneck(10.0).startswith("Bound by the GPU (busy 90%, nvidia-smi)")
+    shapes = sampled(60)
+    shapes.count("model calls", 40)
+    for _ in range(30):
+        shapes.add("shape set-up", 0.0)
+    text = shapes.bottleneck(10.0)
+    assert "GPU busy 60% (nvidia-smi)" in text and "30 of 40 model calls were at a new" in text
+    reading = sampled(40)
+    reading.add("wait for input", 5.0)
+    reading.count("model calls", 10)
+    reading.count("images", 20)
+    reading.count("batch slots", 640)
+    text = reading.bottleneck(10.0)
+    assert "reading/decoding inputs" in text and "2.0 images per call" in text
+    events_only = StageTimes()
+    events_only.add("unet", 9.0, gpu=True)
+    assert "CUDA events" in events_only.bottleneck(10.0)
 
 
 def test_fewer_blocks_than_processes_warns_and_idle_rank_succeeds(tmp_path, photo_dir):
@@ -464,10 +541,13 @@ def test_fewer_blocks_than_processes_warns_and_idle_rank_succeeds(tmp_path, phot
     assert not glob.glob(str(tmp_path / "out" / "*.tar"))
 
 
-def test_compile_cache_needs_compile(tmp_path, photo_dir):
-    result = invoke("augment", photo_dir, "-o", tmp_path / "out", *FAST, "--compile-cache", tmp_path / "cc",
-                    expect_ok=False)
+def test_compile_flag_checks(tmp_path, photo_dir):
+    result = invoke("augment", photo_dir, "-o", tmp_path / "out", *FAST, "--compile", "never",
+                    "--compile-cache", tmp_path / "cc", expect_ok=False)
     assert result.exit_code != 0 and "--compile-cache" in result.output and "Traceback" not in result.output
+    result = invoke("augment", photo_dir, "-o", tmp_path / "out", *FAST, "--compile", "sometimes", expect_ok=False)
+    assert result.exit_code == 2 and "--compile" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "out").exists()
 
 
 def test_sizes_that_pad_alike_share_a_batch(tmp_path, photos):
