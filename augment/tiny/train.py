@@ -213,7 +213,7 @@ def _train_loop(name: str, step_fn, opt, params, lr: float, hp: Hyper, steps: in
         if time.time() > deadline:
             log.warning("%s: the budget ran out at step %d", name, step)
             break
-    if not losses or step % 50:
+    if not losses or not (step == 1 or step % 50 == 0 or step == total):  # stopped by the deadline
         losses.append(loss.item())
     return step, losses
 
