@@ -151,7 +151,7 @@ Examples:
   ddaug augment 'gen-{000..009}.tar' -o out/ --model lcm-sdxl --image-format webp
   ddaug augment photos/ -o out/ --compile always --compile-cache ~/.cache/ddaug-compile  # compiled VAE
   accelerate launch --multi_gpu --num_processes 8 cli.py augment photos/ -o out/  # per GPU
-  ddaug augment photos/ -o out/ --model tiny-random --device cpu  # offline smoke test
+  ddaug augment photos/ -o out/ --model tiny --device cpu          # offline: the tiny model trained here
 """)
 @click.argument("inputs", nargs=-1, required=True)
 @run_options
@@ -449,8 +449,8 @@ Example:
 @click.option("-o", "--output", type=click.Path(file_okay=False), default="demo-out", show_default=True)
 @user_errors
 def demo(output: str) -> None:
-    """Offline end-to-end run on CPU: bundled photos -> augment (tiny-random) -> inspect + preview."""
-    from pipeline.demo import run_demo
+    """Offline end-to-end run on CPU: bundled photos -> augment (tiny) -> inspect + preview -> caption."""
+    from demo import run_demo
 
     for line in run_demo(output):
         click.echo(line)

@@ -19,6 +19,10 @@ log = logging.getLogger(__name__)
 
 SDXL_BASE = "stabilityai/stable-diffusion-xl-base-1.0"
 SSD_1B = "segmind/SSD-1B"
+# SDXL's scheduler config (its scheduler/scheduler_config.json, Euler), shared by the tiny families.
+SDXL_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                     steps_offset=1, timestep_spacing="leading", prediction_type="epsilon")
+TINY_TRAINED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiny", "weights")
 
 
 @dataclass(frozen=True)
@@ -36,6 +40,8 @@ PRESETS: dict[str, ModelSpec] = {
                           note="LCM-distilled SDXL UNet; VAE and config from SDXL base"),
     "lcm-ssd-1b": ModelSpec(SSD_1B, unet="latent-consistency/lcm-ssd-1b", scheduler="lcm",
                             note="LCM-distilled SSD-1B UNet; VAE and config from SSD-1B"),
+    "tiny": ModelSpec(TINY_TRAINED, note="tiny SDXL-shaped model trained on offline photos (augment/tiny); "
+                                         "keeps the picture, for demos and fidelity tests"),
     "tiny-random": ModelSpec("tiny-random", note="tiny SDXL-shaped random model built in code (offline demos/tests)"),
     "tiny-random-lcm": ModelSpec("tiny-random-lcm", scheduler="lcm",
                                  note="tiny-random with an LCM-style UNet (time_cond_proj_dim)"),
@@ -106,11 +112,8 @@ def build_tiny_random(lcm: bool = False, text_encoders: bool = False, workdir: s
         up_block_types=("UpDecoderBlock2D",) * 4, sample_size=128, scaling_factor=0.13025,
         force_upcast=True,
     )
-    sdxl_schedule = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-                         beta_schedule="scaled_linear", steps_offset=1, timestep_spacing="leading",
-                         prediction_type="epsilon")
-    scheduler = (LCMScheduler(**sdxl_schedule, original_inference_steps=50) if lcm
-                 else EulerDiscreteScheduler(**sdxl_schedule, interpolation_type="linear"))
+    scheduler = (LCMScheduler(**SDXL_SCHEDULE, original_inference_steps=50) if lcm
+                 else EulerDiscreteScheduler(**SDXL_SCHEDULE, interpolation_type="linear"))
     comps = DiffusionComponents(unet=unet, vae=vae, scheduler=scheduler)
     if text_encoders:
         from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
@@ -227,8 +230,10 @@ def load_components(spec: ModelSpec, *, vae: str | None = None, text_encoders: b
         except Exception as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ModelLoadError(f"--cond empty needs the text encoders of {spec.base}: {first}") from None
-    comps.names = {"model": spec.base, "unet": spec.unet or f"{spec.base}/unet",
-                   "vae": vae or f"{spec.base}/vae", "scheduler": type(comps.scheduler).__name__}
+    # The committed tiny folder is named as its preset: its path differs from machine to machine.
+    base = "tiny" if spec.base == TINY_TRAINED else spec.base
+    comps.names = {"model": base, "unet": spec.unet or f"{base}/unet",
+                   "vae": vae or f"{base}/vae", "scheduler": type(comps.scheduler).__name__}
     return comps
 
 

@@ -59,7 +59,7 @@ def shard_sets(tmp_path_factory, photos):
     photos with conversations, 2 shards)."""
     from captioning.replies import Reply
     from captioning.server import ChatServer
-    from pipeline.demo import write_demo_inputs
+    from demo import write_demo_inputs
 
     root = tmp_path_factory.mktemp("sets")
     imgs = root / "business-images"

@@ -74,6 +74,10 @@ def test_demo_runs_offline_as_the_readme_says(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "0 problems" in r.stdout and "failures {'decode': 1}" in r.stdout
     assert os.path.exists(tmp_path / "demo" / "preview.png")
+    # the contact sheet's line gives each held-out photo's PSNR against its augmented twin
+    sheet_line = next(line for line in r.stdout.splitlines() if line.startswith("contact sheet:"))
+    assert all(f"{name} " in sheet_line for name in ("astronaut", "coffee", "chelsea", "rocket"))
+    assert sheet_line.count(" dB") == 4 and "augment (tiny," in r.stdout
     assert len(read_samples(tmp_path / "demo" / "augmented")) == 4
     # the augmented (now diffusion) images were recaptioned, bytes unchanged
     augmented, captioned = read_samples(tmp_path / "demo" / "augmented"), read_samples(tmp_path / "demo" / "captioned")

@@ -8,6 +8,7 @@ import torch
 from diffusers import StableDiffusionXLImg2ImgPipeline
 
 from augment import DiffusionFlavour, RecipeSettings, load_components, resolve_spec
+from augment.models import TINY_TRAINED
 
 
 def _pipeline_output(model_dir, latents, timestep, seed, original_size, target_size):
@@ -25,11 +26,13 @@ def _pipeline_output(model_dir, latents, timestep, seed, original_size, target_s
     return out.images  # [0, 1]
 
 
-@pytest.mark.parametrize("which", ["euler", "lcm"])
+@pytest.mark.parametrize("which", ["euler", "lcm", "tiny"])
 def test_one_step_matches_diffusers_pipeline(which, tiny_model_dir, tiny_lcm_dir, photos):
-    model_dir = tiny_model_dir if which == "euler" else tiny_lcm_dir
-    comps = load_components(resolve_spec(model_dir))
-    assert type(comps.scheduler).__name__ == ("EulerDiscreteScheduler" if which == "euler" else "LCMScheduler")
+    """tiny-random (Euler and LCM) and the trained `tiny` preset, whose committed folder the
+    stock pipeline loads as it would a hub folder."""
+    model_dir = {"euler": tiny_model_dir, "lcm": tiny_lcm_dir, "tiny": TINY_TRAINED}[which]
+    comps = load_components(resolve_spec("tiny" if which == "tiny" else model_dir))
+    assert type(comps.scheduler).__name__ == ("LCMScheduler" if which == "lcm" else "EulerDiscreteScheduler")
     flavour = DiffusionFlavour(comps, RecipeSettings(strength=0.025, dtype="fp32"), "cpu")
     assert flavour.timestep == 25
 
