@@ -19,14 +19,14 @@ from augment.tiny.photos import HELD_OUT, held_out
 from conftest import decode, invoke, read_samples
 from shards.inspect import psnr
 
-# Held-out PSNR floors (dB) of the committed weights on the crops below, each photo, CPU fp32:
-# about 2 dB under what they measure (`pytest tests/test_tiny_model.py -s` prints it). Update them
-# with the weights (augment/tiny/weights/README.md has the whole-photo figures).
-PSNR_FLOORS = {"vae": 8.3, "img2img": 8.6}
-# The committed weights come from a short CPU run (the helper's machine could not train them
-# further) and keep too little of the picture for alignment and colour order to show: that test
-# is expected to fail until the GPU-trained weights replace them. Set this to False with those.
-INTERIM_WEIGHTS = True
+# Held-out PSNR floors (dB) of the committed weights on the crops below, per photo, CPU fp32:
+# 2 dB under what they measure (`pytest tests/test_tiny_model.py -s` prints it; measured
+# vae 18.67 / 24.80 / 20.70 / 21.54 and img2img 18.44 / 24.12 / 20.43 / 21.37 for astronaut /
+# chelsea / coffee / rocket). Per photo, because a swapped-channel bug costs a grey photo
+# (rocket) far less than a colourful one. Update them with the weights
+# (augment/tiny/weights/README.md has the whole-photo figures).
+PSNR_FLOORS = {"vae": {"astronaut": 16.6, "chelsea": 22.8, "coffee": 18.7, "rocket": 19.5},
+               "img2img": {"astronaut": 16.4, "chelsea": 22.1, "coffee": 18.4, "rocket": 19.3}}
 
 # Crops of the held-out photos with detail in them, at sizes that need padding (not multiples of 32).
 CROPS = {
@@ -79,10 +79,9 @@ def test_held_out_psnr_floor(outputs, mode):
         scores[name] = round(psnr(source, output), 2)
     print(f"held-out crop PSNR, {mode}: {scores}")
     assert set(scores) == set(CROPS)
-    assert min(scores.values()) >= PSNR_FLOORS[mode], scores
+    assert all(scores[n] >= PSNR_FLOORS[mode][n] for n in scores), scores
 
 
-@pytest.mark.xfail(INTERIM_WEIGHTS, strict=True, reason="the interim CPU-trained weights keep too little detail")
 @pytest.mark.parametrize("mode", ["vae", "img2img"])
 def test_alignment_and_colour_order_and_what_they_catch(outputs, mode):
     """Each output matches its source best unshifted, and the test's own comparison, done as a
@@ -98,4 +97,4 @@ def test_alignment_and_colour_order_and_what_they_catch(outputs, mode):
         assert best_shift(output, one_lower) == (-1, 0), name
     swapped = {n: round(psnr(s[..., ::-1], o), 2) for n, (s, o) in pairs.items()}  # RGB <-> BGR
     print(f"{mode}: channels swapped {swapped}")
-    assert max(swapped.values()) < PSNR_FLOORS[mode], swapped
+    assert all(swapped[n] < PSNR_FLOORS[mode][n] for n in swapped), swapped
