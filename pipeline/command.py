@@ -15,7 +15,7 @@ from shards.store import OutputFolder
 from sources import read_sources
 
 from .job import Job, JobAbort, JobSummary, Stage
-from .placement import Placement, resolve_placement
+from .placement import DeviceError, Placement, resolve_placement
 
 log = logging.getLogger(__name__)
 
@@ -59,13 +59,15 @@ def execute(command: str, opts: RunOptions, config: dict[str, Any],
             make_stage: Callable[[Placement], Stage]) -> JobSummary:
     if opts.retry_failures and opts.overwrite:
         raise UserError("--retry-failures and --overwrite contradict each other: pick one")
+    try:
+        placement = resolve_placement(opts.rank, opts.world_size, opts.device)
+    except DeviceError as exc:
+        raise UserError(f"--device {exc}") from None
+    except ValueError as exc:
+        raise UserError(f"--rank/--world-size: {exc}") from None
     items = read_sources(opts.inputs, opts.media_dir)
     if not items:
         raise UserError(f"no input images found in {', '.join(opts.inputs)}")
-    try:
-        placement = resolve_placement(opts.rank, opts.world_size, opts.device)
-    except ValueError as exc:
-        raise UserError(f"--rank/--world-size: {exc}") from None
     run_info = {"versions": package_versions(), "argv": sys.argv, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     folder = OutputFolder(opts.output, prefix=opts.prefix, command=command, config=config,
                           run_info=run_info, rank=placement.rank, overwrite=opts.overwrite)
