@@ -10,13 +10,13 @@ import io
 import json
 import os
 import shutil
-import tarfile
 
 import pytest
 import torch
 from PIL import Image
 
 from conftest import invoke, read_samples, sample_meta
+from test_export import _crafted_tar
 
 FAST = ["--model", "tiny-random", "--device", "cpu", "-q"]
 
@@ -165,6 +165,21 @@ def test_a_model_that_fails_to_load_leaves_no_config_that_refuses_the_fixed_comm
     one_line_error(r, "different config", "strength")
 
 
+def test_a_caption_server_refusing_the_model_leaves_no_config_that_refuses_the_fixed_command(
+        tmp_path, photo_dir, monkeypatch):
+    from captioning.replies import Reply
+    from captioning.server import ChatServer
+
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    out = tmp_path / "out"
+    with ChatServer(lambda image, text, n: Reply("A picture."), model="served") as srv:
+        common = ["--backend", "openai", "--api-base", srv.url, "-q"]
+        r = invoke("caption", photo_dir, "-o", out, *common, "--vlm", "typo", expect_ok=False)
+        assert r.exit_code == 1 and "Traceback" not in r.output
+        invoke("caption", photo_dir, "-o", out, *common, "--vlm", "served")
+    assert len(read_samples(out)) == 4
+
+
 def test_a_broken_run_json_or_done_marker_is_one_line(tmp_path, augmented, photo_dir):
     out = _copy(augmented, tmp_path)
     src = augmented / "photos"
@@ -217,14 +232,6 @@ def test_inspect_outputs_into_a_missing_folder_are_one_line(tmp_path, augmented)
     assert not missing.exists()
 
 
-def _tar_with(path, samples):
-    with tarfile.open(path, "w") as tf:
-        for name, data in samples:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
-
-
 def _png(arr) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="PNG")
@@ -241,7 +248,7 @@ def test_export_skips_a_key_too_long_for_the_file_system(tmp_path, photos):
         samples += [(f"{key}.png", png), (f"{key}.json", json.dumps(meta).encode())]
     shards = tmp_path / "shards"
     shards.mkdir()
-    _tar_with(shards / "s-000-000000.tar", samples)
+    _crafted_tar(shards / "s-000-000000.tar", samples)
     r = invoke("export", shards, "-o", tmp_path / "lf", "--format", "llamafactory")
     assert "1 samples written" in r.output and "1 key too long for a file name" in r.output
     records = json.loads((tmp_path / "lf" / "ddaug.json").read_text())
