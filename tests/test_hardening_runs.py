@@ -345,3 +345,10 @@ def test_each_done_marker_is_read_once_and_ranks_retries_still_agree(tmp_path, m
     assert ((tmp_path / "out" / "manifest.json").read_bytes(),
             (tmp_path / "out" / "failures.jsonl").read_bytes()) == before
     assert all(os.path.exists(tmp_path / "out" / s["name"]) for s in manifest["shards"])
+
+
+def test_plan_on_a_binary_recipe_is_one_line(tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_bytes(b"\x8f\xff\x00binary")
+    r = invoke("plan", recipe, expect_ok=False)
+    one_line_error(r, "recipe", "not UTF-8")
