@@ -47,7 +47,7 @@ def check_decodable_size(data: bytes, uri: str) -> None:
         return
     if pixels > limit:
         raise SampleFailure("decode", f"image too large: {pixels / 1e6:.0f} MP is over the {limit / 1e6:.0f} MP "
-                                      f"that ddaug decodes (Pillow's decompression-bomb limit); downsize it "
+                                      f"that ddaug decodes (Pillow's decompression bomb limit); downsize it "
                                       f"first: {uri}")
 
 
