@@ -5,12 +5,14 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import os
 import sys
 
 import click
 
 from augment.models import PRESETS
+from augment.run import DEFAULT_MAX_PIXELS
 
 log = logging.getLogger("ddaug")
 
@@ -92,6 +94,26 @@ class BatchSize(click.ParamType):
         return number
 
 
+class FiniteFloatRange(click.FloatRange):
+    """FloatRange that also refuses nan and inf (nan passes every range comparison)."""
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
+
+
+def _plain_name(ctx, param, value: str) -> str:
+    """Flags that name files inside the output folder take a plain file name, never a path."""
+    from shards.writer import check_plain_name
+
+    try:
+        return check_plain_name(value, "the name")
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
 def run_options(fn):
     """Options every shard-writing command shares."""
     options = [
@@ -107,7 +129,8 @@ def run_options(fn):
                      help="Inputs per shard (failed inputs make a shard smaller)."),
         click.option("--seed", type=int, default=0, show_default=True,
                      help="Run seed; each sample's seed derives from it and the sample key."),
-        click.option("--prefix", default="shard", show_default=True, help="Shard file name prefix."),
+        click.option("--prefix", default="shard", show_default=True, callback=_plain_name,
+                     help="Shard file name prefix (a plain file name)."),
         click.option("--workers", type=click.IntRange(min=1), default=4, show_default=True,
                      help="Threads for reading/decoding and for encoding output."),
         click.option("--rank", type=click.IntRange(min=0), default=None,
@@ -163,7 +186,7 @@ Examples:
               help="auto: LCM for LCM UNets, else the model's own (Euler for SDXL/SSD-1B).")
 @click.option("--mode", type=click.Choice(["img2img", "vae"]), default="img2img", show_default=True,
               help="img2img: VAE + one UNet denoise step; vae: VAE round trip only.")
-@click.option("--strength", type=click.FloatRange(0, 1, min_open=True), default=0.025, show_default=True,
+@click.option("--strength", type=FiniteFloatRange(0, 1, min_open=True), default=0.025, show_default=True,
               help="Noise to timestep round(strength*1000) (25 for 0.025), then ONE UNet call there.")
 @click.option("--cond", type=click.Choice(["zeros", "empty"]), default="zeros", show_default=True,
               help="zeros: zero text/pooled embeddings, no text encoders loaded; empty: encode \"\" once.")
@@ -176,6 +199,8 @@ Examples:
 @click.option("--quality", type=click.IntRange(1, 100), default=95, show_default=True, help="JPEG quality.")
 @click.option("--max-side", type=click.IntRange(min=8), default=None,
               help="Downsize images whose longer side exceeds this first (recorded). Default: native size.")
+@click.option("--max-pixels", type=click.IntRange(min=0), default=DEFAULT_MAX_PIXELS, show_default=True,
+              help="Downsize larger images to this many pixels first (recorded): bounds memory. 0: no cap.")
 @click.option("--domain", default="general", show_default=True, help="tags.domain of the output samples.")
 @click.option("--stage", "stage_tag", default=None, help="tags.stage of the output samples.")
 @click.option("--compile", "compile_", type=click.Choice(["auto", "always", "never"]), default="auto",
@@ -201,6 +226,7 @@ def augment(**kw) -> None:
                             seed=run.seed, dtype=dtype)
     opts = AugmentOptions(model=kw["model"], unet=kw["unet"], vae=kw["vae"], scheduler=kw["scheduler"],
                           image_format=kw["image_format"], quality=kw["quality"], max_side=kw["max_side"],
+                          max_pixels=kw["max_pixels"] or None,
                           domain=kw["domain"], stage=kw["stage_tag"], recipe=recipe, compile=kw["compile_"],
                           compile_cache=kw["compile_cache"])
     _report("augment", run_augment(run, opts), run.output)
@@ -277,11 +303,11 @@ Examples:
               help="openai backend: server URL ending in /v1 (default: $OPENAI_BASE_URL). Key: $OPENAI_API_KEY.")
 @click.option("--concurrency", type=click.IntRange(min=1), default=8, show_default=True,
               help="openai backend: requests in flight.")
-@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=120.0, show_default=True,
+@click.option("--timeout", type=FiniteFloatRange(min=0, min_open=True), default=120.0, show_default=True,
               help="openai backend: seconds per request before it is retried.")
 @click.option("--max-retries", type=click.IntRange(min=0), default=5, show_default=True,
               help="openai backend: retries on 429/5xx/timeouts/resets, with exponential backoff.")
-@click.option("--retry-backoff", type=click.FloatRange(min=0), default=1.0, show_default=True,
+@click.option("--retry-backoff", type=FiniteFloatRange(min=0), default=1.0, show_default=True,
               help="openai backend: first backoff in seconds (doubles per retry, capped at 30; Retry-After wins).")
 @user_errors
 def caption(**kw) -> None:
@@ -337,12 +363,11 @@ def inspect(paths, verify, show_key, save_image, preview, limit, as_json) -> Non
 
     if show_key:
         sample = ins.find_sample(paths, show_key)
-        click.echo(json.dumps(sample.meta, ensure_ascii=False, indent=2))
+        meta = ins.sample_json(sample)
+        if save_image:  # first, so that a path it cannot write is the only line
+            ins.save_first_image(sample, save_image)
+        click.echo(json.dumps(meta, ensure_ascii=False, indent=2))
         if save_image:
-            if not sample.image_members():
-                raise click.ClickException(f"{show_key} has no image (a text-only sample)")
-            with open(save_image, "wb") as f:
-                f.write(sample.members[sample.image_members()[0]])
             click.echo(f"saved {save_image}", err=True)
         return
     report = ins.inspect_shards(paths, verify=verify)
@@ -419,7 +444,8 @@ Examples:
 @click.argument("paths", nargs=-1, required=True)
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Output folder.")
 @click.option("--format", "fmt", required=True, type=click.Choice(["llamafactory", "swift", "energon", "hf"]))
-@click.option("--name", default="ddaug", show_default=True, help="Dataset name (file name and dataset_info key).")
+@click.option("--name", default="ddaug", show_default=True, callback=_plain_name,
+              help="Dataset name (a plain file name; also the dataset_info key).")
 @click.option("--jsonl", is_flag=True, help="llamafactory: write jsonl instead of one json array.")
 @click.option("--embed", is_flag=True, help="llamafactory: parquet with the image bytes embedded (needs pyarrow).")
 @click.option("--channel-tag", default="domain", show_default=True, help="swift: the tag whose value becomes `channel`.")

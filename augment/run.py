@@ -22,6 +22,11 @@ log = logging.getLogger(__name__)
 # compiled (bench/RESULTS.md, session 5), so no job size was found where it pays.
 
 
+# The memory bound (README "Output folder"): a model call never holds more than what 16 images
+# of 1024² need, which is what --batch-size auto takes on an 80 GB GPU.
+DEFAULT_MAX_PIXELS = 4096 * 4096
+
+
 @dataclass
 class AugmentOptions:
     model: str = "sdxl"
@@ -31,6 +36,7 @@ class AugmentOptions:
     image_format: str = "png"
     quality: int = 95
     max_side: int | None = None
+    max_pixels: int | None = DEFAULT_MAX_PIXELS  # larger images are downsized first (recorded)
     domain: str = "general"
     stage: str | None = None
     recipe: RecipeSettings = RecipeSettings()
@@ -73,7 +79,7 @@ def run_augment(run: RunOptions, opts: AugmentOptions) -> JobSummary:
     # Everything that changes output bytes; a rerun into the folder must match it.
     config = {"model": opts.model, "unet": opts.unet, "vae": opts.vae, "scheduler": opts.scheduler,
               "image_format": opts.image_format, "quality": opts.quality if opts.image_format == "jpeg" else None,
-              "max_side": opts.max_side, "domain": opts.domain, "stage": opts.stage,
+              "max_side": opts.max_side, "max_pixels": opts.max_pixels, "domain": opts.domain, "stage": opts.stage,
               "shard_size": run.shard_size, "prefix": run.prefix, **asdict(opts.recipe)}
 
     def make_stage(placement):
@@ -92,6 +98,6 @@ def run_augment(run: RunOptions, opts: AugmentOptions) -> JobSummary:
         except ModelLoadError as exc:
             raise UserError(str(exc)) from None
         return AugmentStage(flavour, image_format=opts.image_format, quality=opts.quality,
-                            max_side=opts.max_side, tags={"domain": opts.domain, "stage": opts.stage})
+                            max_side=opts.max_side, max_pixels=opts.max_pixels, tags={"domain": opts.domain, "stage": opts.stage})
 
     return execute("augment", run, config, make_stage)

@@ -37,11 +37,13 @@ class AugmentStage:
     command = "augment"
 
     def __init__(self, flavour: DiffusionFlavour, *, image_format: str = "png", quality: int = 95,
-                 max_side: int | None = None, tags: dict[str, Any] | None = None):
+                 max_side: int | None = None, max_pixels: int | None = None,
+                 tags: dict[str, Any] | None = None):
         self.flavour = flavour
         self.image_format = image_format
         self.quality = quality
         self.max_side = max_side
+        self.max_pixels = max_pixels
         self.tags = tags or {}
         self.provenance = flavour.provenance()
         self.times = StageTimes()  # the job adds its parts; the flavour adds the GPU's
@@ -55,7 +57,7 @@ class AugmentStage:
         check_conversation(item)
         units = []
         for i in range(len(item.images)):
-            loaded = read_image(item, i, self.max_side)
+            loaded = read_image(item, i, self.max_side, self.max_pixels)
             pixels = np.asarray(loaded.image, dtype=np.uint8)
             # Padded here, in the loader threads, so any sizes that pad alike can share a batch.
             units.append(ImageUnit(self.flavour.pad_image(pixels), pixels.shape[:2],

@@ -16,7 +16,7 @@ from sources import read_sources
 
 from .job import Job, JobAbort, JobSummary, Stage
 from .passthrough import drop_text_only
-from .placement import Placement, resolve_placement
+from .placement import DeviceError, Placement, resolve_placement
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +61,12 @@ def execute(command: str, opts: RunOptions, config: dict[str, Any],
             make_stage: Callable[[Placement], Stage]) -> JobSummary:
     if opts.retry_failures and opts.overwrite:
         raise UserError("--retry-failures and --overwrite contradict each other: pick one")
+    try:
+        placement = resolve_placement(opts.rank, opts.world_size, opts.device)
+    except DeviceError as exc:
+        raise UserError(f"--device {exc}") from None
+    except ValueError as exc:
+        raise UserError(f"--rank/--world-size: {exc}") from None
     items = read_sources(opts.inputs, opts.media_dir, exclude=[opts.output])  # never our own output
     dropped = 0
     if opts.drop_text_only:
@@ -69,10 +75,6 @@ def execute(command: str, opts: RunOptions, config: dict[str, Any],
         log.info("left out %d text-only record(s) (--drop-text-only)", dropped)
     if not items:
         raise UserError(f"no input images found in {', '.join(opts.inputs)}")
-    try:
-        placement = resolve_placement(opts.rank, opts.world_size, opts.device)
-    except ValueError as exc:
-        raise UserError(f"--rank/--world-size: {exc}") from None
     run_info = {"versions": package_versions(), "argv": sys.argv, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     folder = OutputFolder(opts.output, prefix=opts.prefix, command=command, config=config,
                           run_info=run_info, rank=placement.rank, overwrite=opts.overwrite)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import io
+import re
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +27,30 @@ class LoadedImage:
     source: dict[str, Any]   # uri, sha256, width, height, format (+ resized_to)
 
 
+def check_decodable_size(data: bytes, uri: str) -> None:
+    """Refuse, from the header alone, an image larger than Pillow's decompression-bomb limit
+    (Image.MAX_IMAGE_PIXELS, about 89 MP), with a reason that says so: decoding it would cost
+    its full size in memory before any cap could downsize it."""
+    limit = Image.MAX_IMAGE_PIXELS
+    if not limit:
+        return
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as img:
+                width, height = img.size
+        pixels = width * height
+    except Image.DecompressionBombError as exc:  # over twice the limit: Pillow refuses to open it
+        found = re.search(r"\((\d+) pixels\)", str(exc))
+        pixels = int(found.group(1)) if found else 2 * limit + 1
+    except Exception:  # not readable as an image: decode_image gives the reason
+        return
+    if pixels > limit:
+        raise SampleFailure("decode", f"image too large: {pixels / 1e6:.0f} MP is over the {limit / 1e6:.0f} MP "
+                                      f"that ddaug decodes (Pillow's decompression bomb limit); downsize it "
+                                      f"first: {uri}")
+
+
 def read_image(item: SourceItem, index: int, max_side: int | None = None,
                max_pixels: int | None = None) -> LoadedImage:
     """Read and decode image `index` of an item; raises SampleFailure("read"/"decode").
@@ -35,6 +62,7 @@ def read_image(item: SourceItem, index: int, max_side: int | None = None,
         data = ref.read()
     except OSError as exc:
         raise SampleFailure("read", f"{exc.strerror or exc}: {ref.uri}") from None
+    check_decodable_size(data, ref.uri)
     try:
         img, fmt = decode_image(data)
     except ImageDecodeError as exc:

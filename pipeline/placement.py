@@ -19,9 +19,37 @@ class Placement:
     device: str
 
 
+class DeviceError(ValueError):
+    """--device names a device this machine does not have."""
+
+
 def _env_int(name: str) -> int | None:
     value = os.environ.get(name)
     return int(value) if value not in (None, "") else None
+
+
+def check_device(device: str) -> str:
+    """The device as torch spells it, or DeviceError saying why this machine cannot use it.
+    Checked before the output folder is touched, so a typo costs nothing."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise DeviceError(f"{device!r} is not a torch device (cpu, cuda, cuda:N, mps)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError(f"{device!r}: CUDA is not available on this machine (torch "
+                              f"{torch.__version__}); use --device cpu")
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise DeviceError(f"{device!r}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+    elif dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise DeviceError(f"{device!r}: MPS (Apple GPU) is not available on this machine; use --device cpu")
+    elif dev.type != "cpu":
+        raise DeviceError(f"{device!r}: ddaug runs on cpu, cuda or mps")
+    return str(dev)
 
 
 def resolve_placement(rank: int | None, world_size: int | None, device: str | None) -> Placement:
@@ -38,4 +66,6 @@ def resolve_placement(rank: int | None, world_size: int | None, device: str | No
             device = f"cuda:{local % torch.cuda.device_count()}"
         else:
             device = "cpu"
+    else:
+        device = check_device(device)
     return Placement(rank=rank, world_size=world_size, device=device)

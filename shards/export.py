@@ -15,6 +15,7 @@ inside the output folder; a sample that would escape is skipped and reported.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -32,7 +33,7 @@ from sources.items import printable
 
 from .inspect import ShardSample, find_shards, iter_shard
 from .schema import count_image_tags, message_problems
-from .writer import TMP_SUFFIX, atomic_write_bytes, atomic_write_json
+from .writer import TMP_SUFFIX, atomic_write_bytes, atomic_write_json, check_plain_name
 
 log = logging.getLogger(__name__)
 FORMATS = ("llamafactory", "swift", "energon", "hf")
@@ -168,6 +169,11 @@ def _exportable(paths, out: str, summary: ExportSummary, show_progress: bool, em
             log.warning("skipping %s: %s", printable(s.key), exc)
             summary.skip("image name clash" if isinstance(exc, ImageClash) else "unsafe key")
             continue
+        except OSError as exc:
+            if exc.errno != errno.ENAMETOOLONG:
+                raise
+            summary.skip("key too long for a file name")
+            continue
         yield s, meta, field
 
 
@@ -178,6 +184,8 @@ def _messages(meta: dict) -> list[dict]:
 def export_llamafactory(paths, out: str, *, name: str = "ddaug", jsonl: bool = False, embed: bool = False,
                         show_progress: bool = True) -> ExportSummary:
     summary = ExportSummary()
+    info_path = os.path.join(out, "dataset_info.json")
+    info = _read_dataset_info(info_path)  # before anything is written: a broken one stops the export
     records = []
     for s, meta, image_field in _exportable(paths, out, summary, show_progress, embed):
         rec = {"messages": _messages(meta), "images": image_field}
@@ -204,11 +212,6 @@ def export_llamafactory(paths, out: str, *, name: str = "ddaug", jsonl: bool = F
         file_name = f"{name}.json"
         atomic_write_bytes(os.path.join(out, file_name),
                            json.dumps(records, ensure_ascii=False, indent=1).encode("utf-8"))
-    info_path = os.path.join(out, "dataset_info.json")
-    info = {}
-    if os.path.exists(info_path):
-        with open(info_path, encoding="utf-8") as f:
-            info = json.load(f)
     info[name] = {"file_name": file_name, "formatting": "sharegpt",
                   "columns": {"messages": "messages", "images": "images"},
                   "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user",
@@ -216,6 +219,19 @@ def export_llamafactory(paths, out: str, *, name: str = "ddaug", jsonl: bool = F
     atomic_write_json(info_path, info)
     summary.files = [file_name, "dataset_info.json"]
     return summary
+
+
+def _read_dataset_info(path: str) -> dict[str, Any]:
+    if not os.path.exists(path):
+        return {}
+    try:
+        with open(path, "rb") as f:
+            info = json.loads(f.read())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ExportError(f"{path} is not valid JSON ({exc}); fix or remove it") from None
+    if not isinstance(info, dict):
+        raise ExportError(f"{path} is not a JSON object of datasets; fix or remove it")
+    return info
 
 
 def export_swift(paths, out: str, *, name: str = "ddaug", channel_tag: str = "domain",
@@ -336,7 +352,15 @@ def export_hf(paths, out: str, *, name: str = "ddaug", show_progress: bool = Tru
 def export(paths, fmt: str, out: str, **kwargs) -> ExportSummary:
     if fmt not in FORMATS:
         raise ExportError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
-    os.makedirs(out, exist_ok=True)
+    if "name" in kwargs:
+        try:
+            check_plain_name(kwargs["name"], "--name")
+        except ValueError as exc:
+            raise ExportError(str(exc)) from None
     fn = {"llamafactory": export_llamafactory, "swift": export_swift, "energon": export_energon,
           "hf": export_hf}[fmt]
-    return fn(list(paths), out, **kwargs)
+    try:
+        os.makedirs(out, exist_ok=True)
+        return fn(list(paths), out, **kwargs)
+    except OSError as exc:  # disk full, permissions: one line, not a traceback
+        raise ExportError(f"writing to {out} failed: {exc.strerror or exc}") from None

@@ -200,10 +200,35 @@ def _read_failures(rep: Report, folder: str) -> None:
     path = os.path.join(folder, FAILURES)
     if not os.path.exists(path):
         return
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                rep.failures[json.loads(line).get("stage", "?")] += 1
+    try:
+        with open(path, "rb") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except (ValueError, UnicodeDecodeError):
+                    record = None
+                if not isinstance(record, dict):
+                    rep.problems.append(f"{path}: line {n} is not a failure record")
+                    continue
+                rep.failures[str(record.get("stage", "?"))] += 1
+    except OSError as exc:
+        rep.problems.append(f"{path}: unreadable ({exc.strerror or exc})")
+
+
+def _read_manifest(rep: Report, path: str) -> dict[str, dict] | None:
+    """The manifest's shards by name, or None (and a problem) when it is not ddaug's manifest."""
+    try:
+        with open(path, "rb") as f:
+            manifest = json.loads(f.read())
+        entries = manifest["shards"]
+        return {e["name"]: e for e in entries if e["name"]}
+    except OSError as exc:
+        rep.problems.append(f"{path}: unreadable ({exc.strerror or exc})")
+    except (ValueError, UnicodeDecodeError, KeyError, TypeError) as exc:
+        rep.problems.append(f"{path}: not a ddaug manifest ({type(exc).__name__}: {exc})")
+    return None
 
 
 def _check_manifest(rep: Report, folder: str, shard_paths: list[str]) -> None:
@@ -222,9 +247,9 @@ def _check_manifest(rep: Report, folder: str, shard_paths: list[str]) -> None:
         return
     import hashlib
 
-    with open(path, encoding="utf-8") as f:
-        manifest = json.load(f)
-    listed = {s["name"]: s for s in manifest.get("shards", [])}
+    listed = _read_manifest(rep, path)
+    if listed is None:
+        return
     on_disk = {os.path.basename(p) for p in shard_paths if os.path.dirname(os.path.abspath(p)) == folder}
     for name in sorted(on_disk - set(listed)):
         rep.problems.append(f"{folder}/{name}: not in manifest.json")
@@ -248,6 +273,34 @@ def find_sample(paths, key: str) -> ShardSample:
         except (tarfile.TarError, OSError):
             continue
     raise InspectError(f"no sample with key {key!r}")
+
+
+def sample_json(sample: ShardSample) -> Any:
+    try:
+        return sample.meta
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InspectError(f"{sample.shard}:{sample.key}: json does not parse ({exc})") from None
+
+
+def _write_output(path: str, write) -> None:
+    """A file the user named (--save-image, --preview): one line when it cannot be written."""
+    try:
+        write(path)
+    except OSError as exc:
+        raise InspectError(f"cannot write {path}: {exc.strerror or exc}") from None
+    except ValueError as exc:  # Pillow: an extension it cannot encode
+        raise InspectError(f"cannot write {path}: {exc}") from None
+
+
+def save_first_image(sample: ShardSample, path: str) -> None:
+    names = sample.image_members()
+    if not names:
+        raise InspectError(f"sample {sample.key!r} has no image member (a text-only sample)")
+
+    def write(p: str) -> None:
+        with open(p, "wb") as f:
+            f.write(sample.members[names[0]])
+    _write_output(path, write)
 
 
 # -- contact sheet ---------------------------------------------------------------------------------
@@ -337,5 +390,5 @@ def contact_sheet(paths, out_path: str, limit: int = 12, thumb: int = 256) -> in
             t.thumbnail((thumb, thumb))
             sheet.paste(t, (x, y + label_h))
         draw.text((pad, y + 2), label, fill="black")
-    sheet.save(out_path)
+    _write_output(out_path, sheet.save)
     return len(rows)

@@ -65,6 +65,8 @@ def load_recipe(path: str) -> Recipe:
         raise LoaderError(f"cannot read recipe {path}: {exc.strerror or exc}") from None
     except yaml.YAMLError as exc:
         raise LoaderError(f"recipe {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    except UnicodeDecodeError:
+        raise LoaderError(f"recipe {path} is not UTF-8 text") from None
     if not isinstance(raw, dict) or not isinstance(raw.get("sources"), dict) or not raw.get("stages"):
         raise LoaderError(f"recipe {path} needs `sources:` (name: paths) and `stages:` (a list)")
     batch = raw.get("global_batch_size")

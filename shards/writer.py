@@ -30,6 +30,26 @@ def crash_point(name: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+MAX_NAME_BYTES = 200  # file-system names stop at 255 bytes; leave room for what ddaug appends
+
+
+def check_plain_name(name: str, what: str) -> str:
+    """A flag that names files inside the output folder (--prefix, --name) must be a plain file
+    name: no folder part, nothing that climbs out, nothing hidden or unprintable. Returns it, or
+    raises ValueError with the reason."""
+    if not name:
+        raise ValueError(f"{what} is empty")
+    if "/" in name or "\\" in name or name in (".", ".."):
+        raise ValueError(f"{what} {name!r} must be a plain file name, without a folder part")
+    if name.startswith("."):
+        raise ValueError(f"{what} {name!r} must not start with '.' (hidden files are ddaug's own)")
+    if any(not ch.isprintable() for ch in name):
+        raise ValueError(f"{what} {name!r} has unprintable characters")
+    if len(name.encode("utf-8", "surrogateescape")) > MAX_NAME_BYTES:
+        raise ValueError(f"{what} is longer than {MAX_NAME_BYTES} bytes")
+    return name
+
+
 def atomic_write_bytes(path: str, data: bytes) -> None:
     """Write a small file so readers see either the old or the complete new content."""
     tmp = f"{path}{TMP_SUFFIX}-{os.getpid()}"

@@ -295,7 +295,10 @@ def test_second_process_on_same_rank_is_refused(tmp_path, photo_dir):
         assert r.exit_code == 1 and "another ddaug process" in r.output
     finally:
         holder.close()
-    with pytest.raises(StoreError):
+    # A folder holding another command's finished shards is refused (an empty one is not: see
+    # test_hardening_runs.py, a run that failed before any work must not block the next).
+    invoke("augment", photo_dir, "-o", out, *FAST)
+    with pytest.raises(StoreError, match="ddaug augment"):
         OutputFolder(str(out), prefix="shard", command="caption", config={}, run_info={})
 
 
