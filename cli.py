@@ -19,11 +19,12 @@ log = logging.getLogger("ddaug")
 
 def _known_errors() -> tuple[type[Exception], ...]:
     from augment.models import ModelLoadError
-    from captioning import QuestionError, VLMLoadError
+    from captioning import VLMLoadError
     from pipeline.command import UserError
     from shards.export import ExportError
     from shards.inspect import InspectError
     from shards.loader import LoaderError
+    from shards.questions import QuestionError
     from shards.store import StoreError
     from sources import SourceError
 
@@ -244,9 +245,9 @@ def _dtype(requested: str | None, device: str | None) -> str:
 def _list_questions(ctx, param, value) -> None:
     if not value or ctx.resilient_parsing:
         return
-    from captioning import format_pools, load_questions_file
+    from shards.questions import format_pools, load_questions_file
 
-    from captioning import QuestionError
+    from shards.questions import QuestionError
 
     path = ctx.params.get("questions_file")
     try:

@@ -14,7 +14,7 @@ from pipeline.job import JobSummary
 from shards.store import RUN_FILE
 
 from .openai_api import OpenAIVLM
-from .questions import QuestionError, QuestionPicker, load_questions_file
+from shards.questions import QuestionError, QuestionPicker, load_questions_file
 from .stage import CaptionStage
 from .vlm import GenerationSettings, TransformersVLM, VLMLoadError
 

@@ -23,7 +23,7 @@ from shards.schema import IMAGE_TAG, build_sample, encode_sample_json, image_mem
 from sources import SourceItem
 
 from .images import CaptionImage, load_caption_image
-from .questions import INSTRUCT_RETRY, Question, QuestionPicker
+from shards.questions import INSTRUCT_RETRY, Question, QuestionPicker
 from .replies import MalformedReply, Reply, answer_flags, parse_instruct
 from .timing import CaptionTimes
 from .vlm import GenerationSettings, Prompt

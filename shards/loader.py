@@ -389,7 +389,7 @@ def _decode(data: bytes):
 def rewrite_caption_question(messages: list[dict], meta: dict, pool: str, seed: int, key: str) -> list[dict]:
     """Replace the question of a caption sample with one from a built-in pool stage, in the
     sample's language (pool "stage2"), or a fixed language ("zh/stage2"). Other samples pass."""
-    from captioning.questions import QuestionPicker, detect_lang
+    from .questions import QuestionPicker, detect_lang
 
     cap = meta.get("caption") or {}
     if cap.get("task") != "caption" or len(messages) < 2 or messages[0].get("role") != "user":

@@ -77,7 +77,7 @@ def load_recipe(path: str) -> Recipe:
         if unknown:
             raise LoaderError(f"recipe: stage {st.name!r} names unknown sources: {', '.join(sorted(unknown))}")
         if st.questions:
-            from captioning.questions import QuestionError, builtin_pool
+            from .questions import QuestionError, builtin_pool
 
             lang, _, pool_stage = st.questions.rpartition("/")
             try:

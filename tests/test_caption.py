@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from captioning import builtin_pool, is_degenerate, parse_instruct, save_tiny_vlm
-from captioning.questions import builtin_stages, format_pools
+from shards.questions import builtin_stages, format_pools
 from captioning.replies import MalformedReply, Reply
 from captioning.server import ChatServer, vlm_responder
 from conftest import invoke, read_samples, sample_meta

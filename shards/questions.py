@@ -1,4 +1,5 @@
-"""Question pools for recaptioning: image-independent detailed-description questions.
+"""Question pools: image-independent detailed-description questions, used by the captioner (what
+it asks) and by the trainer's loader (rewording a stage's caption questions, shards/loader.py).
 
 Each language has disjoint wording sets per training stage, so the early (large, lower-quality)
 data and the final (small, high-quality) data never share question words: the model learns to
