@@ -290,9 +290,9 @@ Examples:
                    "Default: 1048576 for transformers; none for openai (the server resizes to its own budget).")
 @click.option("--send-lossless", is_flag=True,
               help="openai backend: send images downsized for --max-pixels as PNG instead of JPEG q95 (slower, 5-8x bytes).")
-@click.option("--temperature", type=click.FloatRange(min=0), default=0.0, show_default=True,
+@click.option("--temperature", type=FiniteFloatRange(min=0), default=0.0, show_default=True,
               help="0: greedy decoding; > 0 samples (seeded by --seed).")
-@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True,
+@click.option("--top-p", type=FiniteFloatRange(0, 1, min_open=True), default=1.0, show_default=True,
               help="Nucleus sampling, with --temperature > 0.")
 @click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default=None,
               help="transformers backend compute dtype (default bf16 on GPU, fp32 on CPU).")
