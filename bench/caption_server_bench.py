@@ -145,6 +145,8 @@ def downsize_cpu(results: str | None, passes: int = 25) -> None:
             if not os.path.isdir(folder):
                 make_inputs(folder, 8, size)
             items = read_sources((folder,), None)
+            for item in items:  # imports and first-call set-up are once per process, not per image
+                load_caption_image(item, max_pixels=cap, for_server=True)
             t0 = time.process_time()
             for _ in range(passes):
                 for item in items:
