@@ -1,0 +1,64 @@
+"""An adversarial pass over the merged hardening (issue 16), as a hostile and a careless user
+would run ddaug, through the CLI. Each test is one defect that pass found."""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from conftest import invoke, read_samples, sample_meta
+
+FAST = ["--model", "tiny-random", "--device", "cpu", "-q"]
+
+
+def _ledger(out) -> list[dict]:
+    return [json.loads(x) for x in (out / "failures.jsonl").read_text().splitlines()]
+
+
+def _raw_chat_server(body: bytes) -> ThreadingHTTPServer:
+    """A chat-completions server that answers every request with the same raw body."""
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args):
+            pass
+
+        def _send(self, data: bytes) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self):
+            self._send(b'{"object": "list", "data": [{"id": "m", "object": "model"}]}')
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            self._send(body)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def test_a_caption_answer_with_a_lone_surrogate_is_one_ledger_line(tmp_path, photo_dir, monkeypatch):
+    # JSON may escape a lone surrogate; such an answer cannot be stored in a UTF-8 sample. It used
+    # to print a traceback per image ("unexpected error building") after 6 retries' worth of work.
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
+    server = _raw_chat_server(b'{"choices": [{"index": 0, "finish_reason": "stop", '
+                              b'"message": {"role": "assistant", "content": "A cat \\ud800."}}]}')
+    out = tmp_path / "cap"
+    try:
+        result = invoke("caption", photo_dir, "-o", out, "--backend", "openai", "--vlm", "m", "-q",
+                        "--api-base", f"http://127.0.0.1:{server.server_address[1]}/v1", expect_ok=False)
+    finally:
+        server.shutdown()
+    assert "Traceback" not in result.output, result.output
+    ledger = _ledger(out)
+    assert len(ledger) == 4 and all("not valid Unicode" in x["reason"] for x in ledger), ledger
