@@ -151,14 +151,31 @@ def _file_sha256(path: str) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def _exportable(paths, out: str, summary: ExportSummary, show_progress: bool, embed: bool = False):
+def llamafactory_turn_problem(messages: list[dict]) -> str | None:
+    """Why LLaMA-Factory's sharegpt converter would drop this conversation ("Skipping this
+    abnormal example"), else None: after an optional system turn, turns must alternate
+    user|observation and assistant|function_call, in pairs."""
+    turns = messages[1:] if messages and messages[0]["role"] == "system" else messages
+    accepted = (("user", "observation"), ("assistant", "function_call"))
+    if any(m["role"] not in accepted[i % 2] for i, m in enumerate(turns)) or len(turns) % 2:
+        return "turns LLaMA-Factory drops (not user/assistant pairs)"
+    return None
+
+
+def _exportable(paths, out: str, summary: ExportSummary, show_progress: bool, embed: bool = False,
+                turn_problem=None):
     """(sample, meta, images field) for every trainable sample. Images are written under
-    out/images/ (paths in the field), or with embed kept as {"bytes", "path"} records."""
+    out/images/ (paths in the field), or with embed kept as {"bytes", "path"} records.
+    turn_problem(messages) names what the target trainer refuses; such samples are counted."""
     for s in _samples(paths, summary, show_progress):
         conv = _conversation(s, summary)
         if conv is None:
             continue
         meta, images = conv
+        problem = turn_problem(meta["messages"]) if turn_problem else None
+        if problem:  # skipped here, counted, rather than written and dropped by the trainer unseen
+            summary.skip(problem)
+            continue
         try:
             if embed:
                 safe_join(out, f"images/{s.key}")  # the same key check, though nothing is written
@@ -187,7 +204,8 @@ def export_llamafactory(paths, out: str, *, name: str = "ddaug", jsonl: bool = F
     info_path = os.path.join(out, "dataset_info.json")
     info = _read_dataset_info(info_path)  # before anything is written: a broken one stops the export
     records = []
-    for s, meta, image_field in _exportable(paths, out, summary, show_progress, embed):
+    for s, meta, image_field in _exportable(paths, out, summary, show_progress, embed,
+                                            turn_problem=llamafactory_turn_problem):
         rec = {"messages": _messages(meta), "images": image_field}
         if meta.get("tags"):
             rec["tags"] = json.dumps(meta["tags"], sort_keys=True) if embed else meta["tags"]

@@ -62,3 +62,27 @@ def test_a_caption_answer_with_a_lone_surrogate_is_one_ledger_line(tmp_path, pho
     assert "Traceback" not in result.output, result.output
     ledger = _ledger(out)
     assert len(ledger) == 4 and all("not valid Unicode" in x["reason"] for x in ledger), ledger
+
+
+def test_llamafactory_export_skips_conversations_llamafactory_drops(tmp_path, photo_dir):
+    # LLaMA-Factory's sharegpt converter drops ("Skipping this abnormal example") a conversation
+    # whose turns are not user/assistant pairs after an optional system turn. The export used to
+    # write them and count them as written: the trainer then lost them without a word here.
+    turn = lambda role, text: {"role": role, "content": text}  # noqa: E731
+    rows = [
+        {"messages": [turn("user", "<image>What is it?"), turn("assistant", "A photo.")], "images": ["photos/astronaut.png"]},
+        {"messages": [turn("system", "Be brief."), turn("user", "Hi"), turn("assistant", "Hello.")]},
+        {"messages": [turn("user", "<image>A question nobody answered")], "images": ["photos/chelsea.png"]},
+        {"messages": [turn("assistant", "I speak first."), turn("user", "<image>")], "images": ["photos/chelsea.png"]},
+        {"messages": [turn("user", "Hi"), turn("tool", "{}")]},
+    ]
+    dataset = tmp_path / "chat.jsonl"
+    dataset.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    shards = tmp_path / "shards"
+    invoke("augment", dataset, "-o", shards, *FAST)
+    out = tmp_path / "lf"
+    result = invoke("export", shards, "-o", out, "--format", "llamafactory", "-q")
+    assert "2 samples written" in result.output and "3 turns LLaMA-Factory drops" in result.output, result.output
+    records = json.loads((out / "ddaug.json").read_text())
+    assert [[m["role"] for m in r["messages"]] for r in records] == [["user", "assistant"], ["system", "user", "assistant"]]
+    assert len(list((out / "images").iterdir())) == 1  # no image of a skipped sample is left behind
