@@ -86,3 +86,19 @@ def test_llamafactory_export_skips_conversations_llamafactory_drops(tmp_path, ph
     records = json.loads((out / "ddaug.json").read_text())
     assert [[m["role"] for m in r["messages"]] for r in records] == [["user", "assistant"], ["system", "user", "assistant"]]
     assert len(list((out / "images").iterdir())) == 1  # no image of a skipped sample is left behind
+
+
+def test_retry_failures_does_not_call_new_inputs_already_done(tmp_path, photo_dir):
+    # Inputs added since the last run are not retried failures: --retry-failures leaves them, and
+    # its summary used to count them as "skipped (already done)", so the user believed them made.
+    (photo_dir / "broken.png").write_bytes(b"not an image")
+    out = tmp_path / "out"
+    invoke("augment", photo_dir, "-o", out, *FAST)
+    (photo_dir / "broken.png").write_bytes((photo_dir / "astronaut.png").read_bytes())  # fixed
+    (photo_dir / "new.png").write_bytes((photo_dir / "chelsea.png").read_bytes())       # added
+    result = invoke("augment", photo_dir, "-o", out, *FAST, "--retry-failures")
+    assert "done 1, skipped 4 (already done)" in result.output, result.output
+    assert "new inputs left for a plain rerun 1" in result.output, result.output
+    result = invoke("augment", photo_dir, "-o", out, *FAST)
+    assert "done 1, skipped 5 (already done)" in result.output, result.output
+    assert len(read_samples(out)) == 6
