@@ -276,8 +276,17 @@ def export_energon(paths, out: str, *, show_progress: bool = True) -> ExportSumm
     except ImportError:
         raise ExportError("--format energon needs Megatron-Energon: pip install megatron-energon") from None
     summary = ExportSummary()
-    names = []
+    out_real = os.path.realpath(out)
+    for arg in paths:  # prepare indexes every tar under out: an input there would be indexed twice
+        arg_real = os.path.realpath(arg)
+        if os.path.commonpath([out_real, arg_real]) in (out_real, arg_real):
+            raise ExportError(f"-o {out} and the input {arg} hold one another; export to a folder of its own")
+    # First read every shard: a corrupt one, or keys that repeat, stop the export before
+    # anything is linked into out.
+    plan: list[tuple[str, str]] = []  # (shard, its path under out)
     used: set[str] = set()
+    linked: set[str] = set()
+    keys: dict[str, str] = {}  # sample key -> the input that has it
     for arg in paths:
         # One subfolder per input: shard sets from different runs share file names.
         folder = re.sub(r"[^A-Za-z0-9_.-]+", "_", os.path.basename(os.path.normpath(arg))) or "shards"
@@ -288,20 +297,34 @@ def export_energon(paths, out: str, *, show_progress: bool = True) -> ExportSumm
             folder = f"{folder.rsplit('~', 1)[0]}~{n}"
         used.add(folder)
         for shard in find_shards([arg]):
-            rel = f"{folder}/{os.path.basename(shard)}"
-            target = safe_join(out, rel)
-            os.makedirs(os.path.dirname(target), exist_ok=True)
-            if os.path.exists(target):
-                os.remove(target)
+            if os.path.realpath(shard) in linked:
+                log.warning("skipping %s: named twice", shard)
+                continue
+            linked.add(os.path.realpath(shard))
             try:
-                os.link(shard, target)
-            except OSError:
-                shutil.copy2(shard, target)
-            names.append(rel)
-            try:
-                summary.written += sum(1 for _ in iter_shard(target))
+                shard_keys = [s.key for s in iter_shard(shard)]
             except Exception as exc:
                 raise ExportError(f"{shard} is corrupt ({exc}); Energon would refuse it: fix or drop it first") from None
+            for key in shard_keys:
+                # Energon refuses a dataset whose keys repeat, and its advice (--fix-duplicates)
+                # would rewrite the linked tars in place: the user's own shards.
+                if key in keys:
+                    raise ExportError(f"{arg} and {keys[key]} share sample keys (e.g. {printable(key)}), which "
+                                      f"Energon refuses in one dataset: export each to its own folder and "
+                                      f"blend them with an Energon metadataset")
+                keys[key] = arg
+            summary.written += len(shard_keys)
+            plan.append((shard, f"{folder}/{os.path.basename(shard)}"))
+    for shard, rel in plan:
+        target = safe_join(out, rel)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        if os.path.exists(target):
+            os.remove(target)
+        try:
+            os.link(shard, target)
+        except OSError:
+            shutil.copy2(shard, target)
+    names = [rel for _, rel in plan]
     cmd = [sys.executable, "-m", "megatron.energon.cli.main", "prepare", os.path.abspath(out),
            "--non-interactive", "--split-ratio", "1,0,0", "--sample-type", "CrudeWebdataset",
            "--force-overwrite", "--no-progress"]

@@ -102,3 +102,49 @@ def test_retry_failures_does_not_call_new_inputs_already_done(tmp_path, photo_di
     result = invoke("augment", photo_dir, "-o", out, *FAST)
     assert "done 1, skipped 5 (already done)" in result.output, result.output
     assert len(read_samples(out)) == 6
+
+
+def _chat_shards(tmp_path, *extra) -> str:
+    rows = [{"messages": [{"role": "user", "content": f"<image>What is in picture {i}?"},
+                          {"role": "assistant", "content": f"Picture {i}."}], "images": [f"photos/{name}.png"]}
+            for i, name in enumerate(["astronaut", "chelsea"])]
+    dataset = tmp_path / "chat.jsonl"
+    dataset.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / ("shards" + "-".join(extra))
+    invoke("augment", dataset, "-o", out, *FAST, *extra)
+    return out
+
+
+def test_a_shard_folder_named_twice_is_exported_once(tmp_path, photo_dir):
+    # `export A A` (or A and one of A's tars) wrote every sample twice: a doubled dose in training.
+    shards = _chat_shards(tmp_path)
+    tar = sorted(shards.glob("*.tar"))[0]
+    out = tmp_path / "lf"
+    result = invoke("export", shards, shards, tar, "-o", out, "--format", "llamafactory", "-q")
+    assert "2 samples written" in result.output, result.output
+    assert len(json.loads((out / "ddaug.json").read_text())) == 2
+    result = invoke("export", shards, tar, "-o", tmp_path / "en", "--format", "energon", "-q")
+    assert "2 samples written" in result.output, result.output
+
+
+def test_energon_export_of_sets_sharing_keys_is_one_line_and_links_nothing(tmp_path, photo_dir):
+    # The README's own case (two runs over one input set) share keys. Energon's prepare refused
+    # them after the tars were linked, and its message said to run `--fix-duplicates`, which
+    # rewrites the linked tars in place: the user's own shards.
+    img2img, vae = _chat_shards(tmp_path), _chat_shards(tmp_path, "--mode", "vae")
+    out = tmp_path / "en"
+    result = invoke("export", img2img, vae, "-o", out, "--format", "energon", expect_ok=False)
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    assert result.exit_code != 0 and len(lines) == 1 and "share sample keys" in lines[0], result.output
+    assert "fix-duplicates" not in result.output
+    assert not list(out.rglob("*.tar"))
+
+
+def test_energon_export_into_its_input_folder_is_refused(tmp_path, photo_dir):
+    # prepare indexes every tar under -o: the input's own tars beside their links (duplicates),
+    # and it left .idx files in the user's shard folder.
+    shards = _chat_shards(tmp_path)
+    before = sorted(p.name for p in shards.iterdir())
+    result = invoke("export", shards, "-o", shards, "--format", "energon", expect_ok=False)
+    assert result.exit_code != 0 and "hold one another" in result.output, result.output
+    assert sorted(p.name for p in shards.iterdir()) == before
