@@ -148,3 +148,21 @@ def test_energon_export_into_its_input_folder_is_refused(tmp_path, photo_dir):
     result = invoke("export", shards, "-o", shards, "--format", "energon", expect_ok=False)
     assert result.exit_code != 0 and "hold one another" in result.output, result.output
     assert sorted(p.name for p in shards.iterdir()) == before
+
+
+@pytest.mark.parametrize("stages, says", [
+    ("stages: 5", "stages:"),                                             # was a TypeError traceback
+    ("stages:\n  - {name: s, samples: 1e30, weights: {b: 1}}", "samples"),  # YAML reads 1e30 as a string
+    ("stages:\n  - {name: s, samples: 10, weights: {b: .inf}}", "weight of b"),  # NaN shares downstream
+    ("stages:\n  - {name: s, samples: 10, weights: {b: nan}}", "weight of b"),   # was accepted as NaN
+    ("seed: x\nstages:\n  - {name: s, samples: 10, weights: {b: 1}}", "seed"),
+    ("global_batch_size: 0\nstages:\n  - {name: s, steps: 10, weights: {b: 1}}", "global_batch_size"),
+])
+def test_a_careless_recipe_is_one_line(tmp_path, photo_dir, stages, says):
+    shards = _chat_shards(tmp_path)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"sources:\n  b: {shards}\n{stages}\n")
+    result = invoke("plan", recipe, expect_ok=False)
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    assert result.exit_code != 0 and "Traceback" not in result.output, result.output
+    assert len(lines) == 1 and says in lines[0], result.output
