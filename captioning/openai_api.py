@@ -269,6 +269,10 @@ class OpenAIVLM:
             content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
         if content is not None and not isinstance(content, str):
             raise TypeError(f"message.content is {type(content).__name__}")
+        try:  # JSON may escape lone surrogates ("\ud800"), which no sample file can store
+            (content or "").encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise RequestFailed(f"the answer is not valid Unicode ({exc.reason} at character {exc.start})") from None
         usage = body.get("usage") or {}
         return Reply((content or "").strip(), choice.get("finish_reason") or "stop",
                      usage.get("prompt_tokens"), usage.get("completion_tokens"), seconds)

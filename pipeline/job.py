@@ -209,14 +209,21 @@ class Job:
                         self.shard_size, self.world_size, n_blocks)
         mine_blocks = owned_blocks(items, self.shard_size, self.rank, self.world_size)
         mine = [it for block in mine_blocks for it in block]
+        pending = 0  # with retry_keys: inputs no run has done yet (added since), left for a plain rerun
         if retry_keys is not None:
             todo = [it for it in mine if it.key in retry_keys]
             chunks = [todo[i:i + self.shard_size] for i in range(0, len(todo), self.shard_size)]
+            done = self.folder.done_keys()
+            pending = sum(1 for it in mine if it.key not in done)
+            if pending:
+                log.warning("%d input(s) were never processed; --retry-failures retries only failures: "
+                            "rerun without it to process them", pending)
+                summary.counts["new inputs left for a plain rerun"] = pending
         else:
             done = self.folder.done_keys()
             chunks = [c for c in ([it for it in block if it.key not in done] for block in mine_blocks) if c]
             todo = [it for c in chunks for it in c]
-        summary.total, summary.skipped = len(mine), len(mine) - len(todo)
+        summary.total, summary.skipped = len(mine), len(mine) - len(todo) - pending
         first_index = self.folder.next_index()
         bar = tqdm(total=len(todo), unit="img", desc=self.stage.command, dynamic_ncols=True,
                    disable=not self.show_progress, smoothing=0.1)

@@ -151,14 +151,31 @@ def _file_sha256(path: str) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def _exportable(paths, out: str, summary: ExportSummary, show_progress: bool, embed: bool = False):
+def llamafactory_turn_problem(messages: list[dict]) -> str | None:
+    """Why LLaMA-Factory's sharegpt converter would drop this conversation ("Skipping this
+    abnormal example"), else None: after an optional system turn, turns must alternate
+    user|observation and assistant|function_call, in pairs."""
+    turns = messages[1:] if messages and messages[0]["role"] == "system" else messages
+    accepted = (("user", "observation"), ("assistant", "function_call"))
+    if any(m["role"] not in accepted[i % 2] for i, m in enumerate(turns)) or len(turns) % 2:
+        return "turns LLaMA-Factory drops (not user/assistant pairs)"
+    return None
+
+
+def _exportable(paths, out: str, summary: ExportSummary, show_progress: bool, embed: bool = False,
+                turn_problem=None):
     """(sample, meta, images field) for every trainable sample. Images are written under
-    out/images/ (paths in the field), or with embed kept as {"bytes", "path"} records."""
+    out/images/ (paths in the field), or with embed kept as {"bytes", "path"} records.
+    turn_problem(messages) names what the target trainer refuses; such samples are counted."""
     for s in _samples(paths, summary, show_progress):
         conv = _conversation(s, summary)
         if conv is None:
             continue
         meta, images = conv
+        problem = turn_problem(meta["messages"]) if turn_problem else None
+        if problem:  # skipped here, counted, rather than written and dropped by the trainer unseen
+            summary.skip(problem)
+            continue
         try:
             if embed:
                 safe_join(out, f"images/{s.key}")  # the same key check, though nothing is written
@@ -187,7 +204,8 @@ def export_llamafactory(paths, out: str, *, name: str = "ddaug", jsonl: bool = F
     info_path = os.path.join(out, "dataset_info.json")
     info = _read_dataset_info(info_path)  # before anything is written: a broken one stops the export
     records = []
-    for s, meta, image_field in _exportable(paths, out, summary, show_progress, embed):
+    for s, meta, image_field in _exportable(paths, out, summary, show_progress, embed,
+                                            turn_problem=llamafactory_turn_problem):
         rec = {"messages": _messages(meta), "images": image_field}
         if meta.get("tags"):
             rec["tags"] = json.dumps(meta["tags"], sort_keys=True) if embed else meta["tags"]
@@ -258,8 +276,17 @@ def export_energon(paths, out: str, *, show_progress: bool = True) -> ExportSumm
     except ImportError:
         raise ExportError("--format energon needs Megatron-Energon: pip install megatron-energon") from None
     summary = ExportSummary()
-    names = []
+    out_real = os.path.realpath(out)
+    for arg in paths:  # prepare indexes every tar under out: an input there would be indexed twice
+        arg_real = os.path.realpath(arg)
+        if os.path.commonpath([out_real, arg_real]) in (out_real, arg_real):
+            raise ExportError(f"-o {out} and the input {arg} hold one another; export to a folder of its own")
+    # First read every shard: a corrupt one, or keys that repeat, stop the export before
+    # anything is linked into out.
+    plan: list[tuple[str, str]] = []  # (shard, its path under out)
     used: set[str] = set()
+    linked: set[str] = set()
+    keys: dict[str, str] = {}  # sample key -> the input that has it
     for arg in paths:
         # One subfolder per input: shard sets from different runs share file names.
         folder = re.sub(r"[^A-Za-z0-9_.-]+", "_", os.path.basename(os.path.normpath(arg))) or "shards"
@@ -270,20 +297,34 @@ def export_energon(paths, out: str, *, show_progress: bool = True) -> ExportSumm
             folder = f"{folder.rsplit('~', 1)[0]}~{n}"
         used.add(folder)
         for shard in find_shards([arg]):
-            rel = f"{folder}/{os.path.basename(shard)}"
-            target = safe_join(out, rel)
-            os.makedirs(os.path.dirname(target), exist_ok=True)
-            if os.path.exists(target):
-                os.remove(target)
+            if os.path.realpath(shard) in linked:
+                log.warning("skipping %s: named twice", shard)
+                continue
+            linked.add(os.path.realpath(shard))
             try:
-                os.link(shard, target)
-            except OSError:
-                shutil.copy2(shard, target)
-            names.append(rel)
-            try:
-                summary.written += sum(1 for _ in iter_shard(target))
+                shard_keys = [s.key for s in iter_shard(shard)]
             except Exception as exc:
                 raise ExportError(f"{shard} is corrupt ({exc}); Energon would refuse it: fix or drop it first") from None
+            for key in shard_keys:
+                # Energon refuses a dataset whose keys repeat, and its advice (--fix-duplicates)
+                # would rewrite the linked tars in place: the user's own shards.
+                if key in keys:
+                    raise ExportError(f"{arg} and {keys[key]} share sample keys (e.g. {printable(key)}), which "
+                                      f"Energon refuses in one dataset: export each to its own folder and "
+                                      f"blend them with an Energon metadataset")
+                keys[key] = arg
+            summary.written += len(shard_keys)
+            plan.append((shard, f"{folder}/{os.path.basename(shard)}"))
+    for shard, rel in plan:
+        target = safe_join(out, rel)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        if os.path.exists(target):
+            os.remove(target)
+        try:
+            os.link(shard, target)
+        except OSError:
+            shutil.copy2(shard, target)
+    names = [rel for _, rel in plan]
     cmd = [sys.executable, "-m", "megatron.energon.cli.main", "prepare", os.path.abspath(out),
            "--non-interactive", "--split-ratio", "1,0,0", "--sample-type", "CrudeWebdataset",
            "--force-overwrite", "--no-progress"]

@@ -6,6 +6,7 @@ import collections
 import glob
 import io
 import json
+import logging
 import math
 import os
 import statistics
@@ -21,6 +22,8 @@ from sources.readers import _split_member_name, expand_input, missing_tar_end
 
 from .schema import IMAGE_SUFFIXES, validate_sample
 from .store import FAILURES, MANIFEST, RUN_FILE, STATS_SUFFIX
+
+log = logging.getLogger(__name__)
 
 
 class InspectError(Exception):
@@ -56,7 +59,16 @@ def find_shards(paths: tuple[str, ...] | list[str]) -> list[str]:
                 raise InspectError(f"no such shard or folder: {p}")
     if not found:
         raise InspectError(f"no .tar shards in {', '.join(paths)}")
-    return found
+    # A folder named twice (or a folder and one of its tars) would be read, and exported, twice.
+    unique, seen = [], set()
+    for p in found:
+        real = os.path.realpath(p)
+        if real in seen:
+            log.warning("skipping %s: named twice", p)
+            continue
+        seen.add(real)
+        unique.append(p)
+    return unique
 
 
 def iter_shard(path: str) -> Iterator[ShardSample]:

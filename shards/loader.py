@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -105,8 +106,8 @@ class TrainingStage:
     questions: str | None = None
 
     def __post_init__(self):
-        if not self.weights or any(w < 0 for w in self.weights.values()) or sum(self.weights.values()) <= 0:
-            raise LoaderError(f"stage {self.name!r}: weights must be >= 0 with a positive sum")
+        if not self.weights or not all(0 <= w < math.inf for w in self.weights.values()) or sum(self.weights.values()) <= 0:
+            raise LoaderError(f"stage {self.name!r}: weights must be finite numbers >= 0 with a positive sum")
         if self.samples is not None and self.samples < 1:
             raise LoaderError(f"stage {self.name!r}: samples must be >= 1")
 

@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,16 +46,29 @@ def _stage(i: int, raw: Any, batch: int | None) -> TrainingStage:
         raise LoaderError(f"recipe: stage {name!r} has unknown keys: {', '.join(sorted(unknown))}")
     if "samples" in raw and "steps" in raw:
         raise LoaderError(f"recipe: stage {name!r}: give samples or steps, not both")
-    samples = raw.get("samples")
+    samples = None if raw.get("samples") is None else _integer(raw["samples"], f"stage {name!r}: samples")
     if "steps" in raw:
         if not batch:
             raise LoaderError(f"recipe: stage {name!r} is given in steps; set global_batch_size")
-        samples = int(raw["steps"]) * batch
+        samples = _integer(raw["steps"], f"stage {name!r}: steps") * batch
     weights = raw.get("weights")
     if not isinstance(weights, dict):
         raise LoaderError(f"recipe: stage {name!r} needs weights: {{source: weight}}")
-    return TrainingStage(name, {str(k): float(v) for k, v in weights.items()},
-                         None if samples is None else int(samples), raw.get("questions"))
+    return TrainingStage(name, {str(k): _number(v, f"stage {name!r}: weight of {k}") for k, v in weights.items()},
+                         samples, raw.get("questions"))
+
+
+def _number(value: Any, what: str) -> float:
+    """A finite number from YAML (bools and strings are typos, not numbers), else one line."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise LoaderError(f"recipe: {what} must be a finite number, not {value!r}")
+    return float(value)
+
+
+def _integer(value: Any, what: str) -> int:
+    if _number(value, what) != int(value):
+        raise LoaderError(f"recipe: {what} must be a whole number, not {value!r}")
+    return int(value)
 
 
 def load_recipe(path: str) -> Recipe:
@@ -67,9 +81,13 @@ def load_recipe(path: str) -> Recipe:
         raise LoaderError(f"recipe {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
     except UnicodeDecodeError:
         raise LoaderError(f"recipe {path} is not UTF-8 text") from None
-    if not isinstance(raw, dict) or not isinstance(raw.get("sources"), dict) or not raw.get("stages"):
+    if not isinstance(raw, dict) or not isinstance(raw.get("sources"), dict) or not isinstance(raw.get("stages"), list) \
+            or not raw["stages"]:
         raise LoaderError(f"recipe {path} needs `sources:` (name: paths) and `stages:` (a list)")
     batch = raw.get("global_batch_size")
+    if batch is not None and _integer(batch, "global_batch_size") < 1:
+        raise LoaderError("recipe: global_batch_size must be >= 1")
+    seed = _integer(raw.get("seed", 0), "seed")
     sources = {str(name): ShardSource(str(name), paths) for name, paths in raw["sources"].items()}
     stages = [_stage(i, s, batch) for i, s in enumerate(raw["stages"])]
     for st in stages:
@@ -87,7 +105,7 @@ def load_recipe(path: str) -> Recipe:
     for st in stages[:-1]:
         if st.samples is None:
             raise LoaderError(f"recipe: stage {st.name!r} needs samples or steps (only the last may be open)")
-    return Recipe(sources, stages, int(raw.get("seed", 0)), batch)
+    return Recipe(sources, stages, seed, batch)
 
 
 def plan(recipe: Recipe) -> dict[str, Any]:
