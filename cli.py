@@ -124,8 +124,9 @@ def run_options(fn):
                      help="Base folder for image paths in .json/.jsonl datasets (default: the dataset's folder)."),
         click.option("--device", default=None, help="torch device (default: cuda:LOCAL_RANK if available, else cpu)."),
         click.option("--batch-size", type=BatchSize(), default="auto", show_default=True,
-                     help="Images per model call at 1024² (fewer for larger images; same-size images are batched "
-                          "together). auto: augment fits it to free GPU memory (at most 16; 8 on CPU), caption uses 8."),
+                     help="Images per model call at 1024² (augment: the same pixels per call at other sizes, up to 128 "
+                          "images; same-canvas images are batched "
+                          "together). auto: augment fits it to free GPU memory (at most 32; 8 on CPU), caption uses 8."),
         click.option("--shard-size", type=click.IntRange(min=1), default=1000, show_default=True,
                      help="Inputs per shard (failed inputs make a shard smaller)."),
         click.option("--seed", type=int, default=0, show_default=True,

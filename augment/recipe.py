@@ -70,13 +70,13 @@ def guidance_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
 
 # --batch-size N means N images per model call at 1024² (REFERENCE_PIXELS); a call holds the
 # same number of pixels at other sizes, so small images go in larger batches, up to
-# MAX_IMAGES_PER_CALL. auto fits N to free memory, at most AUTO_BATCH_CAP: more pixels per call
-# did not run faster at 1024² (compiled SDXL on an H100: 14.1 img/s at 16, 13.4 at 32), while
-# COCO-sized images (0.3 MP) ran 39 img/s of GPU work at 64 per call against 33.5 at 32
-# (bench/RESULTS.md, session 5).
+# MAX_IMAGES_PER_CALL. auto fits N to free memory, at most AUTO_BATCH_CAP. On 1,000 COCO-like
+# images (0.3 MP) on an H100, 32 MP and up to 128 images per call ran 31.9 img/s after load
+# against 28.2 at 16 MP and 64 (the VAE decoder's kernels run better on big batches; peak 57 vs
+# 33 GiB), in the same run (bench/RESULTS.md, session 5).
 REFERENCE_PIXELS = 1024 * 1024
-AUTO_BATCH_CAP = 16
-MAX_IMAGES_PER_CALL = 64
+AUTO_BATCH_CAP = 32
+MAX_IMAGES_PER_CALL = 128
 CPU_BATCH_SIZE = 8
 # Canvas sides are multiples of this (or of the nets' own multiple, if larger). Every new
 # (batch, H, W) costs a fixed host-side set-up in cuDNN (~2 ms per convolution) while the GPU
@@ -96,11 +96,12 @@ def batch_from_memory(budget_bytes: float, peak_one: int, peak_two: int, cap: in
     return max(1, min(cap, int((budget_bytes - fixed) // per_image)))
 
 
-def images_per_call(canvas: tuple[int, int], batch_size: int, cap: int = MAX_IMAGES_PER_CALL) -> int:
+def images_per_call(canvas: tuple[int, int], batch_size: int, cap: int | None = None) -> int:
     """Images per model call on one canvas: batch_size images' worth of 1024² pixels, at least
     one image and at most max(cap, batch_size). A function of the canvas alone, so an image's
     batch never depends on which other images came along."""
     pixels = canvas[0] * canvas[1]
+    cap = MAX_IMAGES_PER_CALL if cap is None else cap
     return max(1, min(max(cap, batch_size), batch_size * REFERENCE_PIXELS // pixels))
 
 

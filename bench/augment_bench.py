@@ -287,7 +287,8 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=1024, help="without --cocolike: N x N crops of real photos")
     ap.add_argument("--batch", type=int, default=None, help="--batch-size (default: auto)")
     ap.add_argument("--parts", nargs="+", default=["naive", "default"],
-                    choices=["naive", "default", "never", "always", "vae", "ssd1b", "determinism", "startup"])
+                    choices=["naive", "default", "never", "always", "vae", "ssd1b", "determinism", "startup",
+                             "bigger-calls"])
     ap.add_argument("--det-images", type=int, default=64, help="inputs for the determinism part")
     ap.add_argument("--compile-cache", default=None, help="torch.compile cache folder (default: a new one)")
     ap.add_argument("--results", default=None)
@@ -331,6 +332,17 @@ def main() -> None:
     def run_part(label: str, out: str, model: str = model_dir, **kw) -> None:
         row(label, ddaug_run(model, in_dir, os.path.join(work, out), args.batch, compile_cache=cache, **kw))
 
+    def part_bigger_calls():
+        """Twice the pixels per call and up to 128 images (is batch 64 at 0.3 MP the knee?)."""
+        import augment.recipe as recipe
+
+        saved, recipe.MAX_IMAGES_PER_CALL = recipe.MAX_IMAGES_PER_CALL, 128
+        try:
+            row("`--batch-size 32`, up to 128 images per call",
+                ddaug_run(model_dir, in_dir, os.path.join(work, "bigger"), 32, compile_cache=cache))
+        finally:
+            recipe.MAX_IMAGES_PER_CALL = saved
+
     parts = {
         "naive": part_naive,
         "default": lambda: run_part("`ddaug augment` defaults (img2img, --compile auto, --batch-size auto)", "default"),
@@ -338,6 +350,7 @@ def main() -> None:
         "always": lambda: run_part("`--compile always` (VAE compiled, dynamic shapes; cache cold unless a run "
                                    "above compiled)", "always", compile="always"),
         "vae": lambda: run_part("`--mode vae` defaults", "vae", mode="vae"),
+        "bigger-calls": part_bigger_calls,
         "ssd1b": lambda: (build_sdxl_folder(os.path.join(work, "ssd1b"), SSD1B_UNET),
                           run_part("SSD-1B UNet, defaults", "ssd", model=os.path.join(work, "ssd1b"))),
         "determinism": lambda: notes.extend(determinism(model_dir, _subset(inputs, work, args.det_images), work,
