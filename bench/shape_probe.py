@@ -81,8 +81,10 @@ def flavour(model_dir: str, channels_last: bool = False):
     from augment import DiffusionFlavour, RecipeSettings, load_components, resolve_spec
 
     fl = DiffusionFlavour(load_components(resolve_spec(model_dir)), RecipeSettings(dtype="bf16"), "cuda")
-    if channels_last:
-        fl.optimize(batch_size=16, compile=False)
+    if channels_last:  # weights and activations; the recipe keeps this for compiled graphs only
+        fl.memory_format = torch.channels_last
+        fl.vae.to(memory_format=torch.channels_last)
+        fl.unet.to(memory_format=torch.channels_last)
     return fl
 
 

@@ -104,7 +104,7 @@ class StageTimes:
         if busy >= 0.85:
             return f"Bound by the GPU (busy {busy:.0%}, {source}), as it should be."
         calls, images, slots = (self.counts.get(k, 0) for k in ("model calls", "images", "batch slots"))
-        shapes = self.calls.get("shape set-up", 0)
+        shapes = self.counts.get("new shapes", 0)
         waits = {"reading/decoding inputs: raise --workers": sec.get("wait for input", 0.0),
                  "encoding outputs: raise --workers or use --image-format webp": sec.get("wait for build", 0.0)}
         cause, waited = max(waits.items(), key=lambda kv: kv[1])
@@ -191,14 +191,10 @@ class DeviceTimeline:
         else:
             self.marks.append((part_ending, time.perf_counter()))
 
-    def finish(self) -> float:
-        """Add each interval to times (call after the device has finished the batch); returns
-        the batch's total device seconds."""
+    def finish(self) -> None:
+        """Add each interval to times (call after the device has finished the batch)."""
         if self.times is None:
-            return 0.0
-        total = 0.0
+            return
         for (_, a), (part, b) in zip(self.marks, self.marks[1:]):
             secs = a.elapsed_time(b) / 1000 if self.cuda else b - a
             self.times.add(part, secs, gpu=self.cuda)
-            total += secs
-        return total

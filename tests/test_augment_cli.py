@@ -523,8 +523,7 @@ def test_bound_report_reads_gpu_busy_time():
     assert sampled(90).bottleneck(10.0).startswith("Bound by the GPU (busy 90%, nvidia-smi)")
     shapes = sampled(60)
     shapes.count("model calls", 40)
-    for _ in range(30):
-        shapes.add("shape set-up", 0.0)
+    shapes.count("new shapes", 30)
     text = shapes.bottleneck(10.0)
     assert "GPU busy 60% (nvidia-smi)" in text and "30 of 40 model calls were at a new" in text
     reading = sampled(40)
