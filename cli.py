@@ -133,7 +133,7 @@ def run_options(fn):
                      help="Run seed; each sample's seed derives from it and the sample key."),
         click.option("--prefix", default="shard", show_default=True, callback=_plain_name,
                      help="Shard file name prefix (a plain file name)."),
-        click.option("--workers", type=click.IntRange(min=1), default=4, show_default=True,
+        click.option("--workers", type=click.IntRange(min=1), default=None, show_default="4 to 8, by CPU count",
                      help="Threads for reading/decoding and for encoding output."),
         click.option("--rank", type=click.IntRange(min=0), default=None,
                      help="This process's part of the input (default: $RANK from accelerate/torchrun, else 0)."),
@@ -156,7 +156,10 @@ def _run_options(kw: dict):
 
     keys = ("output", "media_dir", "device", "batch_size", "shard_size", "seed", "prefix", "workers",
             "rank", "world_size", "overwrite", "quiet", "retry_failures", "drop_text_only")
-    return RunOptions(inputs=tuple(kw.pop("inputs")), **{k: kw.pop(k) for k in keys})
+    given = {k: kw.pop(k) for k in keys}
+    if given["workers"] is None:
+        del given["workers"]  # RunOptions' default follows the CPU count
+    return RunOptions(inputs=tuple(kw.pop("inputs")), **given)
 
 
 def _validate_model(ctx, param, value: str) -> str:

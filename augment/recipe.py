@@ -20,8 +20,9 @@ import contextlib
 import hashlib
 import logging
 import math
+import threading
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -112,6 +113,39 @@ def canvas_for(height: int, width: int, multiple: int, step: int = CANVAS_STEP) 
     return max(-(-height // m) * m, 2 * multiple), max(-(-width // m) * m, 2 * multiple)
 
 
+class PinnedPool:
+    """Reusable page-locked host buffers for batch uploads and downloads. Allocating pinned
+    memory (cudaHostAlloc) waits for the whole GPU to go idle, so a fresh buffer per batch
+    stalled every launch until the previous batch had finished (bench/shape_cost.py's
+    launch-vs-wait line); a handful of buffers, reused once their batch is collected, does
+    not. A buffer is at least `granule` bytes and grows in steps of it, so mixed canvas sizes
+    reuse the same few buffers."""
+
+    def __init__(self, pin: bool, granule: int = 64 << 20, keep: int = 8):
+        self.pin, self.granule, self.keep = pin, granule, keep
+        self._free: list[torch.Tensor] = []
+        self._lock = threading.Lock()
+
+    def take(self, nbytes: int) -> torch.Tensor:
+        with self._lock:  # by index: list.remove would compare tensors elementwise
+            fits = [i for i, b in enumerate(self._free) if b.numel() >= nbytes]
+            if fits:
+                return self._free.pop(min(fits, key=lambda i: self._free[i].numel()))
+        return torch.empty(-(-max(nbytes, 1) // self.granule) * self.granule, dtype=torch.uint8, pin_memory=self.pin)
+
+    def give(self, *buffers: torch.Tensor | None) -> None:
+        with self._lock:
+            self._free.extend(b for b in buffers if b is not None)
+            self._free.sort(key=torch.Tensor.numel, reverse=True)
+            del self._free[self.keep:]  # keeps the largest
+
+
+def _view(buf: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype, offset: int = 0) -> torch.Tensor:
+    """A tensor of shape/dtype over buf's bytes from offset (a multiple of 8)."""
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    return buf[offset:offset + nbytes].view(dtype).view(shape)
+
+
 class DiffusionFlavour:
     def __init__(self, comps: DiffusionComponents, settings: RecipeSettings, device: str,
                  batch_size: int | None = None):
@@ -137,14 +171,21 @@ class DiffusionFlavour:
         T = self.scheduler.config.num_train_timesteps
         self.timestep = min(max(int(round(settings.strength * T)), 0), T - 1)
         self._cond = self._conditioning() if self.unet is not None else None
+        self._one_step: OneStep | None = None
+        if self.unet is not None:
+            self._prepare_unet_step()
         # Images per model call at 1024² (other sizes: same pixels per call, see batch_for). The
         # job forms batches per block of inputs, so a batch's make-up does not depend on the
         # process count.
         self.batch_size = batch_size
         self.compiled = False  # the VAE runs through torch.compile (dynamic shapes)
+        self.fused_norms = False  # group norms run as ddaug's Triton kernels (augment/groupnorm.py)
         self.memory_format = torch.contiguous_format
         self.times: StageTimes | None = None  # set by the stage to get a per-part breakdown
         self._seen_shapes: set[tuple[int, int, int]] = set()
+        # On the CPU the same buffers are plain memory (and small), so tests run this path.
+        cuda = self.device.type == "cuda"
+        self._pinned = PinnedPool(pin=cuda, granule=(64 << 20) if cuda else (1 << 20))
 
     # -- the fast path ---------------------------------------------------------------------------
     def compile_vae(self, backend: str = "inductor") -> None:
@@ -159,6 +200,22 @@ class DiffusionFlavour:
         self.vae.encoder = torch.compile(self.vae.encoder, backend=backend, dynamic=True)
         self.vae.decoder = torch.compile(self.vae.decoder, backend=backend, dynamic=True)
         self.compiled = True
+
+    def fuse_norms(self) -> int:
+        """Runs the VAE's group norms (with their SiLU, the convolutions' biases and the residual
+        adds) as ddaug's Triton kernels instead of PyTorch's elementwise passes: the eager path
+        without a compile step (augment/groupnorm.py). The VAE only: there the norms work on
+        full-resolution activations and took half of the GPU time; the UNet's run at 1/8 of
+        the resolution, fusing them saved 3% of its time, and the whole-job rate was the same
+        with or without them (bench/RESULTS.md, session 6). CUDA only (or Triton's CPU
+        interpreter, for tests); returns how many norms were fused."""
+        from .groupnorm import fuse_group_norms, kernels_available
+
+        if not kernels_available(self.device):
+            return 0
+        fused = fuse_group_norms(self.vae)
+        self.fused_norms = fused > 0
+        return fused
 
     # -- conditioning, computed once ----------------------------------------------------------
     def _conditioning(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -194,7 +251,7 @@ class DiffusionFlavour:
         info = {"mode": s.mode, "model": self.comps.names.get("model"), "vae": self.comps.names.get("vae"),
                 "latent": s.latent, "dtype": s.dtype,
                 "vae_dtype": {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.vae_dtype],
-                "vae_compiled": self.compiled}
+                "vae_compiled": self.compiled, "fused_norms": self.fused_norms}
         if s.mode == "img2img":
             info.update({"unet": self.comps.names.get("unet"), "scheduler": self.comps.names.get("scheduler"),
                          "strength": s.strength, "timestep": self.timestep, "cond": s.cond, "unet_calls": 1})
@@ -204,28 +261,31 @@ class DiffusionFlavour:
 
     def fit_batch_size(self, cap: int = AUTO_BATCH_CAP, headroom: float = 0.85, probe_side: int = 512) -> int:
         """Sets and returns batch_size (images per call at 1024²) from the device's free memory.
-        The recipe's peak memory is probed with batches of 1 and 2 at probe_side² (small, so the
-        probe takes a fraction of a second), which splits it into a fixed part and a per-pixel
-        part; the batch is the most 1024² images that fit in `headroom` of the free memory, at
-        most `cap`. Other sizes get the same pixels per call (batch_for)."""
+        The recipe's peak memory is probed with batches of 1 and 3 at probe_side² (small, so the
+        probe takes a fraction of a second), after one unmeasured call that takes the one-time
+        allocations (library workspaces, kernel JIT), which splits it into a fixed part and a
+        per-pixel part; the batch is the most 1024² images that fit in `headroom` of the free
+        memory, at most `cap`. Other sizes get the same pixels per call (batch_for)."""
         if self.device.type != "cuda":
             self.batch_size = CPU_BATCH_SIZE
             return self.batch_size
         try:
-            one, two = self._probe_peak_bytes(1, probe_side), self._probe_peak_bytes(2, probe_side)
+            self._probe_peak_bytes(1, probe_side)
+            one, three = self._probe_peak_bytes(1, probe_side), self._probe_peak_bytes(3, probe_side)
         except torch.cuda.OutOfMemoryError:
             torch.cuda.empty_cache()
-            log.warning("two %d² images do not fit in free GPU memory: batch size 1 (large images may fail; "
+            log.warning("three %d² images do not fit in free GPU memory: batch size 1 (large images may fail; "
                         "--max-side limits their size)", probe_side)
             self.batch_size = 1
             return 1
         torch.cuda.empty_cache()
         free = torch.cuda.mem_get_info(self.device)[0]
         scale = REFERENCE_PIXELS / probe_side ** 2
-        self.batch_size = batch_from_memory(free * headroom, one, two, cap, scale=scale)
-        log.info("batch size %d at 1024² (auto; %d images of 640x480): %.1f GiB free, about %.2f GiB per 1024² image",
-                 self.batch_size, self.batch_for(self.canvas_size(480, 640)), free / 2 ** 30,
-                 max(two - one, 0) * scale / 2 ** 30)
+        per_image = max((three - one) // 2, 1)
+        self.batch_size = batch_from_memory(free * headroom, one, one + per_image, cap, scale=scale)
+        log.info("batch size %d at 1024² (auto; %d images of 640x480): %.1f GiB free, about %.2f GiB per 1024² image"
+                 " (+%.2f GiB fixed)", self.batch_size, self.batch_for(self.canvas_size(480, 640)), free / 2 ** 30,
+                 per_image * scale / 2 ** 30, max(one - per_image, 0) / 2 ** 30)
         return self.batch_size
 
     def _probe_peak_bytes(self, n: int, side: int) -> int:
@@ -286,29 +346,50 @@ class DiffusionFlavour:
 
     @torch.no_grad()
     def denoise_once(self, latents: torch.Tensor, generators: list[torch.Generator] | None,
-                     original_sizes: list[tuple[int, int]], *, noise: torch.Tensor | None = None) -> torch.Tensor:
+                     original_sizes: list[tuple[int, int]], *, noise: torch.Tensor | None = None,
+                     time_ids: torch.Tensor | None = None) -> torch.Tensor:
         batch = latents.shape[0]
-        sched = self.scheduler
-        sched.set_timesteps(timesteps=[self.timestep], device=self.device)
-        if hasattr(sched, "set_begin_index"):
-            sched.set_begin_index(0)
-        t = sched.timesteps[0]
         noise = noise.to(self.device, non_blocking=True) if noise is not None else self._randn(latents.shape, generators)
-        noisy = sched.add_noise(latents, noise, sched.timesteps[:1].repeat(batch))
-        model_in = sched.scale_model_input(noisy, t).to(self.dtype)
+        step = self._one_step
+        if step is None:  # a scheduler whose step is not affine: its own calls (they wait on the GPU)
+            sched = self.scheduler
+            sched.set_timesteps(timesteps=[self.timestep], device=self.device)
+            if hasattr(sched, "set_begin_index"):
+                sched.set_begin_index(0)
+            t = sched.timesteps[0]
+            noisy = sched.add_noise(latents, noise, sched.timesteps[:1].repeat(batch))
+            model_in = sched.scale_model_input(noisy, t).to(self.dtype)
+        else:
+            t = self._unet_timestep
+            noisy = latents * step.latents + noise * step.noise
+            model_in = (noisy * step.model_in).to(self.dtype)
         prompt_embeds, pooled = self._cond
         h, w = latents.shape[-2] * self.vae_scale, latents.shape[-1] * self.vae_scale
-        time_ids = torch.tensor([[oh, ow, 0, 0, h, w] for oh, ow in original_sizes],
-                                device=self.device, dtype=self.dtype)
-        timestep_cond = None
-        if self.unet.config.time_cond_proj_dim:
-            w_vec = torch.full((batch,), self.settings.lcm_guidance - 1.0)
-            timestep_cond = guidance_embedding(w_vec, self.unet.config.time_cond_proj_dim).to(self.device, self.dtype)
+        if time_ids is None:
+            time_ids = torch.tensor([[oh, ow, 0, 0, h, w] for oh, ow in original_sizes], dtype=self.dtype)
+        time_ids = time_ids.to(self.device, non_blocking=True)  # pinned when staged; else a small wait
+        timestep_cond = self._lcm_cond.expand(batch, -1) if self._lcm_cond is not None else None
         eps = self.unet(model_in, t, encoder_hidden_states=prompt_embeds.expand(batch, -1, -1),
                         timestep_cond=timestep_cond,
                         added_cond_kwargs={"text_embeds": pooled.expand(batch, -1), "time_ids": time_ids},
                         return_dict=False)[0]
-        return sched.step(eps.float(), t, noisy, return_dict=False)[0]
+        if step is None:
+            return self.scheduler.step(eps.float(), t, noisy, return_dict=False)[0]
+        return noisy * step.sample + eps.float() * step.eps
+
+    def _prepare_unet_step(self) -> None:
+        """What every UNet call reuses, on the device once: the timestep, the LCM w-embedding,
+        and the scheduler's arithmetic at this timestep (OneStep)."""
+        sched = self.scheduler
+        sched.set_timesteps(timesteps=[self.timestep], device=self.device)
+        self._unet_timestep = sched.timesteps[0]
+        self._lcm_cond = None
+        if self.unet.config.time_cond_proj_dim:
+            w = torch.full((1,), self.settings.lcm_guidance - 1.0)
+            self._lcm_cond = guidance_embedding(w, self.unet.config.time_cond_proj_dim).to(self.device, self.dtype)
+        self._one_step = OneStep.read_off(sched, self.timestep)
+        if self._one_step is None:
+            log.info("%s's step is not affine at t=%d: calling it per batch", type(sched).__name__, self.timestep)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -345,24 +426,42 @@ class DiffusionFlavour:
             images = list(images) + [images[-1]] * (target - n)
             seeds = list(seeds) + [seeds[-1]] * (target - n)
             sizes = list(sizes) + [sizes[-1]] * (target - n)
-        pin = self.device.type == "cuda"
-        pixels = torch.empty((target, ph, pw, 3), dtype=torch.uint8, pin_memory=pin)
-        np.stack(images, out=pixels.numpy())
+        sizes = [tuple(s) for s in sizes]
         shape = (target, self.comps.vae.config.latent_channels, ph // self.vae_scale, pw // self.vae_scale)
+        sample, img2img = self.settings.latent == "sample", self.settings.mode == "img2img"
+        # One host buffer holds the batch's upload: pixels, noise draws, SDXL's time ids.
+        layout = [("pixels", (target, ph, pw, 3), torch.uint8), ("posterior", shape if sample else None, torch.float32),
+                  ("noise", shape if img2img else None, torch.float32),
+                  ("time_ids", (target, 6) if img2img else None, self.dtype)]
+        offsets, total = {}, 0
+        for name, shp, dtype in layout:
+            if shp is not None:
+                offsets[name] = total
+                total += -(-math.prod(shp) * torch.empty((), dtype=dtype).element_size() // 64) * 64
+        buf = self._pinned.take(total)
+        parts = {name: _view(buf, shp, dtype, offsets[name]) for name, shp, dtype in layout if shp is not None}
+        np.stack(images, out=parts["pixels"].numpy())
         generators = self._generators(seeds)
         # Same draw order per generator as the step-by-step path: posterior sample, then noise.
-        posterior = self._draw(shape, generators, pin) if self.settings.latent == "sample" else None
-        noise = self._draw(shape, generators, pin) if self.settings.mode == "img2img" else None
-        return StagedBatch(pixels, n, [tuple(s) for s in sizes], posterior, noise)
-
-    @staticmethod
-    def _draw(shape, generators: list[torch.Generator], pin: bool) -> torch.Tensor:
-        draws = torch.cat([torch.randn((1, *shape[1:]), generator=g, dtype=torch.float32) for g in generators])
-        return draws.pin_memory() if pin else draws
+        for name in ("posterior", "noise"):
+            if name in parts:
+                torch.cat([torch.randn((1, *shape[1:]), generator=g, dtype=torch.float32) for g in generators],
+                          out=parts[name])
+        if "time_ids" in parts:
+            parts["time_ids"].copy_(torch.tensor([[oh, ow, 0, 0, ph, pw] for oh, ow in sizes]))
+        return StagedBatch(parts["pixels"], n, sizes, parts.get("posterior"), parts.get("noise"),
+                           parts.get("time_ids"), buf)
 
     def run_staged(self, staged: StagedBatch) -> list[np.ndarray | None]:
-        """The GPU half: upload, encode, one UNet step, decode, and one download into pinned
-        memory with a single synchronisation at the end.
+        """The GPU half of a batch, waited for: launch_staged, then its result."""
+        return self.launch_staged(staged)()
+
+    def launch_staged(self, staged: StagedBatch) -> Callable[[], list[np.ndarray | None]]:
+        """The GPU half, enqueued: upload, encode, one UNet step, decode and one download into
+        pinned memory, without waiting. Returns what waits for the batch and crops it. The job
+        launches the next batch while the GPU runs this one, so the host's set-up of a new shape
+        (cuDNN builds an execution plan per convolution, ~2 ms each, ~250 ms per shape for SDXL)
+        overlaps GPU work instead of idling it.
 
         cuDNN's attention is left out: it builds a graph per attention call at every new
         (batch, H, W), ~2 ms each on the host, 140 calls in SDXL's UNet, so with mixed sizes the
@@ -372,7 +471,7 @@ class DiffusionFlavour:
         new_shape = shape not in self._seen_shapes
         self._seen_shapes.add(shape)
         with self._current_device(), sdpa_kernel(_ATTENTION_BACKENDS):
-            out = self._run_staged(staged)
+            finish = self._launch(staged)
         if self.times is not None:
             # Counts for -v's bound report (pipeline/timing.py): how many calls met a new shape,
             # and how full the batches were. The set-up's seconds cannot be timed apart here:
@@ -381,10 +480,10 @@ class DiffusionFlavour:
             self.times.count("model calls")
             self.times.count("images", staged.n)
             self.times.count("batch slots", max(self.batch_for(shape[1:]) or staged.n, staged.n))
-        return out
+        return finish
 
     @torch.no_grad()
-    def _run_staged(self, staged: StagedBatch) -> list[np.ndarray | None]:
+    def _launch(self, staged: StagedBatch) -> Callable[[], list[np.ndarray | None]]:
         n = staged.n
         timeline = DeviceTimeline(self.device, self.times)
         batch = staged.pixels.to(self.device, non_blocking=True)
@@ -393,27 +492,95 @@ class DiffusionFlavour:
         latents = self.encode(x, noise=staged.posterior_noise)
         timeline.mark("vae encode")
         if self.settings.mode == "img2img":
-            latents = self.denoise_once(latents, None, staged.sizes, noise=staged.noise)
+            latents = self.denoise_once(latents, None, staged.sizes, noise=staged.noise, time_ids=staged.time_ids)
             timeline.mark("unet")
         out = self.decode(latents)[:n]
         timeline.mark("vae decode")
         finite = torch.isfinite(out).flatten(1).all(dim=1)
         pixels = ((out / 2 + 0.5).clamp_(0, 1) * 255).round_().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+        flags_at = -(-pixels.numel() // 64) * 64
+        out_buf = self._pinned.take(flags_at + n)
+        host = _view(out_buf, tuple(pixels.shape), torch.uint8).copy_(pixels, non_blocking=True)
+        finite_host = _view(out_buf, (n,), torch.bool, flags_at).copy_(finite, non_blocking=True)
+        done = None
         if self.device.type == "cuda":
-            host = torch.empty(pixels.shape, dtype=torch.uint8, pin_memory=True).copy_(pixels, non_blocking=True)
-            finite_host = torch.empty(n, dtype=torch.bool, pin_memory=True).copy_(finite, non_blocking=True)
-            torch.cuda.current_stream(self.device).synchronize()
-        else:
-            host, finite_host = pixels, finite
+            done = torch.cuda.Event()
+            done.record()
         timeline.mark("device->host")
-        timeline.finish()
-        return [p[:h, :w] if ok else None
-                for p, ok, (h, w) in zip(host.numpy(), finite_host.tolist(), staged.sizes)]
+
+        def finish() -> list[np.ndarray | None]:
+            if done is not None:
+                done.synchronize()
+            timeline.finish()
+            # Crops are copied out, so both pinned buffers can serve the next batches.
+            images = [np.array(p[:h, :w]) if ok else None
+                      for p, ok, (h, w) in zip(host.numpy(), finite_host.tolist(), staged.sizes)]
+            self._pinned.give(out_buf, staged.buffer)
+            return images
+        return finish
 
     def __call__(self, images: list[np.ndarray], seeds: list[int]) -> list[np.ndarray | None]:
         """Same-size HxWx3 uint8 images in; same-size uint8 images out (None where the output
         was not finite, e.g. an fp16 overflow)."""
         return self.run_staged(self.stage(images, seeds))
+
+
+@dataclass(frozen=True)
+class OneStep:
+    """The scheduler's arithmetic for the recipe's single step, as constants:
+
+        noisy    = latents * latents_coef + noise * noise_coef       (add_noise at t)
+        model_in = noisy * model_in_coef                             (scale_model_input)
+        out      = noisy * sample_coef + eps * eps_coef              (step to the end)
+
+    Euler, LCM, DDIM, DDPM and the like are affine in these at a fixed timestep. Done this way
+    the batch never waits on the host: the schedulers' own calls copy index and sigma tensors
+    from pageable host memory, and each such copy waits for the GPU's queue to drain."""
+    latents: float
+    noise: float
+    model_in: float
+    sample: float
+    eps: float
+
+    @classmethod
+    def read_off(cls, scheduler, timestep: int) -> "OneStep | None":
+        """Reads the constants off a copy of the scheduler on the CPU, then checks them on random
+        tensors; None if the step is not affine (thresholding, clipping, added noise)."""
+        import copy
+
+        sched = copy.deepcopy(scheduler)
+        shape = (2, 4, 3, 3)
+        gen = torch.Generator().manual_seed(0)
+        x, y = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
+        one, zero = torch.ones(shape), torch.zeros(shape)
+
+        def at_t():
+            sched.set_timesteps(timesteps=[timestep], device="cpu")
+            if hasattr(sched, "set_begin_index"):
+                sched.set_begin_index(0)
+            t = sched.timesteps[0]
+            sched.scale_model_input(zero, t)  # marks the input scaled, as a pipeline would
+            return t, sched.timesteps[:1].repeat(shape[0])
+
+        def step(eps, sample):
+            t, _ = at_t()
+            return sched.step(eps, t, sample, return_dict=False)[0]
+
+        try:
+            t, ts = at_t()
+            parts = [sched.add_noise(one, zero, ts), sched.add_noise(zero, one, ts), sched.scale_model_input(one, t),
+                     step(zero, one), step(one, zero)]
+            if not all(torch.all(p == p.flatten()[0]) for p in parts):
+                return None
+            coef = cls(*(float(p.flatten()[0]) for p in parts))
+            t, ts = at_t()
+            checks = [(sched.add_noise(x, y, ts), x * coef.latents + y * coef.noise),
+                      (sched.scale_model_input(x, t), x * coef.model_in),
+                      (step(y, x), x * coef.sample + y * coef.eps)]
+        except Exception:  # a scheduler that wants more than this: use its own calls
+            return None
+        ok = all(torch.allclose(got, want, rtol=1e-5, atol=1e-6) for got, want in checks)
+        return coef if ok else None
 
 
 @dataclass
@@ -423,3 +590,5 @@ class StagedBatch:
     sizes: list[tuple[int, int]]          # each image's H, W before padding (cropped back to it)
     posterior_noise: torch.Tensor | None  # latent="sample" draws
     noise: torch.Tensor | None            # the denoise step's noise
+    time_ids: torch.Tensor | None = None  # SDXL's size conditioning per image (img2img)
+    buffer: torch.Tensor | None = None    # the pinned host buffer the fields above live in

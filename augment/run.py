@@ -54,6 +54,7 @@ def use_compile_cache(folder: str) -> None:
     except OSError as exc:
         raise UserError(f"--compile-cache {folder}: {exc.strerror or exc}") from None
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = path
+    os.environ["TRITON_CACHE_DIR"] = os.path.join(path, "triton")  # the fused norms' kernels too
 
 
 def choose_compile(setting: str, device: str) -> tuple[bool, str]:
@@ -91,6 +92,8 @@ def run_augment(run: RunOptions, opts: AugmentOptions) -> JobSummary:
                                     vae_dtype=torch.float32 if dtype == torch.float16 else dtype,
                                     device=placement.device)
             flavour = DiffusionFlavour(comps, opts.recipe, placement.device, batch_size=run.batch_size)
+            if not compile_vae and opts.compile != "never" and flavour.fuse_norms():
+                log.info("group norms run as fused Triton kernels (--compile never runs PyTorch's own)")
             if run.batch_size is None:  # --batch-size auto
                 flavour.fit_batch_size()
             if compile_vae:

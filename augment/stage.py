@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -83,10 +83,16 @@ class AugmentStage:
         return self.flavour.stage([u.pixels for u in units], [u.seed for u in units], [u.size for u in units])
 
     def run(self, units: list[ImageUnit], prepared=None) -> list[Any]:
-        outs = self.flavour.run_staged(prepared or self.prepare(units))
-        return [(out, u) if out is not None else
-                SampleFailure("augment", "non-finite model output (NaN/inf); not written")
-                for out, u in zip(outs, units)]
+        return self.launch(units, prepared)()
+
+    def launch(self, units: list[ImageUnit], prepared=None) -> Callable[[], list[Any]]:
+        finish = self.flavour.launch_staged(prepared or self.prepare(units))
+
+        def results() -> list[Any]:
+            return [(out, u) if out is not None else
+                    SampleFailure("augment", "non-finite model output (NaN/inf); not written")
+                    for out, u in zip(finish(), units)]
+        return results
 
     def build(self, item: SourceItem, results: list[Any]) -> dict[str, bytes]:
         tags = {"domain": "general", "task": "conversation" if item.messages else "image", "stage": None}

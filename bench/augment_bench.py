@@ -288,13 +288,18 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=None, help="--batch-size (default: auto)")
     ap.add_argument("--parts", nargs="+", default=["naive", "default"],
                     choices=["naive", "default", "never", "always", "vae", "ssd1b", "determinism", "startup",
-                             "bigger-calls"])
+                             "bigger-calls", "workers8"])
     ap.add_argument("--det-images", type=int, default=64, help="inputs for the determinism part")
     ap.add_argument("--compile-cache", default=None, help="torch.compile cache folder (default: a new one)")
     ap.add_argument("--results", default=None)
     args = ap.parse_args()
+    import logging
+
     import diffusers
     from diffusers.utils import logging as dlog
+
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    logging.getLogger("augment").setLevel(logging.INFO)  # the batch-size probe and kernel choices
 
     dlog.set_verbosity_error()  # per-load dtype notices drown the results
     work = tempfile.mkdtemp(prefix="ddaug-bench-")
@@ -345,8 +350,10 @@ def main() -> None:
 
     parts = {
         "naive": part_naive,
+        "workers8": lambda: row("`--workers 8`", ddaug_run(model_dir, in_dir, os.path.join(work, "w8"), args.batch,
+                                                          workers=8, compile_cache=cache)),
         "default": lambda: run_part("`ddaug augment` defaults (img2img, --compile auto, --batch-size auto)", "default"),
-        "never": lambda: run_part("`--compile never` (eager)", "never", compile="never"),
+        "never": lambda: run_part("`--compile never` (PyTorch kernels only)", "never", compile="never"),
         "always": lambda: run_part("`--compile always` (VAE compiled, dynamic shapes; cache cold unless a run "
                                    "above compiled)", "always", compile="always"),
         "vae": lambda: run_part("`--mode vae` defaults", "vae", mode="vae"),

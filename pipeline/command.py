@@ -4,6 +4,7 @@ open the output folder, build the stage (models load last, after the cheap check
 from __future__ import annotations
 
 import logging
+import os
 import platform
 import sys
 import time
@@ -28,6 +29,13 @@ class UserError(Exception):
     """A problem the user can fix; shown as one line, never a traceback."""
 
 
+# Threads for reading/decoding and, as many again, for encoding outputs. Four kept up with one
+# GPU at 30 img/s; at 40 img/s on COCO-sized images the PNG encoding of the last batches held
+# the GPU idle at the end of each shard, and 8 threads ran 42.2 img/s against 41.3 (bench/RESULTS.md,
+# session 6). More than the machine's cores would only contend.
+DEFAULT_WORKERS = max(4, min(8, os.cpu_count() or 4))
+
+
 @dataclass
 class RunOptions:
     inputs: tuple[str, ...]
@@ -38,7 +46,7 @@ class RunOptions:
     shard_size: int = 1000
     seed: int = 0
     prefix: str = "shard"
-    workers: int = 4
+    workers: int = DEFAULT_WORKERS
     rank: int | None = None
     world_size: int | None = None
     overwrite: bool = False

@@ -60,7 +60,10 @@ class Stage(Protocol):
         """Process a batch; per unit a result or a SampleFailure (runs on the model thread). A
         stage may define prepare(units) for the batch's CPU work (stacking, pinning, noise): the
         job runs it on the main thread, while the model works on earlier batches, and passes its
-        result here."""
+        result here. A stage may also define launch(units, prepared) -> finish: it enqueues the
+        batch on its device and returns at once; finish() waits and returns what run would. The
+        model thread then launches the next batch while the device still runs this one, so the
+        host's set-up of a batch overlaps the device's work."""
 
     def build(self, item: SourceItem, results: list[Any]) -> dict[str, bytes]:
         """Encode the output members of one sample (runs in builder threads)."""
@@ -176,9 +179,28 @@ class Job:
                 log.warning("preparing a batch of %d failed (%s)", len(units), exc)
                 return None
 
-    def _run_batch(self, units: list[Any], prepared: Any = None) -> list[Any]:
+    def _run_batch(self, units: list[Any], prepared: Any = None) -> list[Any] | Callable[[], list[Any]]:
+        """On the model thread: the batch's results, or, for a stage that launches, what waits
+        for them (collected on the main thread, in order)."""
         with self.times.measure("model"):
+            launch = getattr(self.stage, "launch", None)
+            if launch is not None and prepared is not None:
+                try:
+                    return launch(units, prepared)
+                except JobAbort:
+                    raise
+                except Exception:  # e.g. out of memory: the synchronous path retries and names the culprit
+                    pass
             return self._run_batch_untimed(units, prepared)
+
+    def _finish_batch(self, units: list[Any], finish: Callable[[], list[Any]]) -> list[Any]:
+        try:
+            return finish()
+        except JobAbort:
+            raise
+        except Exception as exc:
+            log.warning("batch of %d failed when collected (%s); running it again", len(units), exc)
+            return self._model_thread.submit(self._run_batch_untimed, units).result()
 
     def _run_batch_untimed(self, units: list[Any], prepared: Any = None) -> list[Any]:
         try:
@@ -290,6 +312,8 @@ class Job:
                 batch, future = inflight.popleft()
                 with self.times.measure("wait for model"):
                     outs = future.result()
+                    if callable(outs):
+                        outs = self._finish_batch([u for _, _, u in batch], outs)
                 for (st, ui, _), out in zip(batch, outs):
                     if isinstance(out, SampleFailure):
                         st.failure = st.failure or out

@@ -21,6 +21,8 @@ JOB_PARTS = {
     "read+decode": "loader threads",
     "wait for input": "main thread, idle until a loader delivers",
     "prepare batch": "main thread (a stage's CPU share of a batch: stacking, pinning, noise)",
+    # A stage that launches (pipeline/job.py) spends "model" enqueueing; the device's time is
+    # then part of "wait for model".
     "model": "model thread, one batch after another",
     "wait for model": "main thread, idle until a batch returns",
     "build members": "builder threads (image encode, json)",

@@ -108,3 +108,35 @@ def test_fast_path_matches_the_eager_path(tiny_model_dir, photos):
         for a, b in zip(ref, got):
             assert a.shape == b.shape
             assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
+
+
+def test_one_step_is_read_off_affine_schedulers_only():
+    """The recipe's scheduler arithmetic becomes constants (so a batch never waits on the host)
+    for Euler and LCM, whose pipeline match is tested above through those constants; a step that
+    clips or adds noise is left to the scheduler's own calls."""
+    from diffusers import DDPMScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, LCMScheduler
+
+    from augment.recipe import OneStep
+
+    cfg = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    euler = OneStep.read_off(EulerDiscreteScheduler(**cfg), 25)
+    assert euler is not None and euler.latents == 1.0 and euler.eps == pytest.approx(-euler.noise)
+    assert OneStep.read_off(LCMScheduler(**cfg), 25) is not None
+    assert OneStep.read_off(DDPMScheduler(**cfg, clip_sample=True), 25) is None
+    assert OneStep.read_off(EulerAncestralDiscreteScheduler(**cfg), 25) is None
+
+
+def test_pinned_pool_reuses_the_smallest_fitting_buffer_and_never_hands_one_out_twice():
+    from augment.recipe import PinnedPool
+
+    pool = PinnedPool(pin=False, granule=1024, keep=3)
+    a, b, c = pool.take(3000), pool.take(100), pool.take(2000)  # 3072, 1024, 2048 bytes
+    assert [t.numel() for t in (a, b, c)] == [3072, 1024, 2048]
+    pool.give(a, b, c, None)
+    got = pool.take(1500)
+    assert got is c  # the smallest that fits, found among buffers of other sizes
+    again = pool.take(1500)
+    assert again is a and again is not got
+    assert pool.take(5000).numel() == 5120  # nothing free fits: a new one
+    pool.give(got, again, b, pool.take(10), pool.take(10))
+    assert len(pool._free) == 3  # keeps the largest `keep`
