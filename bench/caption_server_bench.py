@@ -133,7 +133,9 @@ def downsize_cpu(results: str | None, passes: int = 25) -> None:
     """CPU per image (one core) of what the openai backend does to an input before sending it."""
     from sources import read_sources
 
-    from captioning.images import load_caption_image
+    import torch
+
+    from captioning.images import TORCH_RESIZE, load_caption_image
 
     work = tempfile.mkdtemp(prefix="ddaug-downsize-")
     rows = []
@@ -156,7 +158,9 @@ def downsize_cpu(results: str | None, passes: int = 25) -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     emit([f"## caption request image path, CPU per image on one core ({datetime.date.today()})",
-          "- command: `python bench/caption_server_bench.py --downsize-cpu`", "",
+          "- command: `python bench/caption_server_bench.py --downsize-cpu`",
+          f"- resize: {'torch uint8 antialiased bicubic (AVX2 kernel)' if TORCH_RESIZE else 'Pillow BILINEAR'}; "
+          f"CPU capability {torch.backends.cpu.get_cpu_capability()}, {os.cpu_count()} cores", "",
           "| input | ms CPU per image |", "|---|---|", *rows, ""], results)
 
 

@@ -113,6 +113,52 @@ def test_downsized_images_go_as_jpeg_and_originals_as_their_bytes(tmp_path, phot
         assert members["jpg"] == (photos_dir / meta["source"]["uri"].rsplit("/", 1)[1]).read_bytes()
 
 
+def _stripes_and_red(width: int, height: int) -> np.ndarray:
+    """Left half: one-pixel black and white stripes (all detail, no low frequencies); right half:
+    red. An antialiased downsize turns the stripes grey; an aliased one keeps black or white."""
+    arr = np.zeros((height, width, 3), np.uint8)
+    arr[:, : width // 2: 2] = 255
+    arr[:, width // 2:] = (255, 0, 0)
+    return arr
+
+
+def test_downsized_requests_are_antialiased_upright_and_in_colour(tmp_path):
+    """What the server sees of a downsized input is the upright RGB picture shrunk with an
+    antialiased filter: within a few levels of Pillow's BICUBIC, whatever the input's format,
+    colour mode, EXIF orientation, or size (one over Pillow's 16 MB storage block included)."""
+    d = tmp_path / "in"
+    d.mkdir()
+    small, big = _stripes_and_red(800, 600), _stripes_and_red(2200, 2000)
+    Image.fromarray(small).save(d / "stripes.png")
+    Image.fromarray(big).save(d / "big.png", compress_level=1)  # 17.6 MB decoded
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° to view: the stripes run across the upright picture
+    Image.fromarray(small).save(d / "sideways.jpg", quality=98, subsampling=0, exif=exif)
+    Image.fromarray(small).convert("L").save(d / "grey.jpg", quality=98)
+    Image.fromarray(small).convert("CMYK").save(d / "cmyk.jpg", quality=98, subsampling=0)
+    cap = 100_000  # not a DCT-scale step of the JPEGs: every input goes through a resize
+    seen = []
+
+    def respond(image, text, max_tokens):  # the answer names the image the server saw
+        seen.append(image)
+        return Reply(f"Image number {len(seen) - 1}.")
+
+    with ChatServer(respond, model="tiny-random") as srv:
+        _caption(d, tmp_path / "out", srv.url, "--max-pixels", cap, "--concurrency", 1)
+    samples = read_samples(tmp_path / "out")
+    assert len(seen) == len(samples) == 5
+    for members in samples.values():
+        meta = sample_meta(members)
+        name = meta["source"]["uri"].rsplit("/", 1)[1]
+        got = seen[int(meta["messages"][1]["content"].split()[-1].rstrip("."))]
+        upright = ImageOps.exif_transpose(Image.open(d / name)).convert("RGB")
+        assert got.width * got.height <= cap and got.width * got.height > 0.98 * cap, name
+        assert abs(got.width / got.height - upright.width / upright.height) < 0.01, name
+        want = np.asarray(upright.resize(got.size, Image.Resampling.BICUBIC), dtype=np.int16)
+        diff = np.abs(np.asarray(got, dtype=np.int16) - want)
+        assert diff.mean() < 3 and np.percentile(diff, 99) < 24, (name, diff.mean(), np.percentile(diff, 99))
+
+
 @pytest.mark.parametrize("backend", ["openai", "transformers"])
 def test_exif_rotated_inputs_are_stored_as_the_model_saw_them(tmp_path, photos, backend):
     """A JPEG whose EXIF says 'rotate 90°': the model is shown it upright, so the shard stores the
