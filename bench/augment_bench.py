@@ -185,7 +185,7 @@ class RunResult:
 
 def ddaug_run(model_dir: str, in_dir: str, out_dir: str, batch: int | None, mode: str = "img2img",
               compile: str = "auto", rank: int | None = None, world_size: int | None = None,
-              shard_size: int = 1000, workers: int = 4, compile_cache: str | None = None) -> RunResult:
+              shard_size: int = 1000, workers: int | None = None, compile_cache: str | None = None) -> RunResult:
     """A whole `ddaug augment` run through the library entry point the CLI uses (batch None:
     --batch-size auto; the defaults are the CLI's)."""
     from augment.recipe import RecipeSettings
@@ -196,8 +196,9 @@ def ddaug_run(model_dir: str, in_dir: str, out_dir: str, batch: int | None, mode
     t0 = time.perf_counter()
     with BusySampler() as busy:
         summary = run_augment(RunOptions(inputs=(in_dir,), output=out_dir, device="cuda", batch_size=batch,
-                                         shard_size=shard_size, workers=workers, overwrite=rank is None, quiet=True,
-                                         rank=rank, world_size=world_size),
+                                         shard_size=shard_size, overwrite=rank is None, quiet=True,
+                                         rank=rank, world_size=world_size,
+                                         **({"workers": workers} if workers else {})),
                               AugmentOptions(model=model_dir, compile=compile,
                                              compile_cache=compile_cache if compile != "never" else None,
                                              recipe=RecipeSettings(dtype="bf16", mode=mode)))
@@ -288,7 +289,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=None, help="--batch-size (default: auto)")
     ap.add_argument("--parts", nargs="+", default=["naive", "default"],
                     choices=["naive", "default", "never", "always", "vae", "ssd1b", "determinism", "startup",
-                             "bigger-calls", "workers8"])
+                             "bigger-calls"])
     ap.add_argument("--det-images", type=int, default=64, help="inputs for the determinism part")
     ap.add_argument("--compile-cache", default=None, help="torch.compile cache folder (default: a new one)")
     ap.add_argument("--results", default=None)
@@ -350,8 +351,6 @@ def main() -> None:
 
     parts = {
         "naive": part_naive,
-        "workers8": lambda: row("`--workers 8`", ddaug_run(model_dir, in_dir, os.path.join(work, "w8"), args.batch,
-                                                          workers=8, compile_cache=cache)),
         "default": lambda: run_part("`ddaug augment` defaults (img2img, --compile auto, --batch-size auto)", "default"),
         "never": lambda: run_part("`--compile never` (PyTorch kernels only)", "never", compile="never"),
         "always": lambda: run_part("`--compile always` (VAE compiled, dynamic shapes; cache cold unless a run "
