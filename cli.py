@@ -210,10 +210,11 @@ Examples:
 @click.option("--stage", "stage_tag", default=None, help="tags.stage of the output samples.")
 @click.option("--compile", "compile_", type=click.Choice(["auto", "always", "never"]), default="auto",
               show_default=True, is_flag=False, flag_value="auto",
-              help="GPU: torch.compile the VAE (one graph for all sizes; ~2 min cold). auto stays eager, which "
-                   "measured as fast or faster (bench/RESULTS.md); -v says what was chosen.")
+              help="GPU kernels. auto: the VAE's norms as ddaug's fused Triton kernels (a few seconds of JIT on a "
+                   "machine's first run); never: PyTorch's own kernels only; always: torch.compile the VAE "
+                   "(~2 min cold, slower end to end in every measured job). -v says what was chosen.")
 @click.option("--compile-cache", type=click.Path(file_okay=False), default=None,
-              help="Folder for torch.compile's cache, kept across runs (cuts the warm-up of later runs).")
+              help="Folder for the compiled kernels (Triton's and torch.compile's), kept across runs.")
 @user_errors
 def augment(**kw) -> None:
     """Give natural images diffusion traits, keeping their conversations.

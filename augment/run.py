@@ -17,9 +17,10 @@ from .stage import AugmentStage
 
 log = logging.getLogger(__name__)
 
-# --compile auto runs eager: compiling the VAE (dynamic shapes, one graph for all sizes) took
-# 131 s cold on an H100, and a compiled 1,000-image COCO-like run was no faster than eager once
-# compiled (bench/RESULTS.md, session 5), so no job size was found where it pays.
+# --compile auto never torch.compiles: compiling the VAE (dynamic shapes, one graph for all
+# sizes) took 131 s cold on an H100, and a compiled 1,000-image COCO-like run was no faster than
+# eager once compiled (bench/RESULTS.md, session 5). It runs the fused Triton norms instead
+# (augment/groupnorm.py): a few seconds of JIT, faster from the first batch (session 6).
 
 
 # The memory bound (README "Output folder"): a model call never holds more than what 16 images
@@ -65,8 +66,8 @@ def choose_compile(setting: str, device: str) -> tuple[bool, str]:
         return False, f"not compiling on {device}: torch.compile pays on GPUs only"
     if setting == "always":
         return True, "--compile always: compiling the VAE (about 2 minutes cold)"
-    return False, ("eager (--compile auto): a compiled VAE did not pay on any measured job "
-                   "(bench/RESULTS.md); --compile always forces it")
+    return False, ("--compile auto: fused Triton norms, no torch.compile (a compiled VAE did not pay on any "
+                   "measured job, bench/RESULTS.md; --compile always forces it)")
 
 
 def run_augment(run: RunOptions, opts: AugmentOptions) -> JobSummary:
@@ -93,7 +94,7 @@ def run_augment(run: RunOptions, opts: AugmentOptions) -> JobSummary:
                                     device=placement.device)
             flavour = DiffusionFlavour(comps, opts.recipe, placement.device, batch_size=run.batch_size)
             if not compile_vae and opts.compile != "never" and flavour.fuse_norms():
-                log.info("group norms run as fused Triton kernels (--compile never runs PyTorch's own)")
+                log.info("the VAE's group norms run as fused Triton kernels (--compile never runs PyTorch's own)")
             if run.batch_size is None:  # --batch-size auto
                 flavour.fit_batch_size()
             if compile_vae:

@@ -496,7 +496,7 @@ def test_auto_batch_size_fits_free_memory(tiny_model_dir):
 
 
 def test_compile_choice():
-    """--compile auto stays eager (compiling never paid in bench/RESULTS.md); always compiles
+    """--compile auto never torch.compiles (it never paid in bench/RESULTS.md); always compiles
     on a GPU only; the reason is what -v logs."""
     from augment.run import choose_compile
 
