@@ -31,7 +31,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from pipeline.timing import DeviceTimeline, StageTimes
 
-from .models import DiffusionComponents
+from .models import DiffusionComponents, ModelLoadError
 
 log = logging.getLogger(__name__)
 
@@ -381,7 +381,11 @@ class DiffusionFlavour:
         """What every UNet call reuses, on the device once: the timestep, the LCM w-embedding,
         and the scheduler's arithmetic at this timestep (OneStep)."""
         sched = self.scheduler
-        sched.set_timesteps(timesteps=[self.timestep], device=self.device)
+        try:
+            sched.set_timesteps(timesteps=[self.timestep], device=self.device)
+        except Exception as exc:  # no custom timesteps (EulerAncestral, DDIM, UniPC...): no image could run
+            raise ModelLoadError(f"{type(sched).__name__} cannot be set to the single timestep {self.timestep} "
+                                 f"({exc}): use --scheduler euler (or lcm for an LCM UNet)") from None
         self._unet_timestep = sched.timesteps[0]
         self._lcm_cond = None
         if self.unet.config.time_cond_proj_dim:

@@ -568,3 +568,24 @@ def test_sizes_that_pad_alike_share_a_batch(tmp_path, photos):
         pa, pb = decode(a[key]["png"]), decode(b[key]["png"])
         assert pa.shape == pb.shape and pa.shape[:2] in {(61, 83), (58, 82)}
         assert np.abs(pa.astype(int) - pb.astype(int)).max() <= 1
+
+
+def test_a_model_whose_scheduler_cannot_take_one_timestep_is_one_line(tmp_path, photo_dir):
+    """Many SDXL fine-tunes ship EulerAncestral (or DDIM, UniPC...) in scheduler_config.json;
+    diffusers' set_timesteps of those takes no custom timesteps, so the recipe's single step
+    cannot be set up. That is one line naming --scheduler, never a traceback; --scheduler euler
+    runs the same folder."""
+    from augment import save_tiny_random
+
+    folder = save_tiny_random(str(tmp_path / "model"))
+    path = os.path.join(folder, "scheduler", "scheduler_config.json")
+    config = json.load(open(path))
+    config["_class_name"] = "EulerAncestralDiscreteScheduler"
+    json.dump(config, open(path, "w"))
+    args = ["--model", folder, "--device", "cpu", "-q"]
+    r = invoke("augment", photo_dir, "-o", tmp_path / "out", *args, expect_ok=False)
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    assert len(r.output.strip().splitlines()) == 1
+    assert "EulerAncestralDiscreteScheduler" in r.output and "--scheduler euler" in r.output
+    invoke("augment", photo_dir, "-o", tmp_path / "out", *args, "--scheduler", "euler")
+    assert len(read_samples(tmp_path / "out")) == 4
