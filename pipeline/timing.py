@@ -197,6 +197,10 @@ class DeviceTimeline:
         """Add each interval to times (call after the device has finished the batch)."""
         if self.times is None:
             return
+        # torch refuses an interval whose end the GPU has not reached, and a caller may have
+        # waited on an event recorded before the last mark (DiffusionFlavour._launch does).
+        if self.cuda:
+            self.marks[-1][1].synchronize()
         for (_, a), (part, b) in zip(self.marks, self.marks[1:]):
             secs = a.elapsed_time(b) / 1000 if self.cuda else b - a
             self.times.add(part, secs, gpu=self.cuda)

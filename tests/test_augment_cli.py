@@ -589,3 +589,50 @@ def test_a_model_whose_scheduler_cannot_take_one_timestep_is_one_line(tmp_path, 
     assert "EulerAncestralDiscreteScheduler" in r.output and "--scheduler euler" in r.output
     invoke("augment", photo_dir, "-o", tmp_path / "out", *args, "--scheduler", "euler")
     assert len(read_samples(tmp_path / "out")) == 4
+
+
+def test_gpu_timeline_reads_its_events_only_once_they_completed(monkeypatch):
+    """A launched batch records its `done` event, then the timeline's last mark, and finish()
+    waits on `done` only. torch refuses elapsed_time() on an event the GPU has not reached yet
+    ("Both events must be completed"), which would fail a finished batch and rerun it. CUDA
+    events are modelled here as a stream: synchronizing one completes it and all before it."""
+    import types
+
+    import torch
+
+    from pipeline.timing import DeviceTimeline, StageTimes
+
+    stream = []
+
+    class StreamEvent:
+        def __init__(self, enable_timing=False):
+            self.at, self.completed = None, False
+
+        def record(self):
+            self.at = len(stream)
+            stream.append(self)
+
+        def synchronize(self):
+            for ev in stream[:self.at + 1]:
+                ev.completed = True
+
+        def query(self):
+            return self.completed
+
+        def elapsed_time(self, end):
+            if not (self.completed and end.completed):
+                raise RuntimeError("Both events must be completed before calculating elapsed time.")
+            return 1000.0 * (end.at - self.at)
+
+    monkeypatch.setattr(torch.cuda, "Event", StreamEvent)
+    times = StageTimes()
+    timeline = DeviceTimeline(types.SimpleNamespace(type="cuda"), times)
+    for part in ("host->device", "vae encode", "unet", "vae decode"):
+        timeline.mark(part)
+    done = torch.cuda.Event()
+    done.record()                      # the order DiffusionFlavour._launch records them in
+    timeline.mark("device->host")
+    done.synchronize()                 # what its finish() waits on
+    timeline.finish()
+    assert set(times.seconds) == {"host->device", "vae encode", "unet", "vae decode", "device->host"}
+    assert times.gpu_parts == set(times.seconds) and times.seconds["device->host"] == 2.0
