@@ -462,7 +462,8 @@ class DiffusionFlavour:
 
     def launch_staged(self, staged: StagedBatch) -> Callable[[], list[np.ndarray | None]]:
         """The GPU half, enqueued: upload, encode, one UNet step, decode and one download into
-        pinned memory, without waiting. Returns what waits for the batch and crops it. The job
+        pinned memory, without waiting. Returns what waits for the batch and crops it (its
+        ready() says whether that would wait). The job
         launches the next batch while the GPU runs this one, so the host's set-up of a new shape
         (cuDNN builds an execution plan per convolution, ~2 ms each, ~250 ms per shape for SDXL)
         overlaps GPU work instead of idling it.
@@ -521,6 +522,7 @@ class DiffusionFlavour:
                       for p, ok, (h, w) in zip(host.numpy(), finite_host.tolist(), staged.sizes)]
             self._pinned.give(out_buf, staged.buffer)
             return images
+        finish.ready = (lambda: done is None or done.query())  # done without waiting?
         return finish
 
     def __call__(self, images: list[np.ndarray], seeds: list[int]) -> list[np.ndarray | None]:

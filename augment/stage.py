@@ -92,6 +92,7 @@ class AugmentStage:
             return [(out, u) if out is not None else
                     SampleFailure("augment", "non-finite model output (NaN/inf); not written")
                     for out, u in zip(finish(), units)]
+        results.ready = finish.ready
         return results
 
     def build(self, item: SourceItem, results: list[Any]) -> dict[str, bytes]:

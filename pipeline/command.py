@@ -33,7 +33,8 @@ class UserError(Exception):
 # GPU at 30 img/s; at 40 img/s on COCO-sized images the PNG encoding of the last batches held
 # the GPU idle at the end of each shard, and 8 threads ran 42.2 img/s against 41.3 (bench/RESULTS.md,
 # session 6). More than the machine's cores would only contend.
-DEFAULT_WORKERS = max(4, min(8, os.cpu_count() or 4))
+DEFAULT_WORKERS = max(4, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                             else os.cpu_count() or 4))  # the CPUs this process may use (taskset, SLURM)
 
 
 @dataclass

@@ -61,9 +61,10 @@ class Stage(Protocol):
         stage may define prepare(units) for the batch's CPU work (stacking, pinning, noise): the
         job runs it on the main thread, while the model works on earlier batches, and passes its
         result here. A stage may also define launch(units, prepared) -> finish: it enqueues the
-        batch on its device and returns at once; finish() waits and returns what run would. The
-        model thread then launches the next batch while the device still runs this one, so the
-        host's set-up of a batch overlaps the device's work."""
+        batch on its device and returns at once; finish() waits and returns what run would, and
+        finish.ready(), if defined, says whether it would return at once. The model thread then
+        launches the next batch while the device still runs this one, so the host's set-up of a
+        batch overlaps the device's work."""
 
     def build(self, item: SourceItem, results: list[Any]) -> dict[str, bytes]:
         """Encode the output members of one sample (runs in builder threads)."""
@@ -189,8 +190,8 @@ class Job:
                     return launch(units, prepared)
                 except JobAbort:
                     raise
-                except Exception:  # e.g. out of memory: the synchronous path retries and names the culprit
-                    pass
+                except Exception as exc:  # e.g. out of memory: the synchronous path retries and names the culprit
+                    log.debug("launching a batch of %d failed (%s); running it synchronously", len(units), exc)
             return self._run_batch_untimed(units, prepared)
 
     def _finish_batch(self, units: list[Any], finish: Callable[[], list[Any]]) -> list[Any]:
@@ -307,8 +308,19 @@ class Job:
         # writing and the next batch's upload overlap the model instead of waiting for it.
         inflight: collections.deque[tuple[list, Future]] = collections.deque()
 
+        def ready(future: Future) -> bool:
+            """Done without waiting: run and, for a launched batch, finished on its device too
+            (otherwise the main thread would sit in finish() while it could read and stage the
+            next batches, and the device would run dry between batches)."""
+            if not future.done():
+                return False
+            if future.exception() is not None:
+                return True  # collect raises it
+            outs = future.result()
+            return not callable(outs) or getattr(outs, "ready", lambda: True)()
+
         def collect(block: bool) -> None:
-            while inflight and (block or inflight[0][1].done()):
+            while inflight and (block or ready(inflight[0][1])):
                 batch, future = inflight.popleft()
                 with self.times.measure("wait for model"):
                     outs = future.result()

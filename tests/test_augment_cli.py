@@ -636,3 +636,41 @@ def test_gpu_timeline_reads_its_events_only_once_they_completed(monkeypatch):
     timeline.finish()
     assert set(times.seconds) == {"host->device", "vae encode", "unet", "vae decode", "device->host"}
     assert times.gpu_parts == set(times.seconds) and times.seconds["device->host"] == 2.0
+
+
+def test_job_stages_next_batches_while_launched_ones_still_run(tmp_path, monkeypatch):
+    """A launched batch is collected without waiting only once its device says it is done, so
+    the main thread stages the next batches meanwhile instead of sitting in finish() (the GPU
+    would run dry between batches). Simulated on CPU: each launched batch reports 'still
+    running' for its first two polls. Outputs are those of an unpatched run."""
+    from augment.recipe import DiffusionFlavour
+
+    src = tmp_path / "in"
+    src.mkdir()
+    rng = np.random.default_rng(0)
+    for i, (h, w) in enumerate([(100, 100), (200, 100), (100, 200), (200, 200)]):  # four canvases
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(src / f"{i}.png")
+    invoke("augment", src, "-o", tmp_path / "plain", *FAST)
+
+    events: list[str] = []
+    stage, launch = DiffusionFlavour.stage, DiffusionFlavour.launch_staged
+
+    def staging(self, *args, **kwargs):
+        events.append("stage")
+        return stage(self, *args, **kwargs)
+
+    def launching(self, staged):
+        polls = []  # a device's queue: launching returns at once, the work happens by finish()
+
+        def finishing():
+            events.append("finish")
+            return launch(self, staged)()
+        finishing.ready = lambda: polls.append(1) or len(polls) > 2
+        return finishing
+
+    monkeypatch.setattr(DiffusionFlavour, "stage", staging)
+    monkeypatch.setattr(DiffusionFlavour, "launch_staged", launching)
+    invoke("augment", src, "-o", tmp_path / "launched", *FAST)
+    assert events.count("finish") == events.count("stage") == 4, events
+    assert events[:3] == ["stage"] * 3, events  # three batches staged before the first is collected
+    assert read_samples(tmp_path / "plain") == read_samples(tmp_path / "launched")
