@@ -207,8 +207,8 @@ class DiffusionFlavour:
         without a compile step (augment/groupnorm.py). The VAE only: there the norms work on
         full-resolution activations and took half of the GPU time; the UNet's run at 1/8 of
         the resolution, fusing them saved 3% of its time, and the whole-job rate was the same
-        with or without them (bench/RESULTS.md, session 6). CUDA only (or Triton's CPU
-        interpreter, for tests); returns how many norms were fused."""
+        with or without them (bench/RESULTS.md, session 6). CUDA only; returns how many
+        norms were fused."""
         from .groupnorm import fuse_group_norms, kernels_available
 
         if not kernels_available(self.device):

@@ -115,3 +115,22 @@ def test_triton_kernels_match_pytorch_in_the_interpreter():
     for name, err in result.items():
         assert err < 1e-4, (name, err)  # fp32: only summation order differs
     assert len(result) == 11
+
+
+def test_a_cpu_run_never_goes_through_the_interpreter(tmp_path):
+    """TRITON_INTERPRET in a user's environment must not route a CPU run through Triton's
+    (far slower) interpreter: fused modules are for CUDA models only."""
+    import numpy as np
+    from PIL import Image
+
+    from conftest import read_samples
+
+    (tmp_path / "in").mkdir()
+    Image.fromarray(np.full((40, 56, 3), 120, np.uint8)).save(tmp_path / "in" / "a.png")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT)
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "cli.py"), "augment", str(tmp_path / "in"), "-o",
+                           str(tmp_path / "out"), "--model", "tiny-random", "--device", "cpu", "-q"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (sample,) = read_samples(tmp_path / "out").values()
+    assert json.loads(sample["json"])["augment"]["fused_norms"] is False
