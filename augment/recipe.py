@@ -32,6 +32,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from pipeline.timing import DeviceTimeline, StageTimes
 
 from .models import DiffusionComponents, ModelLoadError
+from .upsample import guard_upsamplers
 
 log = logging.getLogger(__name__)
 
@@ -160,6 +161,7 @@ class DiffusionFlavour:
         # range and needs no upcast.
         self.vae_dtype = torch.float32 if (self.dtype == torch.float16 and vae_cfg.force_upcast) else self.dtype
         self.vae = comps.vae.to(self.device, self.vae_dtype).eval()
+        guard_upsamplers(self.vae)  # PyTorch's channels-last upsample is wrong past 2^31 outputs
         self.unet = comps.unet.to(self.device, self.dtype).eval() if settings.mode == "img2img" else None
         self.scheduler = comps.scheduler
         self.vae_scale = 2 ** (len(vae_cfg.block_out_channels) - 1)
