@@ -3,7 +3,7 @@ without an error: PyTorch's nearest upsampling (both layouts) against ddaug's ne
 the SDXL VAE decoder at 1024² (diffusers' eager modules, then ddaug's) with the last image of
 a big batch against the same image decoded alone.
 
-    python bench/large_tensor_check.py MODEL_FOLDER [--batch 20]
+    python bench/large_tensor_check.py MODEL_FOLDER [--batch 20] [--channels-last] [--skip-upsample]
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def upsample_checks(device: str) -> None:
         torch.cuda.empty_cache()
 
 
-def decoder_checks(folder: str, batch: int, device: str) -> None:
+def decoder_checks(folder: str, batch: int, device: str, channels_last: bool) -> None:
     from diffusers import AutoencoderKL
 
     from augment.groupnorm import fuse_group_norms
@@ -61,9 +61,12 @@ def decoder_checks(folder: str, batch: int, device: str) -> None:
             guard_upsamplers(vae)
         if label == "ddaug fused":
             fuse_group_norms(vae)
+            if channels_last:
+                vae.to(memory_format=torch.channels_last)
         with torch.no_grad():
-            big = vae.decode(z, return_dict=False)[0]
-            alone = [vae.decode(z[i:i + 1], return_dict=False)[0][0] for i in (0, batch - 1)]
+            zin = z.contiguous(memory_format=torch.channels_last) if channels_last and label == "ddaug fused" else z
+            big = vae.decode(zin, return_dict=False)[0]
+            alone = [vae.decode(zin[i:i + 1], return_dict=False)[0][0] for i in (0, batch - 1)]
         for i, one in zip((0, batch - 1), alone):
             diff = (big[i].float() - one.float()).abs()
             print(f"decoder 1024² batch {batch}, {label}: image {i} vs alone max {diff.max().item():.4f} "
@@ -77,10 +80,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("folder")
     ap.add_argument("--batch", type=int, default=20)
+    ap.add_argument("--channels-last", action="store_true", help="the fused VAE in channels-last")
+    ap.add_argument("--skip-upsample", action="store_true")
     args = ap.parse_args()
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}", flush=True)
-    upsample_checks("cuda")
-    decoder_checks(args.folder, args.batch, "cuda")
+    if not args.skip_upsample:
+        upsample_checks("cuda")
+    decoder_checks(args.folder, args.batch, "cuda", args.channels_last)
 
 
 if __name__ == "__main__":
