@@ -14,9 +14,11 @@ cocolike.py (--cocolike PATH); --size N makes N x N crops of real photos instead
 from __future__ import annotations
 
 import argparse
+import collections
 import datetime
 import glob
 import io
+import json
 import os
 import platform
 import shutil
@@ -326,6 +328,11 @@ def main() -> None:
         rows.append(f"| {label} | {run.done} | {rate:.1f} | {run.done / run.job_seconds:.1f} | {run.startup:.1f} | "
                     f"{ratio} | {run.gpu_busy:.0%} / {run.busy_after_load:.0%} | {run.batch} | {run.peak_gib:.1f} |")
         notes.append(f"- {label}: {run.time_line}")
+        failed = os.path.join(run.out_dir, "failures.jsonl")
+        if os.path.exists(failed):  # a benchmark that lost images says why, not only a lower count
+            with open(failed) as f:
+                reasons = collections.Counter(json.loads(line).get("reason", "?")[:300] for line in f if line.strip())
+            notes.extend(f"  FAILED {k} image(s): {r}" for r, k in reasons.most_common(3))
         print(rows[-1], flush=True)
 
     def part_naive():
