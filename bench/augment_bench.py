@@ -21,6 +21,7 @@ import io
 import json
 import os
 import platform
+import re
 import shutil
 import sys
 import tarfile
@@ -290,8 +291,8 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=1024, help="without --cocolike: N x N crops of real photos")
     ap.add_argument("--batch", type=int, default=None, help="--batch-size (default: auto)")
     ap.add_argument("--parts", nargs="+", default=["naive", "default"],
-                    choices=["naive", "default", "never", "always", "vae", "ssd1b", "determinism", "startup",
-                             "bigger-calls"])
+                    help="naive default never always vae ssd1b determinism startup bigger-calls, or calls-N: "
+                         "the defaults with at most N images per model call")
     ap.add_argument("--det-images", type=int, default=64, help="inputs for the determinism part")
     ap.add_argument("--compile-cache", default=None, help="torch.compile cache folder (default: a new one)")
     ap.add_argument("--results", default=None)
@@ -370,7 +371,22 @@ def main() -> None:
                                                         args.batch or 8)),
         "startup": lambda: notes.extend(compile_startup(model_dir, in_dir, cache, work, 16)),
     }
+    def part_calls(cap: int):
+        """Default, with at most `cap` images per model call (recipe.MAX_IMAGES_PER_CALL)."""
+        import augment.recipe as recipe
+
+        saved, recipe.MAX_IMAGES_PER_CALL = recipe.MAX_IMAGES_PER_CALL, cap
+        try:
+            run_part(f"defaults, at most {cap} images per call", f"calls{cap}")
+        finally:
+            recipe.MAX_IMAGES_PER_CALL = saved
+
+    unknown = [n for n in args.parts if n not in parts and not re.fullmatch(r"calls-\d+", n)]
+    if unknown:
+        ap.error(f"unknown --parts {' '.join(unknown)}")
     for name in args.parts:
+        if name.startswith("calls-"):
+            parts[name] = lambda cap=int(name.split("-")[1]): part_calls(cap)
         try:
             parts[name]()
         except Exception as exc:  # keep the other parts' numbers: GPU time is scarce
