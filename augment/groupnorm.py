@@ -8,6 +8,10 @@ COCO sizes those elementwise passes were half of the GPU time (bench/RESULTS.md,
 Here one kernel reads a group for its moments and one reads it again to write the normalised,
 activated output. No compilation step beyond Triton's JIT of two small kernels (cached on disk).
 
+Both layouts are read: NCHW (a program per (sample, group) chunk) and channels-last (a
+program per tile of rows, all of a sample's channels at once, merged into groups afterwards),
+so a VAE kept channels-last runs its convolutions in cuDNN's own layout without transposes.
+
 Per-sample statistics are reduced in a fixed order that depends only on the sample's own shape,
 so an image's output never depends on its batch mates. Off CUDA, or without Triton, the same
 modules run PyTorch's own ops in diffusers' order (bit-identical to the unfused model).
@@ -111,19 +115,72 @@ if triton is not None:
             y = y * tl.sigmoid(y)
         tl.store(y_ptr + base + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
-    @triton.jit(do_not_specialize=["channels", "scale"])
-    def _residual_kernel(h_ptr, skip_ptr, bias_ptr, hw, channels, scale, HAS_BIAS: tl.constexpr,
-                         BLOCK: tl.constexpr):
-        # h = (h + skip + bias[c]) * scale, in place: a resnet's conv2 bias and residual add.
-        plane = tl.program_id(0)
-        offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < hw
-        base = plane.to(tl.int64) * hw
-        y = tl.load(h_ptr + base + offs, mask=mask, other=0.0).to(tl.float32) + \
-            tl.load(skip_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+    @triton.jit(do_not_specialize=["splits"])
+    def _moments_nhwc_kernel(x_ptr, bias_ptr, part_ptr, hw, chunk, splits, C: tl.constexpr,
+                             HAS_BIAS: tl.constexpr, ROWS: tl.constexpr):
+        # Channels-last: one program reads rows [start, end) of one sample, all C channels at
+        # once (coalesced), and writes per-channel (count, mean, m2); groups merge on the host.
+        # Row tiles on grid axis 0 (up to 2^31 - 1 programs); axes 1 and 2 stop at 65,535, which
+        # a 1024² activation's tiles would pass.
+        split = tl.program_id(0)
+        n = tl.program_id(1)
+        start = split * chunk
+        end = tl.minimum(start + chunk, hw)
+        cols = tl.arange(0, C)
+        base = n.to(tl.int64) * hw * C
+        count = tl.zeros([ROWS, C], tl.float32)
+        mean = tl.zeros([ROWS, C], tl.float32)
+        m2 = tl.zeros([ROWS, C], tl.float32)
         if HAS_BIAS:
-            y += tl.load(bias_ptr + plane % channels).to(tl.float32)
-        tl.store(h_ptr + base + offs, (y * scale).to(h_ptr.dtype.element_ty), mask=mask)
+            shift = tl.load(bias_ptr + n * C + cols).to(tl.float32)[None, :]
+        for off in range(start, end, ROWS):
+            rows = off + tl.arange(0, ROWS)
+            mask = (rows < end)[:, None] & (cols < C)[None, :]
+            v = tl.load(x_ptr + base + rows[:, None].to(tl.int64) * C + cols[None, :], mask=mask,
+                        other=0.0).to(tl.float32)
+            if HAS_BIAS:
+                v += shift
+            count += mask.to(tl.float32)
+            delta = v - mean
+            mean += tl.where(mask, delta / tl.maximum(count, 1.0), 0.0)
+            m2 += tl.where(mask, delta * (v - mean), 0.0)
+        total = tl.sum(count, 0)
+        col_mean = tl.sum(count * mean, 0) / tl.maximum(total, 1.0)
+        spread = mean - col_mean[None, :]
+        col_m2 = tl.sum(m2 + count * spread * spread, 0)
+        out = part_ptr + ((n * splits + split) * 3) * C + cols
+        tl.store(out, total)
+        tl.store(out + C, col_mean)
+        tl.store(out + 2 * C, col_m2)
+
+    @triton.jit
+    def _normalize_nhwc_kernel(x_ptr, y_ptr, scale_ptr, shift_ptr, hw, C: tl.constexpr,
+                               ACT: tl.constexpr, ROWS: tl.constexpr):
+        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        n = tl.program_id(1)
+        cols = tl.arange(0, C)
+        mask = (rows < hw)[:, None] & (cols < C)[None, :]
+        offs = n.to(tl.int64) * hw * C + rows[:, None].to(tl.int64) * C + cols[None, :]
+        scale = tl.load(scale_ptr + n * C + cols)[None, :]
+        shift = tl.load(shift_ptr + n * C + cols)[None, :]
+        y = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32) * scale + shift
+        if ACT:
+            y = y * tl.sigmoid(y)
+        tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit(do_not_specialize=["channels", "scale"])
+    def _residual_kernel(h_ptr, skip_ptr, bias_ptr, numel, hw, channels, scale, HAS_BIAS: tl.constexpr,
+                         CHANNELS_LAST: tl.constexpr, BLOCK: tl.constexpr):
+        # h = (h + skip + bias[c]) * scale, in place, over memory order: a resnet's conv2 bias
+        # and residual add.
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < numel
+        y = tl.load(h_ptr + offs, mask=mask, other=0.0).to(tl.float32) + \
+            tl.load(skip_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            c = offs % channels if CHANNELS_LAST else (offs // hw) % channels
+            y += tl.load(bias_ptr + c, mask=mask, other=0.0).to(tl.float32)
+        tl.store(h_ptr + offs, (y * scale).to(h_ptr.dtype.element_ty), mask=mask)
 
 
 def kernels_available(device: torch.device) -> bool:
@@ -137,8 +194,20 @@ def _on_kernel_device(x: torch.Tensor) -> bool:
     return triton is not None and (x.is_cuda or _INTERPRETED)
 
 
+def _channels_last(x: torch.Tensor) -> bool:
+    """(N, C, ...) stored as (N, ..., C): a channels-last 4-D tensor, or the (N, C, L) view of
+    one that diffusers' attention hands its norm. The channel count must be a power of two
+    (a Triton block) of at most 1024."""
+    c = x.shape[1]
+    if x.dim() < 3 or c & (c - 1) or c > 1024 or x.is_contiguous():
+        return False
+    if x.dim() == 4:
+        return x.is_contiguous(memory_format=torch.channels_last)
+    return x.dim() == 3 and x.stride() == (x.shape[2] * c, 1, c)
+
+
 def triton_usable(x: torch.Tensor, norm: nn.GroupNorm) -> bool:
-    return (_on_kernel_device(x) and x.dim() >= 3 and x.is_contiguous()
+    return (_on_kernel_device(x) and x.dim() >= 3 and (x.is_contiguous() or _channels_last(x))
             and norm.affine and x.shape[1] == norm.num_channels)
 
 
@@ -156,6 +225,8 @@ def group_norm_act(x: torch.Tensor, norm: nn.GroupNorm, *, act: bool, bias: torc
             x = x + _per_channel(bias, x)
         y = F.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps)
         return F.silu(y) if act else y
+    if not x.is_contiguous():
+        return _group_norm_act_nhwc(x, norm, act, bias)
     n, channels = x.shape[:2]
     hw = x[0, 0].numel()
     cpg = channels // norm.num_groups
@@ -177,14 +248,50 @@ def group_norm_act(x: torch.Tensor, norm: nn.GroupNorm, *, act: bool, bias: torc
     return y
 
 
+NHWC_TILE = 4096  # elements of a channels-last tile: rows x channels
+
+
+def _group_norm_act_nhwc(x: torch.Tensor, norm: nn.GroupNorm, act: bool, bias: torch.Tensor | None) -> torch.Tensor:
+    """group_norm_act on a channels-last tensor: per-channel moments in one kernel, the groups'
+    statistics and each channel's scale and shift from them in a few small ops, then one
+    normalise kernel. cuDNN's convolutions read and write this layout natively, so a VAE kept
+    channels-last needs none of the NCHW<->NHWC transposes eager bf16 pays around each one."""
+    n, channels = x.shape[:2]
+    hw = x[0, 0].numel()
+    groups, cpg = norm.num_groups, channels // norm.num_groups
+    rows = max(NHWC_TILE // channels, 1)
+    chunk = max(rows, triton.cdiv(MOMENTS_CHUNK // channels, rows) * rows)
+    splits = triton.cdiv(hw, chunk)
+    parts = torch.empty((n, splits, 3, channels), device=x.device, dtype=torch.float32)
+    if bias is not None:
+        bias = bias.expand(n, channels).contiguous()
+    _moments_nhwc_kernel[(splits, n)](x, bias if bias is not None else parts, parts, hw, chunk, splits,
+                                      C=channels, HAS_BIAS=bias is not None, ROWS=rows, num_warps=8)
+    count, mean_c, m2_c = (p.reshape(n, splits, groups, cpg) for p in parts.unbind(2))
+    total = count.sum((1, 3))
+    mean = (count * mean_c).sum((1, 3)) / total
+    m2 = (m2_c + count * (mean_c - mean[:, None, :, None]) ** 2).sum((1, 3))
+    rstd = torch.rsqrt(m2 / total + norm.eps)  # (N, G)
+    scale = (norm.weight.float().view(groups, cpg) * rstd[..., None]).reshape(n, channels)
+    shift = norm.bias.float() - (mean[..., None].expand(n, groups, cpg).reshape(n, channels)) * scale
+    if bias is not None:
+        shift = shift + bias.float() * scale
+    y = torch.empty_like(x)
+    _normalize_nhwc_kernel[(triton.cdiv(hw, rows), n)](x, y, scale.contiguous(), shift.contiguous(), hw,
+                                                       C=channels, ACT=act, ROWS=rows, num_warps=8)
+    return y
+
+
 def residual_add_(hidden: torch.Tensor, skip: torch.Tensor, bias: torch.Tensor | None, scale: float) -> torch.Tensor:
     """hidden = (hidden + skip + bias) * scale, in place; bias per channel or None."""
-    if _on_kernel_device(hidden) and hidden.is_contiguous() \
-            and skip.is_contiguous() and skip.shape == hidden.shape and not torch.is_grad_enabled():
-        planes, hw = hidden.shape[0] * hidden.shape[1], hidden[0, 0].numel()
-        _residual_kernel[(planes, triton.cdiv(hw, NORMALIZE_BLOCK))](
-            hidden, skip, bias if bias is not None else hidden, hw, hidden.shape[1], scale,
-            HAS_BIAS=bias is not None, BLOCK=NORMALIZE_BLOCK, num_warps=4)
+    layout_ok = hidden.is_contiguous() or hidden.is_contiguous(memory_format=torch.channels_last)
+    if _on_kernel_device(hidden) and hidden.dim() == 4 and layout_ok and skip.shape == hidden.shape \
+            and skip.stride() == hidden.stride() and not torch.is_grad_enabled():
+        numel, hw = hidden.numel(), hidden[0, 0].numel()
+        _residual_kernel[(triton.cdiv(numel, NORMALIZE_BLOCK),)](
+            hidden, skip, bias if bias is not None else hidden, numel, hw, hidden.shape[1], scale,
+            HAS_BIAS=bias is not None, CHANNELS_LAST=not hidden.is_contiguous(), BLOCK=NORMALIZE_BLOCK,
+            num_warps=4)
         return hidden
     out = hidden + skip if bias is None else hidden + skip + _per_channel(bias, hidden)
     return out * scale
@@ -226,9 +333,10 @@ class FusedResnetBlock(nn.Module):
         b = self.block
         if torch.is_grad_enabled() or not _on_kernel_device(input_tensor) or input_tensor.dim() != 4:
             return b(input_tensor, temb, *args, **kwargs)
-        # An attention block hands back a channels-last view (diffusers reshapes a transposed
-        # tensor); one copy here keeps the rest of the net in the layout the kernels read.
-        input_tensor = input_tensor.contiguous()
+        if not triton_usable(input_tensor, b.norm1):
+            # e.g. an attention block's channels-last view at a width the channels-last kernels
+            # do not take: one copy keeps the rest of the net in a layout they read.
+            input_tensor = input_tensor.contiguous()
         hidden = _conv_no_bias(b.conv1, group_norm_act(input_tensor, b.norm1, act=True))
         bias = b.conv1.bias
         if b.time_emb_proj is not None and temb is not None:

@@ -71,13 +71,14 @@ def guidance_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
 
 # --batch-size N means N images per model call at 1024² (REFERENCE_PIXELS); a call holds the
 # same number of pixels at other sizes, so small images go in larger batches, up to
-# MAX_IMAGES_PER_CALL. auto fits N to free memory, at most AUTO_BATCH_CAP. On 1,000 COCO-like
-# images (0.3 MP) on an H100, 32 MP and up to 128 images per call ran 31.9 img/s after load
-# against 28.2 at 16 MP and 64 (the VAE decoder's kernels run better on big batches; peak 57 vs
-# 33 GiB), in the same run (bench/RESULTS.md, session 5).
+# MAX_IMAGES_PER_CALL. auto fits N to free memory, at most AUTO_BATCH_CAP. With the fused
+# channels-last VAE the kernels run as well at 64 images of 0.3 MP as at 100, and smaller calls
+# start sooner in each block and keep the GPU fed at its end: on 1,000 COCO-like images on an
+# H100, at most 64 per call ran 49.0 img/s after load (GPU 85% busy) against 44.2 (76%) at
+# most 128, peak 33 GiB against 49 (bench/RESULTS.md, session 7).
 REFERENCE_PIXELS = 1024 * 1024
 AUTO_BATCH_CAP = 32
-MAX_IMAGES_PER_CALL = 128
+MAX_IMAGES_PER_CALL = 64
 CPU_BATCH_SIZE = 8
 # Canvas sides are multiples of this (or of the nets' own multiple, if larger). Every new
 # (batch, H, W) costs a fixed host-side set-up in cuDNN (~2 ms per convolution) while the GPU
@@ -209,14 +210,19 @@ class DiffusionFlavour:
         without a compile step (augment/groupnorm.py). The VAE only: there the norms work on
         full-resolution activations and took half of the GPU time; the UNet's run at 1/8 of
         the resolution, fusing them saved 3% of its time, and the whole-job rate was the same
-        with or without them (bench/RESULTS.md, session 6). CUDA only; returns how many
-        norms were fused."""
+        with or without them (bench/RESULTS.md, session 6). The fused VAE runs channels-last:
+        cuDNN's convolutions take that layout natively, and in NCHW bf16 they spent 28% of the
+        decoder's time transposing to it and back (session 7: 1024² went from 11.3 to 14.1
+        img/s after load). CUDA only; returns how many norms were fused."""
         from .groupnorm import fuse_group_norms, kernels_available
 
         if not kernels_available(self.device):
             return 0
         fused = fuse_group_norms(self.vae)
         self.fused_norms = fused > 0
+        if self.fused_norms:
+            self.memory_format = torch.channels_last
+            self.vae.to(memory_format=torch.channels_last)
         return fused
 
     # -- conditioning, computed once ----------------------------------------------------------
@@ -360,11 +366,11 @@ class DiffusionFlavour:
                 sched.set_begin_index(0)
             t = sched.timesteps[0]
             noisy = sched.add_noise(latents, noise, sched.timesteps[:1].repeat(batch))
-            model_in = sched.scale_model_input(noisy, t).to(self.dtype)
+            model_in = sched.scale_model_input(noisy, t).to(self.dtype).contiguous()
         else:
             t = self._unet_timestep
             noisy = latents * step.latents + noise * step.noise
-            model_in = (noisy * step.model_in).to(self.dtype)
+            model_in = (noisy * step.model_in).to(self.dtype).contiguous()  # the UNet stays NCHW
         prompt_embeds, pooled = self._cond
         h, w = latents.shape[-2] * self.vae_scale, latents.shape[-1] * self.vae_scale
         if time_ids is None:
@@ -400,7 +406,8 @@ class DiffusionFlavour:
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         z = latents / self.scaling + self.shift
-        return self.vae.decode(z.to(self.vae_dtype), return_dict=False)[0].float()
+        z = z.to(self.vae_dtype).contiguous(memory_format=self.memory_format)
+        return self.vae.decode(z, return_dict=False)[0].float()
 
     # -- one batch ------------------------------------------------------------------------------
     def _current_device(self):

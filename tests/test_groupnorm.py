@@ -85,12 +85,33 @@ INTERPRETED_CHECKS = textwrap.dedent("""
                 ref = F.group_norm(xb, groups, norm.weight, norm.bias, norm.eps)
                 ref = F.silu(ref) if act else ref
                 out[f"{{name}} act={{act}}"] = (group_norm_act(x, norm, act=act, bias=bias) - ref).abs().max().item()
-    h, skip, b = torch.randn(2, 8, 6, 10), torch.randn(2, 8, 6, 10), torch.randn(8)
-    out["residual"] = (residual_add_(h.clone(), skip, b, 0.5) - (h + skip + b[:, None, None]) * 0.5).abs().max().item()
+    # Channels-last (the layout a fused VAE runs in): 4-D, and the (N, C, L) view attention
+    # passes its norm; several programs per sample (8 x 40 x 64 rows of 16 channels).
+    for name, x, groups, bias_shape in [
+            ("nhwc", (torch.randn(2, 16, 40, 64) * 3 + 5).to(memory_format=torch.channels_last), 4, (2, 16)),
+            ("nhwc 3-d", torch.randn(2, 300, 32).transpose(1, 2), 8, None)]:
+        norm = nn.GroupNorm(groups, x.shape[1])
+        with torch.no_grad():
+            norm.weight.normal_(); norm.bias.normal_()
+        bias = torch.randn(bias_shape) if bias_shape else None
+        with torch.no_grad():
+            xb = x if bias is None else x + bias.reshape(*bias.shape, *([1] * (x.dim() - 2)))
+            ref = F.silu(F.group_norm(xb, groups, norm.weight, norm.bias, norm.eps))
+            y = group_norm_act(x, norm, act=True, bias=bias)
+        assert y.stride() == x.stride(), (name, y.stride(), x.stride())  # same layout out
+        out[name] = (y - ref).abs().max().item()
+    for layout in (torch.contiguous_format, torch.channels_last):
+        h, skip = (torch.randn(2, 8, 6, 10).contiguous(memory_format=layout) for _ in range(2))
+        b = torch.randn(8)
+        want = (h + skip + b[:, None, None]) * 0.5
+        out["residual " + str(layout)] = (residual_add_(h.clone(), skip, b, 0.5) - want).abs().max().item()
     with torch.no_grad():
         vae = tiny_vae(); ref = copy.deepcopy(vae); fuse_group_norms(vae)
         x = torch.randn(2, 3, 40, 24, generator=torch.Generator().manual_seed(1))
         out["vae"] = (vae(x).sample - ref(x).sample).abs().max().item()
+        vae.to(memory_format=torch.channels_last)  # as DiffusionFlavour.fuse_norms runs it
+        xcl = x.contiguous(memory_format=torch.channels_last)
+        out["vae channels-last"] = (vae(xcl).sample - ref(x).sample).abs().max().item()
         # A sample's norm does not depend on its batch mates (the model as a whole may: CPU
         # convolutions pick kernels by batch size).
         norm = vae.decoder.up_blocks[0].resnets[0].block.norm1
@@ -114,7 +135,7 @@ def test_triton_kernels_match_pytorch_in_the_interpreter():
     assert result.pop("norm batch-independent") is True
     for name, err in result.items():
         assert err < 1e-4, (name, err)  # fp32: only summation order differs
-    assert len(result) == 11
+    assert len(result) == 15
 
 
 def test_a_cpu_run_never_goes_through_the_interpreter(tmp_path):
