@@ -1,14 +1,13 @@
 """Nearest-neighbour 2x upsampling for diffusers' Upsample2D that is right at every size.
 
-Why: on CUDA, PyTorch's channels-last nearest upsampling writes zeros instead of values once
-the output passes 2^31 elements (pytorch/pytorch#141831, open). diffusers guards against it by
-making the input contiguous when `numel * 2 > 2^31`, but a 2x upsample has four times the
-input's elements, so inputs between 2^29 and 2^30 elements still take the broken kernel. The
-SDXL VAE decoder meets exactly that at 1024² from a batch of about 17 (its second upsampler
-reads (B, 512, 256, 256)), and the eager decoder is channels-last there because diffusers'
-mid-block attention hands back a channels-last view. No error is raised: the later images of
-the batch come out wrong. Here the upsample is one broadcast copy, which PyTorch indexes with
-64 bits, in the input's own layout.
+Why: PyTorch's channels-last nearest upsampling on CUDA was reported to write zeros past 2^31
+output elements (pytorch/pytorch#141831, on torch 2.5; ddaug allows torch >= 2.4). diffusers'
+guard makes the input contiguous when `numel * 2 > 2^31`, but a 2x upsample has four times the
+input's elements, so inputs between 2^29 and 2^30 elements would still reach that kernel: the
+SDXL VAE decoder does at 1024² from a batch of about 17. On torch 2.11 (H100) every size tried
+came out right (bench/large_tensor_check.py, session 7), but that kernel took 2-2.5x the time
+of this one broadcast copy, which PyTorch indexes with 64 bits in the input's own layout. The
+fused VAE runs channels-last, and the eager one is channels-last after its mid-block attention.
 """
 
 from __future__ import annotations
