@@ -1,7 +1,7 @@
 """Nearest-neighbour 2x upsampling for diffusers' Upsample2D that is right at every size.
 
 Why: PyTorch's channels-last nearest upsampling on CUDA was reported to write zeros past 2^31
-output elements (pytorch/pytorch#141831, on torch 2.5; ddaug allows torch >= 2.4). diffusers'
+output elements (pytorch/pytorch#141831, filed December 2024; ddaug allows torch >= 2.4). diffusers'
 guard makes the input contiguous when `numel * 2 > 2^31`, but a 2x upsample has four times the
 input's elements, so inputs between 2^29 and 2^30 elements would still reach that kernel: the
 SDXL VAE decoder does at 1024² from a batch of about 17. On torch 2.11 (H100) every size tried
