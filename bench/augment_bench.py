@@ -292,7 +292,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=None, help="--batch-size (default: auto)")
     ap.add_argument("--parts", nargs="+", default=["naive", "default"],
                     help="naive default never always vae ssd1b determinism startup bigger-calls, or calls-N: "
-                         "the defaults with at most N images per model call")
+                         "the defaults with at most N images per model call; depth-N: with N batches in flight")
     ap.add_argument("--det-images", type=int, default=64, help="inputs for the determinism part")
     ap.add_argument("--compile-cache", default=None, help="torch.compile cache folder (default: a new one)")
     ap.add_argument("--results", default=None)
@@ -381,12 +381,23 @@ def main() -> None:
         finally:
             recipe.MAX_IMAGES_PER_CALL = saved
 
-    unknown = [n for n in args.parts if n not in parts and not re.fullmatch(r"calls-\d+", n)]
+    def part_depth(depth: int):
+        """Default, with `depth` batches in flight beyond the oldest (pipeline.job.LAUNCH_DEPTH)."""
+        import pipeline.job as job
+
+        saved, job.LAUNCH_DEPTH = job.LAUNCH_DEPTH, depth
+        try:
+            run_part(f"defaults, {depth} batches in flight beyond the oldest", f"depth{depth}")
+        finally:
+            job.LAUNCH_DEPTH = saved
+
+    unknown = [n for n in args.parts if n not in parts and not re.fullmatch(r"(calls|depth)-\d+", n)]
     if unknown:
         ap.error(f"unknown --parts {' '.join(unknown)}")
     for name in args.parts:
-        if name.startswith("calls-"):
-            parts[name] = lambda cap=int(name.split("-")[1]): part_calls(cap)
+        if name.startswith(("calls-", "depth-")):
+            fn = part_calls if name.startswith("calls-") else part_depth
+            parts[name] = lambda fn=fn, n=int(name.split("-")[1]): fn(n)
         try:
             parts[name]()
         except Exception as exc:  # keep the other parts' numbers: GPU time is scarce

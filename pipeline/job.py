@@ -29,6 +29,14 @@ from .timing import GpuBusySampler, StageTimes
 
 log = logging.getLogger(__name__)
 
+# Batches in flight beyond the oldest (queued on the model thread, or launched on the device and
+# not yet collected). A batch at a new (batch, H, W) costs the host a fixed set-up (cuDNN plans)
+# before its work reaches the device; a deeper queue gives that set-up more device work to hide
+# behind. Outputs do not depend on it: batches are formed before they are queued. On 1,000
+# COCO-like images (H100, one process, warm kernels) depths 2 / 4 / 8 ran 45.6 / 48.7 / 46.9
+# img/s after load, GPU busy 80 / 85 / 81% (bench/RESULTS.md, session 7).
+LAUNCH_DEPTH = 4
+
 
 class SampleFailure(Exception):
     """One sample cannot be made; stage ("read", "decode", "augment", ...) and reason go to
@@ -136,7 +144,7 @@ class Job:
         self.world_size = world_size
         self.workers = max(1, workers)
         self.show_progress = show_progress
-        self.depth = 2  # batches queued on the model thread beyond the running one
+        self.depth = LAUNCH_DEPTH
         # A stage may time its own parts (GPU stages) into the same accumulator.
         self.times: StageTimes = getattr(stage, "times", None) or StageTimes()
 
@@ -361,7 +369,9 @@ class Job:
                     buckets.setdefault(bkey, []).append((st, ui, unit))
                     if len(buckets[bkey]) >= self._batch_limit(bkey):
                         flush(bkey)
-            for bkey in list(buckets):
+            # The block's last, partial batches: largest first, so the host's set-up of the
+            # small ones (each a new shape) overlaps the large ones' device time.
+            for bkey in sorted(buckets, key=lambda k: -len(buckets[k])):
                 flush(bkey)
             while inflight:
                 collect(block=True)
