@@ -292,7 +292,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=None, help="--batch-size (default: auto)")
     ap.add_argument("--parts", nargs="+", default=["naive", "default"],
                     help="naive default never always vae ssd1b determinism startup bigger-calls, or calls-N: "
-                         "the defaults with at most N images per model call; depth-N: with N batches in flight")
+                         "the defaults with at most N images per model call; depth-N: with N batches in flight; switch-N: Python's thread switch interval at N µs")
     ap.add_argument("--det-images", type=int, default=64, help="inputs for the determinism part")
     ap.add_argument("--compile-cache", default=None, help="torch.compile cache folder (default: a new one)")
     ap.add_argument("--results", default=None)
@@ -391,12 +391,22 @@ def main() -> None:
         finally:
             job.LAUNCH_DEPTH = saved
 
-    unknown = [n for n in args.parts if n not in parts and not re.fullmatch(r"(calls|depth)-\d+", n)]
+    def part_switch(micros: int):
+        """Default, with Python's thread switch interval at `micros` µs (5000 by default): how
+        long the model thread may wait for the GIL between kernel launches."""
+        saved = sys.getswitchinterval()
+        sys.setswitchinterval(micros / 1e6)
+        try:
+            run_part(f"defaults, thread switch interval {micros} µs", f"switch{micros}")
+        finally:
+            sys.setswitchinterval(saved)
+
+    unknown = [n for n in args.parts if n not in parts and not re.fullmatch(r"(calls|depth|switch)-\d+", n)]
     if unknown:
         ap.error(f"unknown --parts {' '.join(unknown)}")
     for name in args.parts:
-        if name.startswith(("calls-", "depth-")):
-            fn = part_calls if name.startswith("calls-") else part_depth
+        if re.fullmatch(r"(calls|depth|switch)-\d+", name):
+            fn = {"calls": part_calls, "depth": part_depth, "switch": part_switch}[name.split("-")[0]]
             parts[name] = lambda fn=fn, n=int(name.split("-")[1]): fn(n)
         try:
             parts[name]()
