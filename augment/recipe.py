@@ -121,9 +121,12 @@ class PinnedPool:
     stalled every launch until the previous batch had finished (bench/shape_cost.py's
     launch-vs-wait line); a handful of buffers, reused once their batch is collected, does
     not. A buffer is at least `granule` bytes and grows in steps of it, so mixed canvas sizes
-    reuse the same few buffers."""
+    reuse the same few buffers. `keep` covers an upload and a download for each batch the job
+    can hold at once (pipeline/job.py's LAUNCH_DEPTH + 2). Pre-allocating them all before the
+    job measured the same (bench/RESULTS.md, session 7): torch's own pinned-memory cache takes
+    back what the pool lets go."""
 
-    def __init__(self, pin: bool, granule: int = 64 << 20, keep: int = 8):
+    def __init__(self, pin: bool, granule: int = 64 << 20, keep: int = 12):
         self.pin, self.granule, self.keep = pin, granule, keep
         self._free: list[torch.Tensor] = []
         self._lock = threading.Lock()
