@@ -451,6 +451,8 @@ def test_batch_follows_pixels(tiny_model_dir):
     assert images_per_call((512, 640), 16) == 51
     assert images_per_call((512, 640), 32) == MAX_IMAGES_PER_CALL == 64  # auto's 32 on an H100, capped
     assert images_per_call((64, 64), 200) == 200       # an explicit batch above the cap is kept
+    helped = " ".join(invoke("augment", "--help").output.split())
+    assert f"up to {MAX_IMAGES_PER_CALL} images" in helped  # --help states the cap in force
 
 
 def test_canvases_are_few_and_fit_the_image():
