@@ -124,7 +124,7 @@ def run_options(fn):
                      help="Base folder for image paths in .json/.jsonl datasets (default: the dataset's folder)."),
         click.option("--device", default=None, help="torch device (default: cuda:LOCAL_RANK if available, else cpu)."),
         click.option("--batch-size", type=BatchSize(), default="auto", show_default=True,
-                     help="Images per model call at 1024² (augment: the same pixels per call at other sizes, up to 128 "
+                     help="Images per model call at 1024² (augment: the same pixels per call at other sizes, up to 64 "
                           "images; same-canvas images are batched "
                           "together). auto: augment fits it to free GPU memory (at most 32; 8 on CPU), caption uses 8."),
         click.option("--shard-size", type=click.IntRange(min=1), default=1000, show_default=True,

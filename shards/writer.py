@@ -107,6 +107,7 @@ class ShardWriter:
         self.keys: list[str] = []
         self._synced_to = 0
         self._sync: threading.Thread | None = None
+        self._sync_error: OSError | None = None
 
     def write(self, key: str, files: dict[str, bytes]) -> None:
         """files maps member suffix ("png", "0.png", "json") to bytes."""
@@ -118,9 +119,15 @@ class ShardWriter:
         if self._hashing.bytes - self._synced_to >= SYNC_EVERY and not (self._sync and self._sync.is_alive()):
             self._file.flush()  # into the kernel; fdatasync then writes it back off this thread
             self._synced_to = self._hashing.bytes
-            self._sync = threading.Thread(target=os.fdatasync, args=(self._file.fileno(),), daemon=True,
+            self._sync = threading.Thread(target=self._write_back, args=(self._file.fileno(),), daemon=True,
                                           name="shard-sync")
             self._sync.start()
+
+    def _write_back(self, fd: int) -> None:
+        try:
+            os.fdatasync(fd)
+        except OSError as exc:  # kept for commit: Linux reports a write-back error to one sync only
+            self._sync_error = exc
 
     def _join_sync(self) -> None:
         if self._sync is not None:
@@ -128,11 +135,17 @@ class ShardWriter:
             self._sync = None
 
     def commit(self) -> dict[str, Any]:
-        self._tar.close()
-        self._file.flush()
-        self._join_sync()
-        os.fsync(self._file.fileno())
-        self._file.close()
+        try:
+            self._tar.close()
+            self._file.flush()
+            self._join_sync()
+            if self._sync_error is not None:
+                raise self._sync_error  # the fsync below would succeed on the lost bytes
+            os.fsync(self._file.fileno())
+            self._file.close()
+        except BaseException:
+            self.abort()  # nothing under the final name, no .tmp left behind
+            raise
         crash_point("tar-rename")
         os.replace(self.tmp_path, self.final_path)
         crash_point("tar-renamed")

@@ -451,6 +451,8 @@ def test_batch_follows_pixels(tiny_model_dir):
     assert images_per_call((512, 640), 16) == 51
     assert images_per_call((512, 640), 32) == MAX_IMAGES_PER_CALL == 64  # auto's 32 on an H100, capped
     assert images_per_call((64, 64), 200) == 200       # an explicit batch above the cap is kept
+    helped = " ".join(invoke("augment", "--help").output.split())
+    assert f"up to {MAX_IMAGES_PER_CALL} images" in helped  # --help states the cap in force
 
 
 def test_canvases_are_few_and_fit_the_image():
@@ -679,7 +681,10 @@ def test_job_stages_next_batches_while_launched_ones_still_run(tmp_path, monkeyp
 def test_outputs_do_not_depend_on_how_many_batches_are_in_flight(tmp_path, monkeypatch):
     """LAUNCH_DEPTH and the order the block's partial batches are flushed in (largest first)
     change when batches run, never what is in them: shards are byte-identical at depth 0 and 4,
-    with several canvases whose last batches are partial."""
+    and with the batches flushed in the order their canvases first came, with several canvases
+    whose last batches are partial."""
+    import builtins
+
     import pipeline.job as job
 
     src = tmp_path / "in"
@@ -689,10 +694,19 @@ def test_outputs_do_not_depend_on_how_many_batches_are_in_flight(tmp_path, monke
     for i in rng.permutation(len(sizes)):
         h, w = sizes[i]
         Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(src / f"{i:02d}.png")
+    flushed: dict[str, list[list[int]]] = {}  # run -> the batch sizes each block flushed, in order
+
+    def flush_order(keys, key):  # job.py's `sorted` of the block's last batches, or not sorted
+        ordered = builtins.sorted(keys, key=key) if run.endswith("largest first") else list(keys)
+        flushed.setdefault(run, []).append([-key(k) for k in ordered])
+        return ordered
+
+    monkeypatch.setattr(job, "sorted", flush_order, raising=False)
     outs = []
-    for depth in (0, 4):
+    for depth, run in ((0, "depth 0 largest first"), (4, "depth 4 largest first"), (4, "depth 4 as they came")):
         monkeypatch.setattr(job, "LAUNCH_DEPTH", depth)
-        outs.append(tmp_path / f"depth{depth}")
+        outs.append(tmp_path / run.replace(" ", "-"))
         invoke("augment", src, "-o", outs[-1], *FAST, "--batch-size", "2", "--shard-size", "6")
-    (a1, a2), (b1, b2) = (sorted(glob.glob(str(o / "*.tar"))) for o in outs)
-    assert open(a1, "rb").read() == open(b1, "rb").read() and open(a2, "rb").read() == open(b2, "rb").read()
+    assert flushed["depth 4 largest first"] != flushed["depth 4 as they came"], flushed
+    shards = [[open(p, "rb").read() for p in sorted(glob.glob(str(o / "*.tar")))] for o in outs]
+    assert len(shards[0]) == 2 and shards[0] == shards[1] == shards[2]

@@ -414,3 +414,35 @@ def test_shards_synced_while_they_grow_are_byte_identical(tmp_path, photo_dir, m
     assert syncs and set(syncs) == {"shard-sync"}  # only the small run synced early, off the main thread
     (a,), (b,) = (sorted(glob.glob(str(o / "*.tar"))) for o in outs.values())
     assert open(a, "rb").read() == open(b, "rb").read()
+
+
+def test_a_failed_background_sync_fails_the_shards_commit(tmp_path, photo_dir, monkeypatch):
+    """Linux reports a write-back error (EIO, ENOSPC on thin or network storage) to one fsync
+    per open file, then forgets it: when the background sync got it, the commit's own fsync
+    succeeds on lost bytes. The error must stop the run (one line, no shard under its final
+    name, nothing left behind) instead of a thread's traceback and a shard claimed durable."""
+    import errno
+
+    import shards.writer as writer
+
+    real_fdatasync = os.fdatasync
+    calls = []
+
+    def fdatasync_fails_once(fd):
+        calls.append(fd)
+        if len(calls) == 1:
+            raise OSError(errno.EIO, "Input/output error")
+        return real_fdatasync(fd)
+
+    monkeypatch.setattr(writer.os, "fdatasync", fdatasync_fails_once)
+    monkeypatch.setattr(writer, "SYNC_EVERY", 1)
+    out = tmp_path / "out"
+    r = invoke("augment", photo_dir, "-o", out, "--model", "tiny-random", "--device", "cpu", "-q",
+               "--shard-size", "2", expect_ok=False)
+    assert calls
+    assert r.exit_code == 1 and "Input/output error" in r.output and "rerun" in r.output, r.output
+    assert "Traceback" not in r.output and len(r.output.strip().splitlines()) == 1
+    assert not glob.glob(str(out / "*.tar")) and not glob.glob(str(out / "*.tmp*"))
+    r = invoke("augment", photo_dir, "-o", out, "--model", "tiny-random", "--device", "cpu", "-q",
+               "--shard-size", "2")  # the disk recovered: a rerun makes every shard
+    assert len(read_samples(out)) == len(list(photo_dir.rglob("*.png")))
