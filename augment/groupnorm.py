@@ -153,6 +153,42 @@ if triton is not None:
         tl.store(out + C, col_mean)
         tl.store(out + 2 * C, col_m2)
 
+    @triton.jit(do_not_specialize=["splits", "eps"])
+    def _finalize_nhwc_kernel(part_ptr, weight_ptr, beta_ptr, bias_ptr, scale_ptr, shift_ptr, splits, eps,
+                              C: tl.constexpr, G: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_BLOCK: tl.constexpr):
+        # One program per sample: its per-channel partial moments, merged over the row tiles and
+        # then over each group's channels, in a fixed order, into each channel's scale and shift.
+        n = tl.program_id(0)
+        cols = tl.arange(0, C)
+        count = tl.zeros([C], tl.float32)
+        weighted = tl.zeros([C], tl.float32)
+        for s0 in range(0, splits, SPLIT_BLOCK):
+            rows = s0 + tl.arange(0, SPLIT_BLOCK)
+            at = part_ptr + ((n * splits + rows[:, None]) * 3) * C + cols[None, :]
+            valid = (rows < splits)[:, None] & (cols < C)[None, :]
+            c = tl.load(at, mask=valid, other=0.0)
+            count += tl.sum(c, 0)
+            weighted += tl.sum(c * tl.load(at + C, mask=valid, other=0.0), 0)
+        group_count = tl.sum(tl.reshape(count, [G, C // G]), 1)
+        group_mean = tl.sum(tl.reshape(weighted, [G, C // G]), 1) / group_count
+        mean = tl.reshape(tl.broadcast_to(group_mean[:, None], [G, C // G]), [C])
+        m2 = tl.zeros([C], tl.float32)
+        for s0 in range(0, splits, SPLIT_BLOCK):
+            rows = s0 + tl.arange(0, SPLIT_BLOCK)
+            at = part_ptr + ((n * splits + rows[:, None]) * 3) * C + cols[None, :]
+            valid = (rows < splits)[:, None] & (cols < C)[None, :]
+            c = tl.load(at, mask=valid, other=0.0)
+            spread = tl.load(at + C, mask=valid, other=0.0) - mean[None, :]
+            m2 += tl.sum(tl.load(at + 2 * C, mask=valid, other=0.0) + c * spread * spread, 0)
+        group_rstd = 1.0 / tl.sqrt(tl.sum(tl.reshape(m2, [G, C // G]), 1) / group_count + eps)
+        rstd = tl.reshape(tl.broadcast_to(group_rstd[:, None], [G, C // G]), [C])
+        scale = tl.load(weight_ptr + cols).to(tl.float32) * rstd
+        shift = tl.load(beta_ptr + cols).to(tl.float32) - mean * scale
+        if HAS_BIAS:
+            shift += tl.load(bias_ptr + n * C + cols).to(tl.float32) * scale
+        tl.store(scale_ptr + n * C + cols, scale)
+        tl.store(shift_ptr + n * C + cols, shift)
+
     @triton.jit
     def _normalize_nhwc_kernel(x_ptr, y_ptr, scale_ptr, shift_ptr, hw, C: tl.constexpr,
                                ACT: tl.constexpr, ROWS: tl.constexpr):
@@ -252,13 +288,13 @@ NHWC_TILE = 4096  # elements of a channels-last tile: rows x channels
 
 
 def _group_norm_act_nhwc(x: torch.Tensor, norm: nn.GroupNorm, act: bool, bias: torch.Tensor | None) -> torch.Tensor:
-    """group_norm_act on a channels-last tensor: per-channel moments in one kernel, the groups'
-    statistics and each channel's scale and shift from them in a few small ops, then one
-    normalise kernel. cuDNN's convolutions read and write this layout natively, so a VAE kept
-    channels-last needs none of the NCHW<->NHWC transposes eager bf16 pays around each one."""
+    """group_norm_act on a channels-last tensor in three kernels: per-channel moments over row
+    tiles, then per sample the groups' statistics and each channel's scale and shift (a fixed
+    order, so a sample's statistics never depend on its batch mates), then normalise. cuDNN's
+    convolutions read and write this layout natively, so a VAE kept channels-last needs none of
+    the NCHW<->NHWC transposes eager bf16 pays around each one."""
     n, channels = x.shape[:2]
     hw = x[0, 0].numel()
-    groups, cpg = norm.num_groups, channels // norm.num_groups
     rows = max(NHWC_TILE // channels, 1)
     chunk = max(rows, triton.cdiv(MOMENTS_CHUNK // channels, rows) * rows)
     splits = triton.cdiv(hw, chunk)
@@ -267,17 +303,13 @@ def _group_norm_act_nhwc(x: torch.Tensor, norm: nn.GroupNorm, act: bool, bias: t
         bias = bias.expand(n, channels).contiguous()
     _moments_nhwc_kernel[(splits, n)](x, bias if bias is not None else parts, parts, hw, chunk, splits,
                                       C=channels, HAS_BIAS=bias is not None, ROWS=rows, num_warps=8)
-    count, mean_c, m2_c = (p.reshape(n, splits, groups, cpg) for p in parts.unbind(2))
-    total = count.sum((1, 3))
-    mean = (count * mean_c).sum((1, 3)) / total
-    m2 = (m2_c + count * (mean_c - mean[:, None, :, None]) ** 2).sum((1, 3))
-    rstd = torch.rsqrt(m2 / total + norm.eps)  # (N, G)
-    scale = (norm.weight.float().view(groups, cpg) * rstd[..., None]).reshape(n, channels)
-    shift = norm.bias.float() - (mean[..., None].expand(n, groups, cpg).reshape(n, channels)) * scale
-    if bias is not None:
-        shift = shift + bias.float() * scale
+    scale = torch.empty((n, channels), device=x.device, dtype=torch.float32)
+    shift = torch.empty_like(scale)
+    _finalize_nhwc_kernel[(n,)](parts, norm.weight, norm.bias, bias if bias is not None else parts, scale, shift,
+                                splits, norm.eps, C=channels, G=norm.num_groups, HAS_BIAS=bias is not None,
+                                SPLIT_BLOCK=max(1, NHWC_TILE // channels), num_warps=4)
     y = torch.empty_like(x)
-    _normalize_nhwc_kernel[(triton.cdiv(hw, rows), n)](x, y, scale.contiguous(), shift.contiguous(), hw,
+    _normalize_nhwc_kernel[(triton.cdiv(hw, rows), n)](x, y, scale, shift, hw,
                                                        C=channels, ACT=act, ROWS=rows, num_warps=8)
     return y
 
