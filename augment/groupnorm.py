@@ -117,9 +117,9 @@ if triton is not None:
 
     @triton.jit(do_not_specialize=["splits"])
     def _moments_nhwc_kernel(x_ptr, bias_ptr, part_ptr, hw, chunk, splits, C: tl.constexpr,
-                             HAS_BIAS: tl.constexpr, ROWS: tl.constexpr):
+                             ROWS: tl.constexpr):
         # Channels-last: one program reads rows [start, end) of one sample, all C channels at
-        # once (coalesced), and writes per-channel (count, mean, m2); groups merge on the host.
+        # once (coalesced), and writes per-channel (count, mean, m2); _finalize_nhwc_kernel merges them.
         # Row tiles on grid axis 0 (up to 2^31 - 1 programs); axes 1 and 2 stop at 65,535, which
         # a 1024² activation's tiles would pass.
         split = tl.program_id(0)
@@ -131,15 +131,13 @@ if triton is not None:
         count = tl.zeros([ROWS, C], tl.float32)
         mean = tl.zeros([ROWS, C], tl.float32)
         m2 = tl.zeros([ROWS, C], tl.float32)
-        if HAS_BIAS:
-            shift = tl.load(bias_ptr + n * C + cols).to(tl.float32)[None, :]
+        shift = tl.load(bias_ptr + n * C + cols).to(tl.float32)[None, :]  # zeros without a bias
         for off in range(start, end, ROWS):
             rows = off + tl.arange(0, ROWS)
             mask = (rows < end)[:, None] & (cols < C)[None, :]
             v = tl.load(x_ptr + base + rows[:, None].to(tl.int64) * C + cols[None, :], mask=mask,
                         other=0.0).to(tl.float32)
-            if HAS_BIAS:
-                v += shift
+            v += shift
             count += mask.to(tl.float32)
             delta = v - mean
             mean += tl.where(mask, delta / tl.maximum(count, 1.0), 0.0)
@@ -155,7 +153,7 @@ if triton is not None:
 
     @triton.jit(do_not_specialize=["splits", "eps"])
     def _finalize_nhwc_kernel(part_ptr, weight_ptr, beta_ptr, bias_ptr, scale_ptr, shift_ptr, splits, eps,
-                              C: tl.constexpr, G: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_BLOCK: tl.constexpr):
+                              C: tl.constexpr, G: tl.constexpr, SPLIT_BLOCK: tl.constexpr):
         # One program per sample: its per-channel partial moments, merged over the row tiles and
         # then over each group's channels, in a fixed order, into each channel's scale and shift.
         n = tl.program_id(0)
@@ -183,9 +181,7 @@ if triton is not None:
         group_rstd = 1.0 / tl.sqrt(tl.sum(tl.reshape(m2, [G, C // G]), 1) / group_count + eps)
         rstd = tl.reshape(tl.broadcast_to(group_rstd[:, None], [G, C // G]), [C])
         scale = tl.load(weight_ptr + cols).to(tl.float32) * rstd
-        shift = tl.load(beta_ptr + cols).to(tl.float32) - mean * scale
-        if HAS_BIAS:
-            shift += tl.load(bias_ptr + n * C + cols).to(tl.float32) * scale
+        shift = tl.load(beta_ptr + cols).to(tl.float32) - (mean - tl.load(bias_ptr + n * C + cols).to(tl.float32)) * scale
         tl.store(scale_ptr + n * C + cols, scale)
         tl.store(shift_ptr + n * C + cols, shift)
 
@@ -299,15 +295,14 @@ def _group_norm_act_nhwc(x: torch.Tensor, norm: nn.GroupNorm, act: bool, bias: t
     chunk = max(rows, triton.cdiv(MOMENTS_CHUNK // channels, rows) * rows)
     splits = triton.cdiv(hw, chunk)
     parts = torch.empty((n, splits, 3, channels), device=x.device, dtype=torch.float32)
-    if bias is not None:
-        bias = bias.expand(n, channels).contiguous()
-    _moments_nhwc_kernel[(splits, n)](x, bias if bias is not None else parts, parts, hw, chunk, splits,
-                                      C=channels, HAS_BIAS=bias is not None, ROWS=rows, num_warps=8)
+    # Always a bias (zeros without one): one compiled variant per width, not two, since each
+    # variant is another Triton JIT (~0.4 s) on a machine's first run.
+    bias = torch.zeros((n, channels), device=x.device) if bias is None else bias.expand(n, channels).contiguous()
+    _moments_nhwc_kernel[(splits, n)](x, bias, parts, hw, chunk, splits, C=channels, ROWS=rows, num_warps=8)
     scale = torch.empty((n, channels), device=x.device, dtype=torch.float32)
     shift = torch.empty_like(scale)
-    _finalize_nhwc_kernel[(n,)](parts, norm.weight, norm.bias, bias if bias is not None else parts, scale, shift,
-                                splits, norm.eps, C=channels, G=norm.num_groups, HAS_BIAS=bias is not None,
-                                SPLIT_BLOCK=max(1, NHWC_TILE // channels), num_warps=4)
+    _finalize_nhwc_kernel[(n,)](parts, norm.weight, norm.bias, bias, scale, shift, splits, norm.eps, C=channels,
+                                G=norm.num_groups, SPLIT_BLOCK=max(1, NHWC_TILE // channels), num_warps=4)
     y = torch.empty_like(x)
     _normalize_nhwc_kernel[(triton.cdiv(hw, rows), n)](x, y, scale, shift, hw,
                                                        C=channels, ACT=act, ROWS=rows, num_warps=8)
