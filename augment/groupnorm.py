@@ -151,39 +151,36 @@ if triton is not None:
         tl.store(out + C, col_mean)
         tl.store(out + 2 * C, col_m2)
 
-    @triton.jit(do_not_specialize=["splits", "eps"])
-    def _finalize_nhwc_kernel(part_ptr, weight_ptr, beta_ptr, bias_ptr, scale_ptr, shift_ptr, splits, eps,
-                              C: tl.constexpr, G: tl.constexpr, SPLIT_BLOCK: tl.constexpr):
-        # One program per sample: its per-channel partial moments, merged over the row tiles and
-        # then over each group's channels, in a fixed order, into each channel's scale and shift.
-        n = tl.program_id(0)
-        cols = tl.arange(0, C)
-        count = tl.zeros([C], tl.float32)
-        weighted = tl.zeros([C], tl.float32)
+    @triton.jit(do_not_specialize=["C", "splits", "eps"])
+    def _finalize_nhwc_kernel(part_ptr, weight_ptr, beta_ptr, bias_ptr, scale_ptr, shift_ptr, C, splits, eps,
+                              CPG: tl.constexpr, SPLIT_BLOCK: tl.constexpr):
+        # One program per (sample, group): the group's per-channel partial moments over all row
+        # tiles, merged in a fixed order into its channels' scale and shift.
+        n = tl.program_id(0) // (C // CPG)
+        cols = (tl.program_id(0) % (C // CPG)) * CPG + tl.arange(0, CPG)
+        count = tl.zeros([SPLIT_BLOCK, CPG], tl.float32)
+        weighted = tl.zeros([SPLIT_BLOCK, CPG], tl.float32)
         for s0 in range(0, splits, SPLIT_BLOCK):
             rows = s0 + tl.arange(0, SPLIT_BLOCK)
             at = part_ptr + ((n * splits + rows[:, None]) * 3) * C + cols[None, :]
-            valid = (rows < splits)[:, None] & (cols < C)[None, :]
+            valid = (rows < splits)[:, None]
             c = tl.load(at, mask=valid, other=0.0)
-            count += tl.sum(c, 0)
-            weighted += tl.sum(c * tl.load(at + C, mask=valid, other=0.0), 0)
-        group_count = tl.sum(tl.reshape(count, [G, C // G]), 1)
-        group_mean = tl.sum(tl.reshape(weighted, [G, C // G]), 1) / group_count
-        mean = tl.reshape(tl.broadcast_to(group_mean[:, None], [G, C // G]), [C])
-        m2 = tl.zeros([C], tl.float32)
+            count += c
+            weighted += c * tl.load(at + C, mask=valid, other=0.0)
+        total = tl.sum(tl.sum(count, 1), 0)
+        mean = tl.sum(tl.sum(weighted, 1), 0) / total
+        m2 = tl.zeros([SPLIT_BLOCK, CPG], tl.float32)
         for s0 in range(0, splits, SPLIT_BLOCK):
             rows = s0 + tl.arange(0, SPLIT_BLOCK)
             at = part_ptr + ((n * splits + rows[:, None]) * 3) * C + cols[None, :]
-            valid = (rows < splits)[:, None] & (cols < C)[None, :]
-            c = tl.load(at, mask=valid, other=0.0)
-            spread = tl.load(at + C, mask=valid, other=0.0) - mean[None, :]
-            m2 += tl.sum(tl.load(at + 2 * C, mask=valid, other=0.0) + c * spread * spread, 0)
-        group_rstd = 1.0 / tl.sqrt(tl.sum(tl.reshape(m2, [G, C // G]), 1) / group_count + eps)
-        rstd = tl.reshape(tl.broadcast_to(group_rstd[:, None], [G, C // G]), [C])
+            valid = (rows < splits)[:, None]
+            spread = tl.load(at + C, mask=valid, other=0.0) - mean
+            m2 += tl.load(at + 2 * C, mask=valid, other=0.0) + tl.load(at, mask=valid, other=0.0) * spread * spread
+        rstd = 1.0 / tl.sqrt(tl.sum(tl.sum(m2, 1), 0) / total + eps)
         scale = tl.load(weight_ptr + cols).to(tl.float32) * rstd
-        shift = tl.load(beta_ptr + cols).to(tl.float32) - (mean - tl.load(bias_ptr + n * C + cols).to(tl.float32)) * scale
+        bias = tl.load(bias_ptr + n * C + cols).to(tl.float32)
         tl.store(scale_ptr + n * C + cols, scale)
-        tl.store(shift_ptr + n * C + cols, shift)
+        tl.store(shift_ptr + n * C + cols, tl.load(beta_ptr + cols).to(tl.float32) - (mean - bias) * scale)
 
     @triton.jit
     def _normalize_nhwc_kernel(x_ptr, y_ptr, scale_ptr, shift_ptr, hw, C: tl.constexpr,
@@ -285,8 +282,8 @@ NHWC_TILE = 4096  # elements of a channels-last tile: rows x channels
 
 def _group_norm_act_nhwc(x: torch.Tensor, norm: nn.GroupNorm, act: bool, bias: torch.Tensor | None) -> torch.Tensor:
     """group_norm_act on a channels-last tensor in three kernels: per-channel moments over row
-    tiles, then per sample the groups' statistics and each channel's scale and shift (a fixed
-    order, so a sample's statistics never depend on its batch mates), then normalise. cuDNN's
+    tiles, then per (sample, group) the group's statistics and its channels' scale and shift (a
+    fixed order, so a sample's statistics never depend on its batch mates), then normalise. cuDNN's
     convolutions read and write this layout natively, so a VAE kept channels-last needs none of
     the NCHW<->NHWC transposes eager bf16 pays around each one."""
     n, channels = x.shape[:2]
@@ -301,8 +298,9 @@ def _group_norm_act_nhwc(x: torch.Tensor, norm: nn.GroupNorm, act: bool, bias: t
     _moments_nhwc_kernel[(splits, n)](x, bias, parts, hw, chunk, splits, C=channels, ROWS=rows, num_warps=8)
     scale = torch.empty((n, channels), device=x.device, dtype=torch.float32)
     shift = torch.empty_like(scale)
-    _finalize_nhwc_kernel[(n,)](parts, norm.weight, norm.bias, bias, scale, shift, splits, norm.eps, C=channels,
-                                G=norm.num_groups, SPLIT_BLOCK=max(1, NHWC_TILE // channels), num_warps=4)
+    _finalize_nhwc_kernel[(n * norm.num_groups,)](parts, norm.weight, norm.bias, bias, scale, shift, channels, splits,
+                                                  norm.eps, CPG=channels // norm.num_groups, SPLIT_BLOCK=32,
+                                                  num_warps=1)
     y = torch.empty_like(x)
     _normalize_nhwc_kernel[(triton.cdiv(hw, rows), n)](x, y, scale, shift, hw,
                                                        C=channels, ACT=act, ROWS=rows, num_warps=8)
