@@ -12,8 +12,12 @@ Both layouts are read: NCHW (a program per (sample, group) chunk) and channels-l
 program per tile of rows, all of a sample's channels at once, merged into groups afterwards),
 so a VAE kept channels-last runs its convolutions in cuDNN's own layout without transposes.
 
-Per-sample statistics are reduced in a fixed order that depends only on the sample's own shape,
-so an image's output never depends on its batch mates. Off CUDA, or without Triton, the same
+In NCHW, per-sample statistics are reduced in a fixed order that depends only on the sample's
+own shape. In channels-last, the groups are merged from per-channel partials with PyTorch's
+reductions over the whole batch, whose order on CUDA may change with the batch size (the last
+bits), as cuDNN's convolutions do. ddaug's outputs do not depend on either: the job always
+batches a block of inputs the same way (pipeline/job.py). A per-sample Triton merge was tried
+and dropped: it added 1.7-5 s of cold kernel JIT to start-up for no measurable throughput. Off CUDA, or without Triton, the same
 modules run PyTorch's own ops in diffusers' order (bit-identical to the unfused model).
 """
 
@@ -117,9 +121,9 @@ if triton is not None:
 
     @triton.jit(do_not_specialize=["splits"])
     def _moments_nhwc_kernel(x_ptr, bias_ptr, part_ptr, hw, chunk, splits, C: tl.constexpr,
-                             ROWS: tl.constexpr):
+                             HAS_BIAS: tl.constexpr, ROWS: tl.constexpr):
         # Channels-last: one program reads rows [start, end) of one sample, all C channels at
-        # once (coalesced), and writes per-channel (count, mean, m2); _finalize_nhwc_kernel merges them.
+        # once (coalesced), and writes per-channel (count, mean, m2); groups merge on the host.
         # Row tiles on grid axis 0 (up to 2^31 - 1 programs); axes 1 and 2 stop at 65,535, which
         # a 1024² activation's tiles would pass.
         split = tl.program_id(0)
@@ -131,13 +135,15 @@ if triton is not None:
         count = tl.zeros([ROWS, C], tl.float32)
         mean = tl.zeros([ROWS, C], tl.float32)
         m2 = tl.zeros([ROWS, C], tl.float32)
-        shift = tl.load(bias_ptr + n * C + cols).to(tl.float32)[None, :]  # zeros without a bias
+        if HAS_BIAS:
+            shift = tl.load(bias_ptr + n * C + cols).to(tl.float32)[None, :]
         for off in range(start, end, ROWS):
             rows = off + tl.arange(0, ROWS)
             mask = (rows < end)[:, None] & (cols < C)[None, :]
             v = tl.load(x_ptr + base + rows[:, None].to(tl.int64) * C + cols[None, :], mask=mask,
                         other=0.0).to(tl.float32)
-            v += shift
+            if HAS_BIAS:
+                v += shift
             count += mask.to(tl.float32)
             delta = v - mean
             mean += tl.where(mask, delta / tl.maximum(count, 1.0), 0.0)
@@ -150,37 +156,6 @@ if triton is not None:
         tl.store(out, total)
         tl.store(out + C, col_mean)
         tl.store(out + 2 * C, col_m2)
-
-    @triton.jit(do_not_specialize=["C", "splits", "eps"])
-    def _finalize_nhwc_kernel(part_ptr, weight_ptr, beta_ptr, bias_ptr, scale_ptr, shift_ptr, C, splits, eps,
-                              CPG: tl.constexpr, SPLIT_BLOCK: tl.constexpr):
-        # One program per (sample, group): the group's per-channel partial moments over all row
-        # tiles, merged in a fixed order into its channels' scale and shift.
-        n = tl.program_id(0) // (C // CPG)
-        cols = (tl.program_id(0) % (C // CPG)) * CPG + tl.arange(0, CPG)
-        count = tl.zeros([SPLIT_BLOCK, CPG], tl.float32)
-        weighted = tl.zeros([SPLIT_BLOCK, CPG], tl.float32)
-        for s0 in range(0, splits, SPLIT_BLOCK):
-            rows = s0 + tl.arange(0, SPLIT_BLOCK)
-            at = part_ptr + ((n * splits + rows[:, None]) * 3) * C + cols[None, :]
-            valid = (rows < splits)[:, None]
-            c = tl.load(at, mask=valid, other=0.0)
-            count += c
-            weighted += c * tl.load(at + C, mask=valid, other=0.0)
-        total = tl.sum(tl.sum(count, 1), 0)
-        mean = tl.sum(tl.sum(weighted, 1), 0) / total
-        m2 = tl.zeros([SPLIT_BLOCK, CPG], tl.float32)
-        for s0 in range(0, splits, SPLIT_BLOCK):
-            rows = s0 + tl.arange(0, SPLIT_BLOCK)
-            at = part_ptr + ((n * splits + rows[:, None]) * 3) * C + cols[None, :]
-            valid = (rows < splits)[:, None]
-            spread = tl.load(at + C, mask=valid, other=0.0) - mean
-            m2 += tl.load(at + 2 * C, mask=valid, other=0.0) + tl.load(at, mask=valid, other=0.0) * spread * spread
-        rstd = 1.0 / tl.sqrt(tl.sum(tl.sum(m2, 1), 0) / total + eps)
-        scale = tl.load(weight_ptr + cols).to(tl.float32) * rstd
-        bias = tl.load(bias_ptr + n * C + cols).to(tl.float32)
-        tl.store(scale_ptr + n * C + cols, scale)
-        tl.store(shift_ptr + n * C + cols, tl.load(beta_ptr + cols).to(tl.float32) - (mean - bias) * scale)
 
     @triton.jit
     def _normalize_nhwc_kernel(x_ptr, y_ptr, scale_ptr, shift_ptr, hw, C: tl.constexpr,
@@ -281,28 +256,32 @@ NHWC_TILE = 4096  # elements of a channels-last tile: rows x channels
 
 
 def _group_norm_act_nhwc(x: torch.Tensor, norm: nn.GroupNorm, act: bool, bias: torch.Tensor | None) -> torch.Tensor:
-    """group_norm_act on a channels-last tensor in three kernels: per-channel moments over row
-    tiles, then per (sample, group) the group's statistics and its channels' scale and shift (a
-    fixed order, so a sample's statistics never depend on its batch mates), then normalise. cuDNN's
-    convolutions read and write this layout natively, so a VAE kept channels-last needs none of
-    the NCHW<->NHWC transposes eager bf16 pays around each one."""
+    """group_norm_act on a channels-last tensor: per-channel moments in one kernel, the groups'
+    statistics and each channel's scale and shift from them in a few small ops, then one
+    normalise kernel. cuDNN's convolutions read and write this layout natively, so a VAE kept
+    channels-last needs none of the NCHW<->NHWC transposes eager bf16 pays around each one."""
     n, channels = x.shape[:2]
     hw = x[0, 0].numel()
+    groups, cpg = norm.num_groups, channels // norm.num_groups
     rows = max(NHWC_TILE // channels, 1)
     chunk = max(rows, triton.cdiv(MOMENTS_CHUNK // channels, rows) * rows)
     splits = triton.cdiv(hw, chunk)
     parts = torch.empty((n, splits, 3, channels), device=x.device, dtype=torch.float32)
-    # Always a bias (zeros without one): one compiled variant per width, not two, since each
-    # variant is another Triton JIT (~0.4 s) on a machine's first run.
-    bias = torch.zeros((n, channels), device=x.device) if bias is None else bias.expand(n, channels).contiguous()
-    _moments_nhwc_kernel[(splits, n)](x, bias, parts, hw, chunk, splits, C=channels, ROWS=rows, num_warps=8)
-    scale = torch.empty((n, channels), device=x.device, dtype=torch.float32)
-    shift = torch.empty_like(scale)
-    _finalize_nhwc_kernel[(n * norm.num_groups,)](parts, norm.weight, norm.bias, bias, scale, shift, channels, splits,
-                                                  norm.eps, CPG=channels // norm.num_groups, SPLIT_BLOCK=32,
-                                                  num_warps=1)
+    if bias is not None:
+        bias = bias.expand(n, channels).contiguous()
+    _moments_nhwc_kernel[(splits, n)](x, bias if bias is not None else parts, parts, hw, chunk, splits,
+                                      C=channels, HAS_BIAS=bias is not None, ROWS=rows, num_warps=8)
+    count, mean_c, m2_c = (p.reshape(n, splits, groups, cpg) for p in parts.unbind(2))
+    total = count.sum((1, 3))
+    mean = (count * mean_c).sum((1, 3)) / total
+    m2 = (m2_c + count * (mean_c - mean[:, None, :, None]) ** 2).sum((1, 3))
+    rstd = torch.rsqrt(m2 / total + norm.eps)  # (N, G)
+    scale = (norm.weight.float().view(groups, cpg) * rstd[..., None]).reshape(n, channels)
+    shift = norm.bias.float() - (mean[..., None].expand(n, groups, cpg).reshape(n, channels)) * scale
+    if bias is not None:
+        shift = shift + bias.float() * scale
     y = torch.empty_like(x)
-    _normalize_nhwc_kernel[(triton.cdiv(hw, rows), n)](x, y, scale, shift, hw,
+    _normalize_nhwc_kernel[(triton.cdiv(hw, rows), n)](x, y, scale.contiguous(), shift.contiguous(), hw,
                                                        C=channels, ACT=act, ROWS=rows, num_warps=8)
     return y
 
