@@ -54,6 +54,15 @@ NORMALIZE_BLOCK = 2048
 if triton is not None:
     # Sizes that vary with the model's widths are not specialised on (each specialisation is
     # another JIT compile, ~0.4 s); hw and the group size are, so loads vectorise.
+    @triton.jit
+    def _welford_add(v, mask, count, mean, m2):
+        # One more value per lane (where mask) into running (count, mean, m2): Welford's update.
+        count += mask.to(tl.float32)
+        delta = v - mean
+        mean += tl.where(mask, delta / tl.maximum(count, 1.0), 0.0)
+        m2 += tl.where(mask, delta * (v - mean), 0.0)
+        return count, mean, m2
+
     @triton.jit(do_not_specialize=["channels", "cpg", "splits"])
     def _moments_kernel(x_ptr, bias_ptr, part_ptr, group_numel, hw, channels, cpg, chunk, splits,
                         HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
@@ -74,10 +83,7 @@ if triton is not None:
             v = tl.load(x_ptr + base + idx, mask=mask, other=0.0).to(tl.float32)
             if HAS_BIAS:
                 v += tl.load(bias_ptr + bias_base + idx // hw, mask=mask, other=0.0).to(tl.float32)
-            count += mask.to(tl.float32)
-            delta = v - mean
-            mean += tl.where(mask, delta / tl.maximum(count, 1.0), 0.0)
-            m2 += tl.where(mask, delta * (v - mean), 0.0)
+            count, mean, m2 = _welford_add(v, mask, count, mean, m2)
         total = tl.sum(count, 0)
         group_mean = tl.sum(count * mean, 0) / tl.maximum(total, 1.0)
         spread = mean - group_mean
@@ -144,10 +150,7 @@ if triton is not None:
                         other=0.0).to(tl.float32)
             if HAS_BIAS:
                 v += shift
-            count += mask.to(tl.float32)
-            delta = v - mean
-            mean += tl.where(mask, delta / tl.maximum(count, 1.0), 0.0)
-            m2 += tl.where(mask, delta * (v - mean), 0.0)
+            count, mean, m2 = _welford_add(v, mask, count, mean, m2)
         total = tl.sum(count, 0)
         col_mean = tl.sum(count * mean, 0) / tl.maximum(total, 1.0)
         spread = mean - col_mean[None, :]

@@ -27,6 +27,7 @@ import sys
 import tarfile
 import tempfile
 import time
+from unittest import mock
 from dataclasses import dataclass
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -375,21 +376,15 @@ def main() -> None:
         """Default, with at most `cap` images per model call (recipe.MAX_IMAGES_PER_CALL)."""
         import augment.recipe as recipe
 
-        saved, recipe.MAX_IMAGES_PER_CALL = recipe.MAX_IMAGES_PER_CALL, cap
-        try:
+        with mock.patch.object(recipe, "MAX_IMAGES_PER_CALL", cap):
             run_part(f"defaults, at most {cap} images per call", f"calls{cap}")
-        finally:
-            recipe.MAX_IMAGES_PER_CALL = saved
 
     def part_depth(depth: int):
         """Default, with `depth` batches in flight beyond the oldest (pipeline.job.LAUNCH_DEPTH)."""
         import pipeline.job as job
 
-        saved, job.LAUNCH_DEPTH = job.LAUNCH_DEPTH, depth
-        try:
+        with mock.patch.object(job, "LAUNCH_DEPTH", depth):
             run_part(f"defaults, {depth} batches in flight beyond the oldest", f"depth{depth}")
-        finally:
-            job.LAUNCH_DEPTH = saved
 
     def part_switch(micros: int):
         """Default, with Python's thread switch interval at `micros` µs (5000 by default): how
