@@ -213,9 +213,19 @@ def _channels_last(x: torch.Tensor) -> bool:
     return x.dim() == 3 and x.stride() == (x.shape[2] * c, 1, c)
 
 
+# CUDA grids stop at 65,535 programs on axes 1 and 2. The NCHW normalise kernel puts a plane's
+# tiles there, so a plane past 65,535 tiles (134 MP; ddaug's decoder refuses inputs over about
+# 89 MP) runs PyTorch's ops rather than failing to launch. The channels-last kernels put their
+# tiles on axis 0 and the batch on axis 1.
+MAX_GRID_Y = 65535
+
+
 def triton_usable(x: torch.Tensor, norm: nn.GroupNorm) -> bool:
-    return (_on_kernel_device(x) and x.dim() >= 3 and (x.is_contiguous() or _channels_last(x))
-            and norm.affine and x.shape[1] == norm.num_channels)
+    if not (_on_kernel_device(x) and x.dim() >= 3 and norm.affine and x.shape[1] == norm.num_channels):
+        return False
+    if x.is_contiguous():
+        return triton.cdiv(x[0, 0].numel(), NORMALIZE_BLOCK) <= MAX_GRID_Y and x.shape[0] <= MAX_GRID_Y
+    return _channels_last(x) and x.shape[0] <= MAX_GRID_Y
 
 
 def _per_channel(bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
