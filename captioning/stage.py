@@ -4,7 +4,7 @@ The image member is the input file's bytes, unchanged: recaptioning must not alt
 diffusion traits the data is meant to carry (an EXIF-rotated input is stored upright, see
 images.py). With the openai backend the request is submitted as soon as the image is read (in
 the loader threads, ahead of the job's batches), so --concurrency requests stay in flight across
-batch and shard boundaries; the job's batch only collects the answers, in input order.
+batch and shard boundaries; the job's batch only collects the answers, in its own order.
 """
 
 from __future__ import annotations

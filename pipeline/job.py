@@ -1,14 +1,15 @@
 """The executor shared by `augment` and `caption`.
 
     sources -> [loader threads: read + decode] -> size buckets -> stage.run (GPU, one thread)
-            -> [builder threads: encode members] -> ordered shard writer -> done marker
+            -> [builder threads: encode members] -> shard writer (in completion order) -> done marker
 
 A Stage says how to load one item into work units, how to batch units, what to run on a batch,
 and how to build the output sample. The job owns everything else: which items this process
 owns, what is already done, shard boundaries, failures, progress. Inputs are cut into blocks of
 shard_size in input order; block j belongs to rank j % world_size and becomes one shard, batched
-within itself. So a rerun after a crash, or a run with another process count, rebuilds the same
-shards' contents byte for byte.
+within itself, and its samples are written in the order their batches complete, which the
+block's inputs alone decide. So a rerun after a crash, or a run with another process count,
+rebuilds the same shards byte for byte.
 """
 
 from __future__ import annotations
@@ -282,14 +283,28 @@ class Job:
         failures: list[Failure] = []
         states: list[_ItemState] = []
         buckets: dict[Hashable, list[tuple[_ItemState, int, Any]]] = {}
-        next_out = 0
+        # Samples go into the shard in the order they complete: an item completes when the last
+        # batch holding one of its units is collected (batches are collected in the order they
+        # were formed); items that need no batch (failed reads, text-only records) follow the
+        # batch formed last before they were read. That order is fixed by the block's inputs
+        # alone, so shards stay byte for byte the same across reruns and process counts, and a
+        # sample is written as soon as it is done: in input order, the whole block would wait
+        # behind its rarest size, batched last (and sit in memory until then).
+        ready_to_write: collections.deque[_ItemState] = collections.deque()
+        after_batch: dict[int, list[_ItemState]] = {}  # batch index -> unbatched items that follow it
+        formed = collected = written = 0  # batches formed (flushed) and collected, samples written, so far
+
+        def completed_without_batch(st: _ItemState) -> None:
+            last = formed - 1
+            if last < collected:  # that batch is already collected (or none was formed yet)
+                ready_to_write.append(st)
+            else:
+                after_batch.setdefault(last, []).append(st)
 
         def finish_ready(block: bool) -> None:
-            nonlocal next_out
-            while next_out < len(states):
-                st = states[next_out]
-                if st.failure is None and st.future is None:
-                    return  # units still queued
+            nonlocal written
+            while ready_to_write:
+                st = ready_to_write[0]
                 if st.failure is None:
                     if not (block or st.future.done()):
                         return
@@ -308,7 +323,8 @@ class Job:
                 else:
                     summary.done += 1
                 st.results, st.future = [], None  # free pixels and members once the sample is written
-                next_out += 1
+                ready_to_write.popleft()
+                written += 1
                 bar.update(1)
                 bar.set_postfix(failed=summary.failed, refresh=False)
 
@@ -328,6 +344,7 @@ class Job:
             return not callable(outs) or getattr(outs, "ready", lambda: True)()
 
         def collect(block: bool) -> None:
+            nonlocal collected
             while inflight and (block or ready(inflight[0][1])):
                 batch, future = inflight.popleft()
                 with self.times.measure("wait for model"):
@@ -340,15 +357,21 @@ class Job:
                     else:
                         st.results[ui] = out
                     st.remaining -= 1
-                    if st.remaining == 0 and st.failure is None:
-                        st.future = builders.submit(self._build, st)
+                    if st.remaining == 0:
+                        if st.failure is None:
+                            st.future = builders.submit(self._build, st)
+                        ready_to_write.append(st)
+                ready_to_write.extend(after_batch.pop(collected, []))
+                collected += 1
                 block = False
             finish_ready(block=False)
 
         def flush(bkey: Hashable) -> None:
+            nonlocal formed
             batch = buckets.pop(bkey)
             units = [u for _, _, u in batch]
             inflight.append((batch, self._model_thread.submit(self._run_batch, units, self._prepare(units))))
+            formed += 1
             collect(block=len(inflight) > self.depth)
 
         try:
@@ -359,11 +382,13 @@ class Job:
                     st = _ItemState(item, 0)
                     st.failure = units
                     states.append(st)
+                    completed_without_batch(st)
                     continue
                 st = _ItemState(item, len(units))
                 states.append(st)
                 if not units:  # nothing for the model (a text-only record): build it now
                     st.future = builders.submit(self._build, st)
+                    completed_without_batch(st)
                 for ui, unit in enumerate(units):
                     bkey = self.stage.bucket(unit)
                     buckets.setdefault(bkey, []).append((st, ui, unit))
@@ -376,6 +401,8 @@ class Job:
             while inflight:
                 collect(block=True)
             finish_ready(block=True)
+            if after_batch or written != len(states):  # a bug, not bad input: never commit a short shard
+                raise RuntimeError(f"{len(states) - written} sample(s) of shard {index} were never written")
         except BaseException:
             for _, future in inflight:
                 future.cancel()

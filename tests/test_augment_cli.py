@@ -681,8 +681,9 @@ def test_job_stages_next_batches_while_launched_ones_still_run(tmp_path, monkeyp
 def test_outputs_do_not_depend_on_how_many_batches_are_in_flight(tmp_path, monkeypatch):
     """LAUNCH_DEPTH and the order the block's partial batches are flushed in (largest first)
     change when batches run, never what is in them: shards are byte-identical at depth 0 and 4,
-    and with the batches flushed in the order their canvases first came, with several canvases
-    whose last batches are partial."""
+    and with the batches flushed in the order their canvases first came every sample is the
+    same (only their order in the shard follows the batches), with several canvases whose last
+    batches are partial."""
     import builtins
 
     import pipeline.job as job
@@ -709,4 +710,51 @@ def test_outputs_do_not_depend_on_how_many_batches_are_in_flight(tmp_path, monke
         invoke("augment", src, "-o", outs[-1], *FAST, "--batch-size", "2", "--shard-size", "6")
     assert flushed["depth 4 largest first"] != flushed["depth 4 as they came"], flushed
     shards = [[open(p, "rb").read() for p in sorted(glob.glob(str(o / "*.tar")))] for o in outs]
-    assert len(shards[0]) == 2 and shards[0] == shards[1] == shards[2]
+    assert len(shards[0]) == 2 and shards[0] == shards[1] != shards[2]
+    assert read_samples(outs[0]) == read_samples(outs[2])
+
+
+def test_samples_are_written_as_their_batches_complete_in_an_order_fixed_by_the_inputs(tmp_path, monkeypatch):
+    """A sample goes into the shard when its batch is collected, not behind every input before
+    it: the block's first input has the rarest size, is batched last, and is written last, while
+    a text-only record read before any batch was formed is written first. The order does not
+    depend on timing: builds that finish in random order and another launch depth give the same
+    bytes."""
+    import random
+    import time
+
+    import pipeline.job as job
+    from augment.stage import AugmentStage
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    rng = np.random.default_rng(2)
+    rows = [("rare", (200, 100))] + [(f"common{i}", (100, 100)) for i in range(4)]
+    for name, (h, w) in rows:
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(photos / f"{name}.png")
+    turn = lambda role, text: {"role": role, "content": text}  # noqa: E731
+    records = [{"id": "text-only", "messages": [turn("user", "Hi"), turn("assistant", "Hello.")]}]
+    records += [{"id": name, "messages": [turn("user", "<image>What is it?"), turn("assistant", "A photo.")],
+                 "images": [f"photos/{name}.png"]} for name, _ in rows]
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+    invoke("augment", tmp_path / "chat.jsonl", "-o", tmp_path / "plain", *FAST)
+    [shard] = glob.glob(str(tmp_path / "plain" / "*.tar"))
+    with tarfile.open(shard) as tf:
+        keys = list(dict.fromkeys(os.path.basename(m.name).partition(".")[0] for m in tf.getmembers()))
+    metas = {k: sample_meta(m) for k, m in read_samples(tmp_path / "plain").items()}
+    written = [os.path.basename(metas[k]["source"]["images"][0]["uri"]) if metas[k]["source"].get("images")
+               else "text-only" for k in keys]
+    assert written == ["text-only"] + [f"common{i}.png" for i in range(4)] + ["rare.png"], written
+
+    build = AugmentStage.build
+
+    def slow_build(self, item, results):
+        time.sleep(random.uniform(0, 0.05))  # builds finish in any order
+        return build(self, item, results)
+
+    monkeypatch.setattr(AugmentStage, "build", slow_build)
+    monkeypatch.setattr(job, "LAUNCH_DEPTH", 0)
+    invoke("augment", tmp_path / "chat.jsonl", "-o", tmp_path / "slow", *FAST)
+    [slow] = glob.glob(str(tmp_path / "slow" / "*.tar"))
+    assert open(shard, "rb").read() == open(slow, "rb").read()
