@@ -176,18 +176,21 @@ if triton is not None:
         tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit(do_not_specialize=["channels", "scale"])
-    def _residual_kernel(h_ptr, skip_ptr, bias_ptr, numel, hw, channels, scale, HAS_BIAS: tl.constexpr,
+    def _residual_kernel(h_ptr, skip_ptr, bias_ptr, per_sample, hw, channels, scale, HAS_BIAS: tl.constexpr,
                          CHANNELS_LAST: tl.constexpr, BLOCK: tl.constexpr):
         # h = (h + skip + bias[c]) * scale, in place, over memory order: a resnet's conv2 bias
-        # and residual add.
+        # and residual add. One sample per grid row: Triton compiles another kernel for an int
+        # argument past 2^31, which a whole batch's element count passes at 0.3 MP x 64 (a cold
+        # JIT in the middle of a job), and one sample's does not below 16 MP.
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < numel
-        y = tl.load(h_ptr + offs, mask=mask, other=0.0).to(tl.float32) + \
-            tl.load(skip_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        mask = offs < per_sample
+        base = tl.program_id(1).to(tl.int64) * per_sample
+        y = tl.load(h_ptr + base + offs, mask=mask, other=0.0).to(tl.float32) + \
+            tl.load(skip_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
         if HAS_BIAS:
-            c = offs % channels if CHANNELS_LAST else (offs // hw) % channels
+            c = offs % channels if CHANNELS_LAST else offs // hw
             y += tl.load(bias_ptr + c, mask=mask, other=0.0).to(tl.float32)
-        tl.store(h_ptr + offs, (y * scale).to(h_ptr.dtype.element_ty), mask=mask)
+        tl.store(h_ptr + base + offs, (y * scale).to(h_ptr.dtype.element_ty), mask=mask)
 
 
 def kernels_available(device: torch.device) -> bool:
@@ -303,10 +306,10 @@ def residual_add_(hidden: torch.Tensor, skip: torch.Tensor, bias: torch.Tensor |
     """hidden = (hidden + skip + bias) * scale, in place; bias per channel or None."""
     layout_ok = hidden.is_contiguous() or hidden.is_contiguous(memory_format=torch.channels_last)
     if _on_kernel_device(hidden) and hidden.dim() == 4 and layout_ok and skip.shape == hidden.shape \
-            and skip.stride() == hidden.stride() and not torch.is_grad_enabled():
-        numel, hw = hidden.numel(), hidden[0, 0].numel()
-        _residual_kernel[(triton.cdiv(numel, NORMALIZE_BLOCK),)](
-            hidden, skip, bias if bias is not None else hidden, numel, hw, hidden.shape[1], scale,
+            and skip.stride() == hidden.stride() and not torch.is_grad_enabled() and hidden.shape[0] <= MAX_GRID_Y:
+        per_sample, hw = hidden[0].numel(), hidden[0, 0].numel()
+        _residual_kernel[(triton.cdiv(per_sample, NORMALIZE_BLOCK), hidden.shape[0])](
+            hidden, skip, bias if bias is not None else hidden, per_sample, hw, hidden.shape[1], scale,
             HAS_BIAS=bias is not None, CHANNELS_LAST=not hidden.is_contiguous(), BLOCK=NORMALIZE_BLOCK,
             num_warps=4)
         return hidden

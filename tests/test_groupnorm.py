@@ -103,11 +103,13 @@ INTERPRETED_CHECKS = textwrap.dedent("""
             y = group_norm_act(x, norm, act=True, bias=bias)
         assert y.stride() == x.stride(), (name, y.stride(), x.stride())  # same layout out
         out[name] = (y - ref).abs().max().item()
+    # One sample per grid row; (3, 16, 20, 30) spreads each sample over 5 programs.
     for layout in (torch.contiguous_format, torch.channels_last):
-        h, skip = (torch.randn(2, 8, 6, 10).contiguous(memory_format=layout) for _ in range(2))
-        b = torch.randn(8)
-        want = (h + skip + b[:, None, None]) * 0.5
-        out["residual " + str(layout)] = (residual_add_(h.clone(), skip, b, 0.5) - want).abs().max().item()
+        for shape in ((2, 8, 6, 10), (3, 16, 20, 30)):
+            h, skip = (torch.randn(shape).contiguous(memory_format=layout) for _ in range(2))
+            b = torch.randn(shape[1])
+            want = (h + skip + b[:, None, None]) * 0.5
+            out[f"residual {{shape}} {{layout}}"] = (residual_add_(h.clone(), skip, b, 0.5) - want).abs().max().item()
     with torch.no_grad():
         vae = tiny_vae(); ref = copy.deepcopy(vae); fuse_group_norms(vae)
         x = torch.randn(2, 3, 40, 24, generator=torch.Generator().manual_seed(1))
@@ -145,7 +147,7 @@ def test_triton_kernels_match_pytorch_in_the_interpreter():
     assert result.pop("grid-limited shapes fall back") is True
     for name, err in result.items():
         assert err < 1e-4, (name, err)  # fp32: only summation order differs
-    assert len(result) == 16
+    assert len(result) == 18
 
 
 def test_a_cpu_run_never_goes_through_the_interpreter(tmp_path):
