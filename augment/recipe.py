@@ -40,6 +40,37 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
+class _SharedAttentionBackends:
+    """sdpa_kernel(_ATTENTION_BACKENDS) for calls that may overlap on several model threads.
+    sdpa_kernel sets process-wide flags and restores the old ones on exit, so one call leaving
+    would switch cuDNN attention back on under another still launching (other kernels, other
+    bits): the first call in enters it, the last one out leaves it."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._users = 0
+        self._entered = None
+
+    @contextlib.contextmanager
+    def __call__(self):
+        with self._lock:
+            if self._users == 0:
+                self._entered = sdpa_kernel(_ATTENTION_BACKENDS)
+                self._entered.__enter__()
+            self._users += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._users -= 1
+                if self._users == 0:
+                    self._entered.__exit__(None, None, None)
+                    self._entered = None
+
+
+_attention_backends = _SharedAttentionBackends()
+
+
 @dataclass(frozen=True)
 class RecipeSettings:
     mode: str = "img2img"          # img2img | vae
@@ -178,6 +209,7 @@ class DiffusionFlavour:
         self.timestep = min(max(int(round(settings.strength * T)), 0), T - 1)
         self._cond = self._conditioning() if self.unet is not None else None
         self._one_step: OneStep | None = None
+        self._scheduler_lock = threading.Lock()
         if self.unet is not None:
             self._prepare_unet_step()
         # Images per model call at 1024² (other sizes: same pixels per call, see batch_for). The
@@ -312,6 +344,13 @@ class DiffusionFlavour:
             self.times = times
         return torch.cuda.max_memory_allocated(self.device) - base
 
+    def memory_share(self, n: int, canvas: tuple[int, int]) -> float:
+        """The share of the memory batch_size was fitted to that a call of n images on canvas
+        takes: memory grows with pixels (batch_from_memory). 1.0 while no batch size is set."""
+        if not self.batch_size:
+            return 1.0
+        return n * canvas[0] * canvas[1] / (self.batch_size * REFERENCE_PIXELS)
+
     def batch_for(self, canvas: tuple[int, int]) -> int | None:
         """Images per model call on one canvas (images_per_call)."""
         return images_per_call(canvas, self.batch_size) if self.batch_size else None
@@ -359,6 +398,14 @@ class DiffusionFlavour:
     def denoise_once(self, latents: torch.Tensor, generators: list[torch.Generator] | None,
                      original_sizes: list[tuple[int, int]], *, noise: torch.Tensor | None = None,
                      time_ids: torch.Tensor | None = None) -> torch.Tensor:
+        # A scheduler's own calls keep state (its step index): batches launched on two model
+        # threads take turns through them.
+        with self._scheduler_lock if self._one_step is None else contextlib.nullcontext():
+            return self._denoise_once(latents, generators, original_sizes, noise, time_ids)
+
+    def _denoise_once(self, latents: torch.Tensor, generators: list[torch.Generator] | None,
+                      original_sizes: list[tuple[int, int]], noise: torch.Tensor | None,
+                      time_ids: torch.Tensor | None) -> torch.Tensor:
         batch = latents.shape[0]
         noise = noise.to(self.device, non_blocking=True) if noise is not None else self._randn(latents.shape, generators)
         step = self._one_step
@@ -487,7 +534,7 @@ class DiffusionFlavour:
         shape = (int(staged.pixels.shape[0]), int(staged.pixels.shape[1]), int(staged.pixels.shape[2]))
         new_shape = shape not in self._seen_shapes
         self._seen_shapes.add(shape)
-        with self._current_device(), sdpa_kernel(_ATTENTION_BACKENDS):
+        with self._current_device(), _attention_backends():
             finish = self._launch(staged)
         if self.times is not None:
             # Counts for -v's bound report (pipeline/timing.py): how many calls met a new shape,

@@ -79,6 +79,10 @@ class AugmentStage:
     def batch_limit(self, bucket) -> int | None:
         return self.flavour.batch_for(bucket)
 
+    def launch_share(self, units: list[ImageUnit]) -> float:
+        """The share of the device memory budget this batch's launch holds (pipeline/job.py)."""
+        return self.flavour.memory_share(len(units), units[0].pixels.shape[:2])
+
     def prepare(self, units: list[ImageUnit]):
         return self.flavour.stage([u.pixels for u in units], [u.seed for u in units], [u.size for u in units])
 

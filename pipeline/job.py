@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -37,6 +38,49 @@ log = logging.getLogger(__name__)
 # COCO-like images (H100, one process, warm kernels) depths 2 / 4 / 8 ran 45.6 / 48.7 / 46.9
 # img/s after load, GPU busy 80 / 85 / 81% (bench/RESULTS.md, session 7).
 LAUNCH_DEPTH = 4
+
+# Model threads for a stage that launches and says how much device memory a batch takes
+# (launch_share). A batch at a new (batch, H, W) spends its set-up (cuDNN builds an execution
+# plan per convolution, ~0.3 s for SDXL) on the host before its work reaches the device; at a
+# block's end, small batches at new shapes come one after another and the GPU waited on their
+# set-up. A second thread sets up the next batch while the first is still launching, as long
+# as both fit in memory together. Outputs do not depend on it: each batch's work is the same
+# on one thread or two.
+MODEL_THREADS = 2
+
+
+class LaunchBudget:
+    """The device memory that batches being launched share: each takes its share (1.0: a batch
+    of the full size, for which the batch size was fitted to free memory) before its launch and
+    gives it back when the launch returns. From then on its work waits in the device's queue and
+    the memory it frees is reused in queue order, as one thread's batches always did. Turns go in
+    the order the batches were formed, so the device runs them in that order."""
+
+    def __init__(self) -> None:
+        self._cv = threading.Condition()
+        self._used = 0.0
+        self._turn = 0
+        self._open = False
+
+    def take(self, ticket: int, share: float) -> None:
+        with self._cv:
+            self._cv.wait_for(lambda: self._open or (
+                self._turn == ticket and (self._used == 0 or self._used + share <= 1.0)))
+            self._used += share
+            self._turn += 1
+            self._cv.notify_all()
+
+    def give(self, share: float) -> None:
+        with self._cv:
+            self._used = max(self._used - share, 0.0)
+            self._cv.notify_all()
+
+    def open(self) -> None:
+        """The job is stopping and cancelled batches will never take their turns: let every
+        waiting batch through, so the model threads end."""
+        with self._cv:
+            self._open = True
+            self._cv.notify_all()
 
 
 class SampleFailure(Exception):
@@ -146,6 +190,8 @@ class Job:
         self.workers = max(1, workers)
         self.show_progress = show_progress
         self.depth = LAUNCH_DEPTH
+        # Launches overlap only where the stage can say what a batch holds in device memory.
+        self.model_threads = MODEL_THREADS if callable(getattr(stage, "launch_share", None)) else 1
         # A stage may time its own parts (GPU stages) into the same accumulator.
         self.times: StageTimes = getattr(stage, "times", None) or StageTimes()
 
@@ -189,19 +235,29 @@ class Job:
                 log.warning("preparing a batch of %d failed (%s)", len(units), exc)
                 return None
 
-    def _run_batch(self, units: list[Any], prepared: Any = None) -> list[Any] | Callable[[], list[Any]]:
-        """On the model thread: the batch's results, or, for a stage that launches, what waits
-        for them (collected on the main thread, in order)."""
-        with self.times.measure("model"):
-            launch = getattr(self.stage, "launch", None)
-            if launch is not None and prepared is not None:
-                try:
-                    return launch(units, prepared)
-                except JobAbort:
-                    raise
-                except Exception as exc:  # e.g. out of memory: the synchronous path retries and names the culprit
-                    log.debug("launching a batch of %d failed (%s); running it synchronously", len(units), exc)
-            return self._run_batch_untimed(units, prepared)
+    def _run_batch(self, units: list[Any], prepared: Any, ticket: int, share: float) -> list[Any] | Callable[[], list[Any]]:
+        """On a model thread, once the batch's share of device memory is free: the batch's
+        results, or, for a stage that launches, what waits for them (collected on the main
+        thread, in order)."""
+        self._budget.take(ticket, share)
+        try:
+            with self.times.measure("model"):
+                launch = getattr(self.stage, "launch", None)
+                if launch is not None and prepared is not None:
+                    try:
+                        return launch(units, prepared)
+                    except JobAbort:
+                        raise
+                    except Exception as exc:  # e.g. out of memory: the synchronous path retries and names the culprit
+                        log.debug("launching a batch of %d failed (%s); running it synchronously", len(units), exc)
+                return self._run_batch_untimed(units, prepared)
+        finally:
+            self._budget.give(share)
+
+    def _submit(self, units: list[Any], prepared: Any, share: float = 1.0) -> Future:
+        """Queue a batch for the model threads, with its turn for the launch budget."""
+        ticket, self._tickets = self._tickets, self._tickets + 1
+        return self._model_thread.submit(self._run_batch, units, prepared, ticket, share)
 
     def _finish_batch(self, units: list[Any], finish: Callable[[], list[Any]]) -> list[Any]:
         try:
@@ -210,7 +266,7 @@ class Job:
             raise
         except Exception as exc:
             log.warning("batch of %d failed when collected (%s); running it again", len(units), exc)
-            return self._model_thread.submit(self._run_batch_untimed, units).result()
+            return self._submit(units, None).result()
 
     def _run_batch_untimed(self, units: list[Any], prepared: Any = None) -> list[Any]:
         try:
@@ -230,6 +286,8 @@ class Job:
         (the failures of earlier runs, retried into new shards)."""
         t0 = time.monotonic()
         summary = JobSummary(batch_size=self.batch_size)
+        self._budget = LaunchBudget()
+        self._tickets = 0  # batches formed so far: their turns for the budget
         # Inputs go to processes in blocks of shard_size, block j to rank j % world_size, and
         # batches are formed within a block. A block is thus batched the same way whatever the
         # process count, or after a crash: GPU kernels give an image the same bits only in the
@@ -262,7 +320,7 @@ class Job:
         window = max(2 * self.batch_size, 4 * self.workers)
         with ThreadPoolExecutor(self.workers, thread_name_prefix="load") as loaders, \
                 ThreadPoolExecutor(self.workers, thread_name_prefix="build") as builders, \
-                ThreadPoolExecutor(1, thread_name_prefix="model") as self._model_thread, \
+                ThreadPoolExecutor(self.model_threads, thread_name_prefix="model") as self._model_thread, \
                 GpuBusySampler(getattr(self.stage, "device", None), self.times):
             loaded = _ordered_prefetch(loaders, self._load, todo, window)
             for j, chunk in enumerate(chunks):
@@ -370,7 +428,8 @@ class Job:
             nonlocal formed
             batch = buckets.pop(bkey)
             units = [u for _, _, u in batch]
-            inflight.append((batch, self._model_thread.submit(self._run_batch, units, self._prepare(units))))
+            share = min(self.stage.launch_share(units), 1.0) if self.model_threads > 1 else 1.0
+            inflight.append((batch, self._submit(units, self._prepare(units), share)))
             formed += 1
             collect(block=len(inflight) > self.depth)
 
@@ -406,6 +465,7 @@ class Job:
         except BaseException:
             for _, future in inflight:
                 future.cancel()
+            self._budget.open()
             writer.abort()
             raise
         with self.times.measure("commit shard"):

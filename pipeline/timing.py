@@ -23,7 +23,7 @@ JOB_PARTS = {
     "prepare batch": "main thread (a stage's CPU share of a batch: stacking, pinning, noise)",
     # A stage that launches (pipeline/job.py) spends "model" enqueueing; the device's time is
     # then part of "wait for model".
-    "model": "model thread, one batch after another",
+    "model": "model threads (two for a stage that launches: the next batch's set-up overlaps the last's launch)",
     "wait for model": "main thread, idle until a batch returns",
     "build members": "builder threads (image encode, json)",
     "wait for build": "main thread, idle until a sample's members are encoded",
@@ -173,7 +173,9 @@ class GpuBusySampler:
 class DeviceTimeline:
     """Marks along one batch's work on a device. On CUDA the marks are events, so the intervals
     are GPU time, read after the batch has synchronised; elsewhere work is synchronous and a
-    host clock does."""
+    host clock does. Two batches launched at once on the job's two model threads share one
+    stream, so each one's intervals also hold the other's kernels queued in between: the parts'
+    sum may then pass the wall time (the GPU-busy figure comes from NVML where it can)."""
 
     def __init__(self, device, times: StageTimes | None) -> None:
         self.times = times

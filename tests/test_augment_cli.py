@@ -678,6 +678,58 @@ def test_job_stages_next_batches_while_launched_ones_still_run(tmp_path, monkeyp
     assert read_samples(tmp_path / "plain") == read_samples(tmp_path / "launched")
 
 
+def test_launches_overlap_on_two_model_threads_only_where_memory_allows(tmp_path, monkeypatch):
+    """The next batch is set up while the last one is still launching, on a second model thread,
+    when the two batches' memory shares fit together: batches of one canvas take 0.6 of the
+    memory the batch size was fitted to, those of the other 0.3. Two 0.6 batches never launch at
+    once, a 0.6 and a 0.3 do, launches start in the order batches were formed, and the shards are
+    byte-identical to a one-thread run."""
+    import threading
+    import time
+
+    import augment.recipe as recipe
+    import pipeline.job as job
+    from augment.recipe import DiffusionFlavour
+
+    src = tmp_path / "in"
+    src.mkdir()
+    rng = np.random.default_rng(3)
+    monkeypatch.setattr(recipe, "MAX_IMAGES_PER_CALL", 2)  # batches of two: three per canvas
+    square, tall = (100, 100), (200, 100)  # batches formed: square, square, tall, tall, square, tall
+    for i, (h, w) in enumerate([square] * 4 + [tall] * 4 + [square] * 2 + [tall] * 2):
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(src / f"{i:02d}.png")
+    monkeypatch.setattr(DiffusionFlavour, "memory_share", lambda self, n, canvas: 0.6 if canvas[0] == canvas[1] else 0.3)
+    launch = DiffusionFlavour.launch_staged
+    lock, active, spans = threading.Lock(), [], []
+
+    def slow_launch(self, staged):
+        share = self.memory_share(staged.n, tuple(staged.pixels.shape[1:3]))
+        with lock:
+            active.append(share)
+            spans.append(("start", sorted(active)))
+        time.sleep(0.2)  # a launch that takes a while, as a new shape's set-up does
+        try:
+            return launch(self, staged)
+        finally:
+            with lock:
+                active.remove(share)
+
+    monkeypatch.setattr(DiffusionFlavour, "launch_staged", slow_launch)
+    outs = {}
+    for threads in (1, 2):
+        monkeypatch.setattr(job, "MODEL_THREADS", threads)
+        spans.clear()
+        outs[threads] = tmp_path / f"threads{threads}"
+        invoke("augment", src, "-o", outs[threads], *FAST, "--batch-size", "2", "--shard-size", "12")
+        overlapping = [at_start for _, at_start in spans if len(at_start) > 1]
+        if threads == 1:
+            assert not overlapping, spans
+    assert overlapping and all(sum(s) <= 1.0 for s in overlapping), spans  # 0.6 + 0.3, never 0.6 + 0.6
+    assert read_samples(outs[1]) == read_samples(outs[2])
+    [a], [b] = (glob.glob(str(o / "*.tar")) for o in outs.values())
+    assert open(a, "rb").read() == open(b, "rb").read()
+
+
 def test_outputs_do_not_depend_on_how_many_batches_are_in_flight(tmp_path, monkeypatch):
     """LAUNCH_DEPTH and the order the block's partial batches are flushed in (largest first)
     change when batches run, never what is in them: shards are byte-identical at depth 0 and 4,
