@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import datetime
 import glob
 import io
@@ -28,7 +29,7 @@ import tarfile
 import tempfile
 import time
 from unittest import mock
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -93,12 +94,13 @@ class BusySampler:
         self.proc.terminate()
         out = self.proc.communicate()[0]
         self.samples = []  # (seconds since the first sample, utilization %)
-        t0 = None
+        t0, self.first_stamp = None, time.time()
         for line in out.splitlines():
             try:
                 stamp, util = [x.strip() for x in line.split(",")]
                 t = datetime.datetime.strptime(stamp, "%Y/%m/%d %H:%M:%S.%f").timestamp()
-                t0 = t if t0 is None else t0
+                if t0 is None:
+                    t0 = self.first_stamp = t  # epoch seconds of the first sample
                 self.samples.append((t - t0, float(util)))
             except ValueError:
                 continue
@@ -175,6 +177,7 @@ class RunResult:
     peak_gib: float
     out_dir: str
     time_line: str = ""
+    trace: list[str] = field(default_factory=list)  # CallTrace's report, when asked
 
     @property
     def startup(self) -> float:
@@ -189,7 +192,8 @@ class RunResult:
 
 def ddaug_run(model_dir: str, in_dir: str, out_dir: str, batch: int | None, mode: str = "img2img",
               compile: str = "auto", rank: int | None = None, world_size: int | None = None,
-              shard_size: int = 1000, workers: int | None = None, compile_cache: str | None = None) -> RunResult:
+              shard_size: int = 1000, workers: int | None = None, compile_cache: str | None = None,
+              trace: bool = False) -> RunResult:
     """A whole `ddaug augment` run through the library entry point the CLI uses (batch None:
     --batch-size auto; the defaults are the CLI's)."""
     from augment.recipe import RecipeSettings
@@ -198,7 +202,7 @@ def ddaug_run(model_dir: str, in_dir: str, out_dir: str, batch: int | None, mode
 
     torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    with BusySampler() as busy:
+    with BusySampler() as busy, (CallTrace() if trace else contextlib.nullcontext()) as calls:
         summary = run_augment(RunOptions(inputs=(in_dir,), output=out_dir, device="cuda", batch_size=batch,
                                          shard_size=shard_size, overwrite=rank is None, quiet=True,
                                          rank=rank, world_size=world_size,
@@ -208,10 +212,74 @@ def ddaug_run(model_dir: str, in_dir: str, out_dir: str, batch: int | None, mode
                                              recipe=RecipeSettings(dtype="bf16", mode=mode)))
     wall = time.perf_counter() - t0
     return RunResult(summary.batch_size, wall, summary.done, summary.seconds, busy.busy, busy.busy_over_last(summary.seconds),
-                     summary.times, torch.cuda.max_memory_allocated() / 2 ** 30, out_dir, summary.time_line)
+                     summary.times, torch.cuda.max_memory_allocated() / 2 ** 30, out_dir, summary.time_line,
+                     calls.report(busy.samples, busy.first_stamp) if calls else [])
 
 
 GPU_PARTS = ("host->device", "vae encode", "unet", "vae decode", "device->host")
+
+
+class CallTrace:
+    """Per model call: host launch start/end, the GPU's start/end (CUDA events on the call's
+    stream), shape and whether the shape was new; and nvidia-smi's samples in 0.5 s bins. Shows
+    where a job's GPU idles: before the first call, between calls (the host set-up of a new
+    shape), or at the end."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __enter__(self):
+        from augment.recipe import DiffusionFlavour
+
+        original = DiffusionFlavour.launch_staged
+        trace = self
+
+        def launch_staged(flavour, staged):
+            if not trace.calls:
+                torch.cuda.synchronize()
+                trace.ref_host, trace.ref_wall = time.perf_counter(), time.time()
+                trace.ref = torch.cuda.Event(enable_timing=True)
+                trace.ref.record()
+            shape = tuple(int(x) for x in staged.pixels.shape[:3])
+            new = shape not in flavour._seen_shapes
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            h0 = time.perf_counter()
+            start.record()
+            finish = original(flavour, staged)
+            end.record()
+            trace.calls.append((shape, staged.n, new, h0, time.perf_counter(), start, end))
+            return finish
+
+        self.patch = mock.patch.object(DiffusionFlavour, "launch_staged", launch_staged)
+        self.patch.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.patch.__exit__(*exc)
+        torch.cuda.synchronize()
+
+    def report(self, samples: list[tuple[float, float]], first_stamp: float) -> list[str]:
+        if not self.calls:
+            return []
+        ref_ms = lambda e: self.ref.elapsed_time(e) / 1000  # noqa: E731
+        t0 = self.ref_host
+        out = ["Call trace (seconds from the first launch; gpu = CUDA events on the stream):", "",
+               "| call | batch x H x W | new | host launch | gpu start-end | gpu idle before |", "|---|---|---|---|---|---|"]
+        prev_end, idle = 0.0, 0.0
+        for i, (shape, n, new, h0, h1, start, end) in enumerate(self.calls):
+            gs, ge = ref_ms(start), ref_ms(end)
+            gap = max(gs - prev_end, 0.0) if i else 0.0
+            idle += gap
+            out.append(f"| {i} | {n}/{shape[0]} x {shape[1]} x {shape[2]} | {'new' if new else ''} | "
+                       f"{h0 - t0:.2f}-{h1 - t0:.2f} | {gs:.2f}-{ge:.2f} | {gap:.2f} |")
+            prev_end = ge
+        out += ["", f"GPU idle between calls {idle:.2f}s; last call done at {prev_end:.2f}s."]
+        bins = collections.defaultdict(list)
+        for t, u in samples:
+            bins[int((first_stamp + t - self.ref_wall) // 0.5)].append(u)
+        out.append("nvidia-smi, 0.5 s bins from the first launch: " + " ".join(
+            f"{k * 0.5:g}:{sum(v) / len(v):.0f}" for k, v in sorted(bins.items()) if k >= -4))
+        return out + [""]
 
 
 def images_by_key(folder: str) -> dict[str, bytes]:
@@ -292,8 +360,8 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=1024, help="without --cocolike: N x N crops of real photos")
     ap.add_argument("--batch", type=int, default=None, help="--batch-size (default: auto)")
     ap.add_argument("--parts", nargs="+", default=["naive", "default"],
-                    help="naive default never always vae ssd1b determinism startup bigger-calls, or calls-N: "
-                         "the defaults with at most N images per model call; depth-N: with N batches in flight; switch-N: Python's thread switch interval at N µs")
+                    help="naive default trace never always vae ssd1b determinism startup bigger-calls, or calls-N: "
+                         "the defaults with at most N images per model call; depth-N: with N batches in flight; threads-N: with N model threads; switch-N: Python's thread switch interval at N µs")
     ap.add_argument("--det-images", type=int, default=64, help="inputs for the determinism part")
     ap.add_argument("--compile-cache", default=None, help="torch.compile cache folder (default: a new one)")
     ap.add_argument("--results", default=None)
@@ -330,6 +398,9 @@ def main() -> None:
         rows.append(f"| {label} | {run.done} | {rate:.1f} | {run.done / run.job_seconds:.1f} | {run.startup:.1f} | "
                     f"{ratio} | {run.gpu_busy:.0%} / {run.busy_after_load:.0%} | {run.batch} | {run.peak_gib:.1f} |")
         notes.append(f"- {label}: {run.time_line}")
+        if run.trace:
+            notes.extend(["", *run.trace])
+            print("\n".join(run.trace), flush=True)
         failed = os.path.join(run.out_dir, "failures.jsonl")
         if os.path.exists(failed):  # a benchmark that lost images says why, not only a lower count
             with open(failed) as f:
@@ -365,6 +436,7 @@ def main() -> None:
         "always": lambda: run_part("`--compile always` (VAE compiled, dynamic shapes; cache cold unless a run "
                                    "above compiled)", "always", compile="always"),
         "vae": lambda: run_part("`--mode vae` defaults", "vae", mode="vae"),
+        "trace": lambda: run_part("`ddaug augment` defaults, traced call by call", "trace", trace=True),
         "bigger-calls": part_bigger_calls,
         "ssd1b": lambda: (build_sdxl_folder(os.path.join(work, "ssd1b"), SSD1B_UNET),
                           run_part("SSD-1B UNet, defaults", "ssd", model=os.path.join(work, "ssd1b"))),
@@ -386,6 +458,13 @@ def main() -> None:
         with mock.patch.object(job, "LAUNCH_DEPTH", depth):
             run_part(f"defaults, {depth} batches in flight beyond the oldest", f"depth{depth}")
 
+    def part_threads(threads: int):
+        """Default, with `threads` model threads (pipeline.job.MODEL_THREADS)."""
+        import pipeline.job as job
+
+        with mock.patch.object(job, "MODEL_THREADS", threads):
+            run_part(f"defaults, {threads} model thread(s)", f"threads{threads}")
+
     def part_switch(micros: int):
         """Default, with Python's thread switch interval at `micros` µs (5000 by default): how
         long the model thread may wait for the GIL between kernel launches."""
@@ -396,12 +475,13 @@ def main() -> None:
         finally:
             sys.setswitchinterval(saved)
 
-    unknown = [n for n in args.parts if n not in parts and not re.fullmatch(r"(calls|depth|switch)-\d+", n)]
+    unknown = [n for n in args.parts if n not in parts and not re.fullmatch(r"(calls|depth|switch|threads)-\d+", n)]
     if unknown:
         ap.error(f"unknown --parts {' '.join(unknown)}")
     for name in args.parts:
-        if re.fullmatch(r"(calls|depth|switch)-\d+", name):
-            fn = {"calls": part_calls, "depth": part_depth, "switch": part_switch}[name.split("-")[0]]
+        if re.fullmatch(r"(calls|depth|switch|threads)-\d+", name):
+            fn = {"calls": part_calls, "depth": part_depth, "switch": part_switch,
+                  "threads": part_threads}[name.split("-")[0]]
             parts[name] = lambda fn=fn, n=int(name.split("-")[1]): fn(n)
         try:
             parts[name]()

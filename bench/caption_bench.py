@@ -6,6 +6,7 @@ real `--vlm FOLDER` path. Random weights rarely emit the end token, so every ans
 --new-tokens, which is what the comparison wants.
 
     python bench/caption_bench.py --images 64 --loop-images 4 --new-tokens 256 --max-pixels 448 1024
+    python bench/caption_bench.py --cocolike ../shared/bench/cocolike.py --images 128 --max-pixels 448 --batch 32
 """
 
 from __future__ import annotations
@@ -117,6 +118,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--max-pixels", type=int, nargs="+", default=[448, 1024], help="sides: cap is side*side")
     ap.add_argument("--batch", type=int, nargs="+", default=[32, 16], help="batch per --max-pixels entry")
+    ap.add_argument("--cocolike", default=None, help="path of cocolike.py: mixed-size COCO-like photos instead of 1024² crops")
     ap.add_argument("--results", default=None)
     args = ap.parse_args()
     import transformers
@@ -127,7 +129,12 @@ def main() -> None:
     folder, in_dir = os.path.join(work, "vlm"), os.path.join(work, "in")
     t = time.perf_counter()
     build_vlm_folder(folder)
-    make_inputs(in_dir, args.images)
+    if args.cocolike:
+        from augment_bench import make_cocolike
+
+        make_cocolike(args.cocolike, in_dir, args.images)
+    else:
+        make_inputs(in_dir, args.images)
     setup_s = time.perf_counter() - t
     paths = sorted(os.path.join(in_dir, f) for f in os.listdir(in_dir))
     rows = []
@@ -143,12 +150,14 @@ def main() -> None:
         rows.append(f"| `ddaug caption` end to end incl. model load, batch {batch}, max_pixels {side}² | {done} | "
                     f"{rate:.3f} | {done * args.new_tokens / secs:.0f} (upper bound) | {rate / loop_rate:.2f}x |")
         print(rows[-1], flush=True)
-    lines = [f"## caption, Qwen2-VL-2B architecture (random weights), {args.new_tokens} new tokens",
+    workload = f"COCO-like ({args.images} images from cocolike.py, seed 0)" if args.cocolike else "1024² crops"
+    lines = [f"## caption, Qwen2-VL-2B architecture (random weights), {args.new_tokens} new tokens, {workload}",
              f"- date {datetime.date.today()}, device {torch.cuda.get_device_name()}, torch {torch.__version__}, "
              f"transformers {transformers.__version__}, python {platform.python_version()}",
              f"- command: `python bench/caption_bench.py --images {args.images} --loop-images {args.loop_images} "
              f"--new-tokens {args.new_tokens} --max-pixels {' '.join(map(str, args.max_pixels))} "
-             f"--batch {' '.join(map(str, args.batch))}` (setup {setup_s:.0f}s)",
+             f"--batch {' '.join(map(str, args.batch))}{' --cocolike ' + args.cocolike if args.cocolike else ''}` "
+             f"(setup {setup_s:.0f}s)",
              "", "| path | images | img/s | new tokens/s | vs loop |", "|---|---|---|---|---|", *rows, ""]
     emit(lines, args.results)
     shutil.rmtree(work, ignore_errors=True)

@@ -1,14 +1,17 @@
-"""Start-up of a fresh process, by phase: import + CUDA context, model load, fused-kernel swap,
-and the batch-size probe (which also JITs Triton's kernels when their cache is cold). What a
-`ddaug augment` process pays before its first batch; bench/augment_bench.py's start-up column
-is measured in a process that has already imported diffusers and built the model folder.
+"""Start-up of a fresh process, by phase: import torch + CUDA context, import diffusers' model
+classes, UNet load, VAE load, fused-kernel swap, and the batch-size probe (which also JITs
+Triton's kernels when their cache is cold). What a `ddaug augment` process pays before its first
+batch; bench/augment_bench.py's start-up column is measured in a process that has already
+imported diffusers and built the model folder.
 
     python bench/startup_phases.py MODEL_DIR              # run it twice: cold, then warm cache
     rm -rf ~/.triton/cache && python bench/startup_phases.py MODEL_DIR
+    python bench/startup_phases.py MODEL_DIR --profile 30 # cProfile of the load, top 30 by cumulative time
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 import time
@@ -18,25 +21,50 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from augment import DiffusionFlavour, RecipeSettings, load_components, resolve_spec  # noqa: E402
-
 
 def main() -> None:
-    if len(sys.argv) != 2:
-        sys.exit(__doc__)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model_dir")
+    ap.add_argument("--profile", type=int, default=0, help="print cProfile's top N of the load phase")
+    args = ap.parse_args()
+    phases: list[tuple[str, float]] = []
+    mark = [T0]
+
+    def phase(name: str) -> None:
+        now = time.perf_counter()
+        phases.append((name, now - mark[0]))
+        mark[0] = now
+
     torch.zeros(1, device="cuda")
-    t1 = time.perf_counter()
-    comps = load_components(resolve_spec(sys.argv[1]), dtype=torch.bfloat16, vae_dtype=torch.bfloat16,
+    phase("import torch + CUDA context")
+    from augment import DiffusionFlavour, RecipeSettings, load_components, resolve_spec
+    import diffusers.models  # noqa: F401  (what load_components imports first)
+    from diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: F401
+    phase("import ddaug + diffusers' model classes")
+    profiler = None
+    if args.profile:
+        import cProfile
+
+        profiler = cProfile.Profile()
+        profiler.enable()
+    comps = load_components(resolve_spec(args.model_dir), dtype=torch.bfloat16, vae_dtype=torch.bfloat16,
                             device="cuda")
-    t2 = time.perf_counter()
+    torch.cuda.synchronize()
+    phase("load UNet + VAE + scheduler")
+    if profiler is not None:
+        import pstats
+
+        profiler.disable()
+        pstats.Stats(profiler).sort_stats("cumulative").print_stats(args.profile)
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(args.profile // 2)
     flavour = DiffusionFlavour(comps, RecipeSettings(dtype="bf16"), "cuda")
     flavour.fuse_norms()
-    t3 = time.perf_counter()
+    phase("flavour + fuse")
     flavour.fit_batch_size()
     torch.cuda.synchronize()
-    t4 = time.perf_counter()
-    print(f"import + CUDA context {t1 - T0:.2f}s, load {t2 - t1:.2f}s, flavour + fuse {t3 - t2:.2f}s, "
-          f"probe (+ Triton JIT when cold) {t4 - t3:.2f}s: {t4 - T0:.1f}s in all", flush=True)
+    phase("probe (+ Triton JIT when cold)")
+    print(", ".join(f"{name} {secs:.2f}s" for name, secs in phases)
+          + f": {time.perf_counter() - T0:.1f}s in all", flush=True)
 
 
 if __name__ == "__main__":
