@@ -11,8 +11,6 @@ from PIL import Image
 
 from conftest import invoke, read_samples, sample_meta
 
-_TEXTS = ["Describe this image in detail.", "A cat sits on a red sofa near the window.",
-          "The photo shows a rocket on a launch pad under a clear blue sky.", "User Assistant system"]
 # A minimal chat template: the family's image placeholder where the image goes.
 _TEMPLATE = ("{% for m in messages %}<|u|>{% for c in m['content'] %}{% if c['type'] == 'image' %}IMAGE"
              "{% else %}{{ c['text'] }}{% endif %}{% endfor %}<|e|>{% endfor %}"
@@ -22,15 +20,19 @@ _IDEFICS_TOKENS = ["<fake_token_around_image>", "<image>", "<end_of_utterance>",
 
 
 def _tokenizer(specials: list[str], bos: str, **extra):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    """A byte-level BPE tokenizer with a fixed vocabulary (special tokens, then the 256 byte
+    symbols) and no merges. Trained merges would not do: tokenizers' trainer breaks frequency
+    ties in a per-process random order, so the vocabulary, and the random model's answers with
+    it, changed from run to run."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    bpe = Tokenizer(models.BPE())
+    symbols = ["<pad>", bos, "<|e|>", "<|u|>", "<|a|>", *specials]
+    vocab = {tok: i for i, tok in enumerate(symbols + sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    bpe = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(_TEXTS, trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<pad>", bos, "<|e|>", "<|u|>", "<|a|>", *specials],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    bpe.add_special_tokens(symbols)
     return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=bos, eos_token="<|e|>", pad_token="<pad>", **extra)
 
 
