@@ -59,20 +59,25 @@ class LaunchBudget:
     def __init__(self) -> None:
         self._cv = threading.Condition()
         self._used = 0.0
+        self._holders = 0
         self._turn = 0
         self._open = False
 
     def take(self, ticket: int, share: float) -> None:
         with self._cv:
             self._cv.wait_for(lambda: self._open or (
-                self._turn == ticket and (self._used == 0 or self._used + share <= 1.0)))
+                self._turn == ticket and (self._holders == 0 or self._used + share <= 1.0)))
             self._used += share
+            self._holders += 1
             self._turn += 1
             self._cv.notify_all()
 
     def give(self, share: float) -> None:
         with self._cv:
-            self._used = max(self._used - share, 0.0)
+            self._holders -= 1
+            # Shares are floats: giving them back can leave a residue past 0, and a full batch
+            # (1.0) would wait on it forever. With no launch holding any, none is used.
+            self._used = self._used - share if self._holders else 0.0
             self._cv.notify_all()
 
     def open(self) -> None:
