@@ -867,3 +867,47 @@ def test_launch_budget_lets_a_full_batch_through_once_overlapping_launches_have_
     assert not hung, f"the job hung after launches {launched}"
     assert launched == list(shares), launched
     assert len(read_samples(tmp_path / "out")) == len(heights)
+
+
+def test_a_compiled_vae_is_never_launched_from_two_threads_at_once(tmp_path, monkeypatch):
+    """torch.compile's Dynamo is not thread-safe (pytorch/pytorch#118260, #126024: a compile in
+    one thread makes a call in another fail), so with --compile always launches take turns on
+    the model threads even where their memory shares would fit together (0.3 each here). The
+    VAE is compiled for real, with Dynamo's eager backend (CPU, no C compiler)."""
+    import threading
+    import time
+
+    import augment.recipe as recipe
+    import augment.run as augment_run
+    import pipeline.job as job
+    from augment.recipe import DiffusionFlavour
+
+    src = tmp_path / "in"
+    src.mkdir()
+    rng = np.random.default_rng(5)
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 255, (128, 128, 3), dtype=np.uint8)).save(src / f"{i:02d}.png")
+    monkeypatch.setattr(recipe, "MAX_IMAGES_PER_CALL", 2)
+    monkeypatch.setattr(job, "MODEL_THREADS", 2)
+    monkeypatch.setattr(DiffusionFlavour, "memory_share", lambda self, n, canvas: 0.3)
+    monkeypatch.setattr(augment_run, "choose_compile", lambda setting, device: (True, "compiling (test)"))
+    compile_vae, launch = DiffusionFlavour.compile_vae, DiffusionFlavour.launch_staged
+    monkeypatch.setattr(DiffusionFlavour, "compile_vae", lambda self: compile_vae(self, backend="eager"))
+    lock, active, most = threading.Lock(), [0], [0]
+
+    def slow_launch(self, staged):
+        assert self.compiled
+        with lock:
+            active[0] += 1
+            most[0] = max(most[0], active[0])
+        time.sleep(0.2)  # long enough for a second thread's launch to start, were it let
+        try:
+            return launch(self, staged)
+        finally:
+            with lock:
+                active[0] -= 1
+
+    monkeypatch.setattr(DiffusionFlavour, "launch_staged", slow_launch)
+    invoke("augment", src, "-o", tmp_path / "out", *FAST, "--batch-size", "2", "--compile", "always")
+    assert most[0] == 1
+    assert len(read_samples(tmp_path / "out")) == 8
