@@ -1,6 +1,6 @@
 """The executor shared by `augment` and `caption`.
 
-    sources -> [loader threads: read + decode] -> size buckets -> stage.run (GPU, one thread)
+    sources -> [loader threads: read + decode] -> size buckets -> stage.run (GPU, model threads)
             -> [builder threads: encode members] -> shard writer (in completion order) -> done marker
 
 A Stage says how to load one item into work units, how to batch units, what to run on a batch,
@@ -122,7 +122,10 @@ class Stage(Protocol):
         batch on its device and returns at once; finish() waits and returns what run would, and
         finish.ready(), if defined, says whether it would return at once. The model thread then
         launches the next batch while the device still runs this one, so the host's set-up of a
-        batch overlaps the device's work."""
+        batch overlaps the device's work. A stage that also defines launch_share(units) -> float
+        (the share of the memory its batch size was fitted to that the launch holds) gets
+        MODEL_THREADS model threads: its run and launch are then called from two threads at once,
+        within those shares (LaunchBudget)."""
 
     def build(self, item: SourceItem, results: list[Any]) -> dict[str, bytes]:
         """Encode the output members of one sample (runs in builder threads)."""
@@ -391,8 +394,9 @@ class Job:
                 bar.update(1)
                 bar.set_postfix(failed=summary.failed, refresh=False)
 
-        # Batches run on one model thread, at most `depth` ahead, so reading, bucketing,
-        # writing and the next batch's upload overlap the model instead of waiting for it.
+        # Batches run on the model threads (one, or MODEL_THREADS for a stage with launch_share),
+        # at most `depth` ahead, so reading, bucketing, writing and the next batch's upload
+        # overlap the model instead of waiting for it.
         inflight: collections.deque[tuple[list, Future]] = collections.deque()
 
         def ready(future: Future) -> bool:
