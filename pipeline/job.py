@@ -31,7 +31,7 @@ from .timing import GpuBusySampler, StageTimes
 
 log = logging.getLogger(__name__)
 
-# Batches in flight beyond the oldest (queued on the model thread, or launched on the device and
+# Batches in flight beyond the oldest (queued for the model threads, or launched on the device and
 # not yet collected). A batch at a new (batch, H, W) costs the host a fixed set-up (cuDNN plans)
 # before its work reaches the device; a deeper queue gives that set-up more device work to hide
 # behind. Outputs do not depend on it: batches are formed before they are queued. On 1,000
