@@ -80,7 +80,11 @@ class AugmentStage:
         return self.flavour.batch_for(bucket)
 
     def launch_share(self, units: list[ImageUnit]) -> float:
-        """The share of the device memory budget this batch's launch holds (pipeline/job.py)."""
+        """The share of the device memory budget this batch's launch holds (pipeline/job.py).
+        A compiled VAE's takes all of it, so its launches take turns: torch.compile's Dynamo is
+        not thread-safe (pytorch/pytorch#118260; a compile in one thread fails a call in another)."""
+        if self.flavour.compiled:
+            return 1.0
         return self.flavour.memory_share(len(units), units[0].pixels.shape[:2])
 
     def prepare(self, units: list[ImageUnit]):

@@ -1,6 +1,6 @@
 """The executor shared by `augment` and `caption`.
 
-    sources -> [loader threads: read + decode] -> size buckets -> stage.run (GPU, one thread)
+    sources -> [loader threads: read + decode] -> size buckets -> stage.run (GPU, model threads)
             -> [builder threads: encode members] -> shard writer (in completion order) -> done marker
 
 A Stage says how to load one item into work units, how to batch units, what to run on a batch,
@@ -31,7 +31,7 @@ from .timing import GpuBusySampler, StageTimes
 
 log = logging.getLogger(__name__)
 
-# Batches in flight beyond the oldest (queued on the model thread, or launched on the device and
+# Batches in flight beyond the oldest (queued for the model threads, or launched on the device and
 # not yet collected). A batch at a new (batch, H, W) costs the host a fixed set-up (cuDNN plans)
 # before its work reaches the device; a deeper queue gives that set-up more device work to hide
 # behind. Outputs do not depend on it: batches are formed before they are queued. On 1,000
@@ -59,20 +59,25 @@ class LaunchBudget:
     def __init__(self) -> None:
         self._cv = threading.Condition()
         self._used = 0.0
+        self._holders = 0
         self._turn = 0
         self._open = False
 
     def take(self, ticket: int, share: float) -> None:
         with self._cv:
             self._cv.wait_for(lambda: self._open or (
-                self._turn == ticket and (self._used == 0 or self._used + share <= 1.0)))
+                self._turn == ticket and (self._holders == 0 or self._used + share <= 1.0)))
             self._used += share
+            self._holders += 1
             self._turn += 1
             self._cv.notify_all()
 
     def give(self, share: float) -> None:
         with self._cv:
-            self._used = max(self._used - share, 0.0)
+            self._holders -= 1
+            # Shares are floats: giving them back can leave a residue past 0, and a full batch
+            # (1.0) would wait on it forever. With no launch holding any, none is used.
+            self._used = self._used - share if self._holders else 0.0
             self._cv.notify_all()
 
     def open(self) -> None:
@@ -117,7 +122,10 @@ class Stage(Protocol):
         batch on its device and returns at once; finish() waits and returns what run would, and
         finish.ready(), if defined, says whether it would return at once. The model thread then
         launches the next batch while the device still runs this one, so the host's set-up of a
-        batch overlaps the device's work."""
+        batch overlaps the device's work. A stage that also defines launch_share(units) -> float
+        (the share of the memory its batch size was fitted to that the launch holds) gets
+        MODEL_THREADS model threads: its run and launch are then called from two threads at once,
+        within those shares (LaunchBudget)."""
 
     def build(self, item: SourceItem, results: list[Any]) -> dict[str, bytes]:
         """Encode the output members of one sample (runs in builder threads)."""
@@ -386,8 +394,9 @@ class Job:
                 bar.update(1)
                 bar.set_postfix(failed=summary.failed, refresh=False)
 
-        # Batches run on one model thread, at most `depth` ahead, so reading, bucketing,
-        # writing and the next batch's upload overlap the model instead of waiting for it.
+        # Batches run on the model threads (one, or MODEL_THREADS for a stage with launch_share),
+        # at most `depth` ahead, so reading, bucketing, writing and the next batch's upload
+        # overlap the model instead of waiting for it.
         inflight: collections.deque[tuple[list, Future]] = collections.deque()
 
         def ready(future: Future) -> bool:

@@ -810,3 +810,104 @@ def test_samples_are_written_as_their_batches_complete_in_an_order_fixed_by_the_
     invoke("augment", tmp_path / "chat.jsonl", "-o", tmp_path / "slow", *FAST)
     [slow] = glob.glob(str(tmp_path / "slow" / "*.tar"))
     assert open(shard, "rb").read() == open(slow, "rb").read()
+
+
+def test_launch_budget_lets_a_full_batch_through_once_overlapping_launches_have_ended(tmp_path, monkeypatch):
+    """Shares are fractions of the fitted memory, and adding and taking them back in floating
+    point leaves a residue ((0.35 + 0.45) - 0.35 - 0.45 > 0). After three pairs of overlapping
+    launches, 0.35+0.45, 2/3+0.3 and 0.75+0.2, in whichever order each pair ends, the residue
+    passed half an ulp of 1.0, and the next full batch (share 1.0) waited for memory no launch
+    held: the job hung. The launches of a pair are held together by a barrier and each pair's
+    first share fits beside neither of the last pair's, so the sequence does not depend on
+    timing; the job runs in a thread and is let through if it hangs."""
+    import threading
+
+    import augment.recipe as recipe
+    import pipeline.job as job
+    from augment.recipe import DiffusionFlavour
+
+    src = tmp_path / "in"
+    src.mkdir()
+    rng = np.random.default_rng(4)
+    monkeypatch.setattr(recipe, "MAX_IMAGES_PER_CALL", 2)  # batches of two, one canvas each, in this order
+    shares = {128: 0.35, 256: 0.45, 384: 2 / 3, 512: 0.3, 640: 0.75, 768: 0.2, 896: 1.0}  # by canvas height
+    heights = [h for h in shares for _ in range(2)]
+    for i, h in enumerate(heights):
+        Image.fromarray(rng.integers(0, 255, (h, 128, 3), dtype=np.uint8)).save(src / f"{i:02d}.png")
+    monkeypatch.setattr(DiffusionFlavour, "memory_share", lambda self, n, canvas: shares[canvas[0]])
+    launch = DiffusionFlavour.launch_staged
+    pair = threading.Barrier(2, timeout=60)
+    launched = []
+
+    def paired_launch(self, staged):
+        launched.append(staged.pixels.shape[1])
+        if len(launched) <= 6:
+            pair.wait()  # launches 1+2, 3+4 and 5+6 hold their shares at once
+        return launch(self, staged)
+
+    monkeypatch.setattr(DiffusionFlavour, "launch_staged", paired_launch)
+    budgets = []
+
+    class RecordedBudget(job.LaunchBudget):
+        def __init__(self):
+            super().__init__()
+            budgets.append(self)
+
+    monkeypatch.setattr(job, "LaunchBudget", RecordedBudget)
+    monkeypatch.setattr(job, "MODEL_THREADS", 2)
+    result = {}
+    run = threading.Thread(target=lambda: result.update(out=invoke(
+        "augment", src, "-o", tmp_path / "out", *FAST, "--batch-size", "2", "--shard-size", "14")), daemon=True)
+    run.start()
+    run.join(60)  # the job takes seconds
+    hung = run.is_alive()
+    if hung:
+        budgets[-1].open()  # let the stuck batch through, so the test ends
+        run.join(120)
+    assert not hung, f"the job hung after launches {launched}"
+    assert launched == list(shares), launched
+    assert len(read_samples(tmp_path / "out")) == len(heights)
+
+
+def test_a_compiled_vae_is_never_launched_from_two_threads_at_once(tmp_path, monkeypatch):
+    """torch.compile's Dynamo is not thread-safe (pytorch/pytorch#118260, #126024: a compile in
+    one thread makes a call in another fail), so with --compile always launches take turns on
+    the model threads even where their memory shares would fit together (0.3 each here). The
+    VAE is compiled for real, with Dynamo's eager backend (CPU, no C compiler)."""
+    import threading
+    import time
+
+    import augment.recipe as recipe
+    import augment.run as augment_run
+    import pipeline.job as job
+    from augment.recipe import DiffusionFlavour
+
+    src = tmp_path / "in"
+    src.mkdir()
+    rng = np.random.default_rng(5)
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 255, (128, 128, 3), dtype=np.uint8)).save(src / f"{i:02d}.png")
+    monkeypatch.setattr(recipe, "MAX_IMAGES_PER_CALL", 2)
+    monkeypatch.setattr(job, "MODEL_THREADS", 2)
+    monkeypatch.setattr(DiffusionFlavour, "memory_share", lambda self, n, canvas: 0.3)
+    monkeypatch.setattr(augment_run, "choose_compile", lambda setting, device: (True, "compiling (test)"))
+    compile_vae, launch = DiffusionFlavour.compile_vae, DiffusionFlavour.launch_staged
+    monkeypatch.setattr(DiffusionFlavour, "compile_vae", lambda self: compile_vae(self, backend="eager"))
+    lock, active, most = threading.Lock(), [0], [0]
+
+    def slow_launch(self, staged):
+        assert self.compiled
+        with lock:
+            active[0] += 1
+            most[0] = max(most[0], active[0])
+        time.sleep(0.2)  # long enough for a second thread's launch to start, were it let
+        try:
+            return launch(self, staged)
+        finally:
+            with lock:
+                active[0] -= 1
+
+    monkeypatch.setattr(DiffusionFlavour, "launch_staged", slow_launch)
+    invoke("augment", src, "-o", tmp_path / "out", *FAST, "--batch-size", "2", "--compile", "always")
+    assert most[0] == 1
+    assert len(read_samples(tmp_path / "out")) == 8
