@@ -437,7 +437,10 @@ class Job:
             nonlocal formed
             batch = buckets.pop(bkey)
             units = [u for _, _, u in batch]
-            share = min(self.stage.launch_share(units), 1.0) if self.model_threads > 1 else 1.0
+            # The run's first launch goes alone: it is where kernels get compiled and loaded
+            # (Triton's JIT on a cold cache, lazy CUDA modules), which two threads must not race on.
+            alone = self.model_threads == 1 or self._tickets == 0
+            share = 1.0 if alone else min(self.stage.launch_share(units), 1.0)
             inflight.append((batch, self._submit(units, self._prepare(units), share)))
             formed += 1
             collect(block=len(inflight) > self.depth)
