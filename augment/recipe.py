@@ -221,6 +221,7 @@ class DiffusionFlavour:
         self.memory_format = torch.contiguous_format
         self.times: StageTimes | None = None  # set by the stage to get a per-part breakdown
         self._seen_shapes: set[tuple[int, int, int]] = set()
+        self._shapes_lock = threading.Lock()
         # On the CPU the same buffers are plain memory (and small), so tests run this path.
         cuda = self.device.type == "cuda"
         self._pinned = PinnedPool(pin=cuda, granule=(64 << 20) if cuda else (1 << 20))
@@ -532,8 +533,9 @@ class DiffusionFlavour:
         GPU waited on it (a first call at a new shape took 419 ms instead of 162); flash and
         memory-efficient attention cost 3% more per call and nothing per shape."""
         shape = (int(staged.pixels.shape[0]), int(staged.pixels.shape[1]), int(staged.pixels.shape[2]))
-        new_shape = shape not in self._seen_shapes
-        self._seen_shapes.add(shape)
+        with self._shapes_lock:  # two model threads may meet a shape at once: count it once
+            new_shape = shape not in self._seen_shapes
+            self._seen_shapes.add(shape)
         with self._current_device(), _attention_backends():
             finish = self._launch(staged)
         if self.times is not None:
