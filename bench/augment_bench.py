@@ -360,7 +360,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=1024, help="without --cocolike: N x N crops of real photos")
     ap.add_argument("--batch", type=int, default=None, help="--batch-size (default: auto)")
     ap.add_argument("--parts", nargs="+", default=["naive", "default"],
-                    help="naive default trace never always vae ssd1b determinism startup bigger-calls, or calls-N: "
+                    help="naive default trace tails-largest never always vae ssd1b determinism startup bigger-calls, or calls-N: "
                          "the defaults with at most N images per model call; depth-N: with N batches in flight; threads-N: with N model threads; switch-N: Python's thread switch interval at N µs")
     ap.add_argument("--det-images", type=int, default=64, help="inputs for the determinism part")
     ap.add_argument("--compile-cache", default=None, help="torch.compile cache folder (default: a new one)")
@@ -438,6 +438,7 @@ def main() -> None:
         "vae": lambda: run_part("`--mode vae` defaults", "vae", mode="vae"),
         "trace": lambda: run_part("`ddaug augment` defaults, traced call by call", "trace", trace=True),
         "bigger-calls": part_bigger_calls,
+        "tails-largest": lambda: part_tails_largest(),
         "ssd1b": lambda: (build_sdxl_folder(os.path.join(work, "ssd1b"), SSD1B_UNET),
                           run_part("SSD-1B UNet, defaults", "ssd", model=os.path.join(work, "ssd1b"))),
         "determinism": lambda: notes.extend(determinism(model_dir, _subset(inputs, work, args.det_images), work,
@@ -464,6 +465,14 @@ def main() -> None:
 
         with mock.patch.object(job, "MODEL_THREADS", threads):
             run_part(f"defaults, {threads} model thread(s)", f"threads{threads}")
+
+    def part_tails_largest():
+        """Default, with a block's partial batches flushed largest first (before session 8)
+        instead of pipeline.job.tail_order's largest, smallest, next largest..."""
+        import pipeline.job as job
+
+        with mock.patch.object(job, "tail_order", lambda sizes: sorted(sizes, key=lambda k: -sizes[k])):
+            run_part("defaults, partial batches largest first", "tails-largest")
 
     def part_switch(micros: int):
         """Default, with Python's thread switch interval at `micros` µs (5000 by default): how

@@ -738,11 +738,11 @@ def test_launches_overlap_on_two_model_threads_only_where_memory_allows(tmp_path
 
 
 def test_outputs_do_not_depend_on_how_many_batches_are_in_flight(tmp_path, monkeypatch):
-    """LAUNCH_DEPTH and the order the block's partial batches are flushed in (largest first)
-    change when batches run, never what is in them: shards are byte-identical at depth 0 and 4,
-    and with the batches flushed in the order their canvases first came every sample is the
-    same (only their order in the shard follows the batches), with several canvases whose last
-    batches are partial."""
+    """LAUNCH_DEPTH and the order the block's partial batches are flushed in (job.tail_order's,
+    from their sizes) change when batches run, never what is in them: shards are byte-identical
+    at depth 0 and 4, and with the batches ordered as their canvases first came instead of by
+    size every sample is the same (only their order in the shard follows the batches), with
+    several canvases whose last batches are partial."""
     import builtins
 
     import pipeline.job as job
@@ -757,17 +757,17 @@ def test_outputs_do_not_depend_on_how_many_batches_are_in_flight(tmp_path, monke
     flushed: dict[str, list[list[int]]] = {}  # run -> the batch sizes each block flushed, in order
 
     def flush_order(keys, key):  # job.py's `sorted` of the block's last batches, or not sorted
-        ordered = builtins.sorted(keys, key=key) if run.endswith("largest first") else list(keys)
+        ordered = builtins.sorted(keys, key=key) if run.endswith("by size") else list(keys)
         flushed.setdefault(run, []).append([-key(k) for k in ordered])
         return ordered
 
     monkeypatch.setattr(job, "sorted", flush_order, raising=False)
     outs = []
-    for depth, run in ((0, "depth 0 largest first"), (4, "depth 4 largest first"), (4, "depth 4 as they came")):
+    for depth, run in ((0, "depth 0 by size"), (4, "depth 4 by size"), (4, "depth 4 as they came")):
         monkeypatch.setattr(job, "LAUNCH_DEPTH", depth)
         outs.append(tmp_path / run.replace(" ", "-"))
         invoke("augment", src, "-o", outs[-1], *FAST, "--batch-size", "2", "--shard-size", "6")
-    assert flushed["depth 4 largest first"] != flushed["depth 4 as they came"], flushed
+    assert flushed["depth 4 by size"] != flushed["depth 4 as they came"], flushed
     shards = [[open(p, "rb").read() for p in sorted(glob.glob(str(o / "*.tar")))] for o in outs]
     assert len(shards[0]) == 2 and shards[0] == shards[1] != shards[2]
     assert read_samples(outs[0]) == read_samples(outs[2])
