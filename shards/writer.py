@@ -125,7 +125,7 @@ class ShardWriter:
 
     def _write_back(self, fd: int) -> None:
         try:
-            os.fdatasync(fd)
+            getattr(os, "fdatasync", os.fsync)(fd)  # macOS has no fdatasync
         except OSError as exc:  # kept for commit: Linux reports a write-back error to one sync only
             self._sync_error = exc
 
