@@ -13,6 +13,7 @@ import collections
 import contextlib
 import io
 import json
+import logging
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -22,6 +23,8 @@ from PIL import Image
 
 from .replies import Reply
 from .vlm import Prompt
+
+log = logging.getLogger(__name__)
 
 Responder = Callable[[Image.Image, str, int], Reply]  # image, text, max_tokens
 FAULTS = ("ok", "429", "500", "timeout", "malformed", "reset", "no-content")  # "ok": serve normally
@@ -44,6 +47,14 @@ def _parse_request(body: dict) -> tuple[Image.Image, str]:
     return images[0], text
 
 
+class _QuietHTTPServer(ThreadingHTTPServer):
+    def handle_error(self, request, client_address) -> None:
+        # socketserver prints a traceback to stderr when a handler raises, typically a client
+        # that gave up (a "timeout" fault outlives its request, even the server) and a write to
+        # its closed socket. That lands in whatever output is running then: log it instead.
+        log.debug("chat server: error while serving %s", client_address, exc_info=True)
+
+
 class ChatServer:
     """`with ChatServer(respond, model="tiny") as srv: srv.url` -> http://127.0.0.1:PORT/v1"""
 
@@ -59,7 +70,7 @@ class ChatServer:
         self.requests: list[dict] = []     # what clients sent (headers without the key, body)
         # One generation at a time (models are not thread-safe), unless respond is (parallel).
         self._lock = threading.Lock() if not parallel else contextlib.nullcontext()
-        self._httpd = ThreadingHTTPServer((host, port), self._handler())
+        self._httpd = _QuietHTTPServer((host, port), self._handler())
         self._httpd.daemon_threads = True
         self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
 
