@@ -11,22 +11,22 @@ import sys
 
 import click
 
-from augment.models import PRESETS
-from augment.run import DEFAULT_MAX_PIXELS
+from ddaug.augment.models import PRESETS
+from ddaug.augment.run import DEFAULT_MAX_PIXELS
 
 log = logging.getLogger("ddaug")
 
 
 def _known_errors() -> tuple[type[Exception], ...]:
-    from augment.models import ModelLoadError
-    from captioning import VLMLoadError
-    from pipeline.command import UserError
-    from shards.export import ExportError
-    from shards.inspect import InspectError
-    from shards.loader import LoaderError
-    from shards.questions import QuestionError
-    from shards.store import StoreError
-    from sources import SourceError
+    from ddaug.augment.models import ModelLoadError
+    from ddaug.captioning import VLMLoadError
+    from ddaug.pipeline.command import UserError
+    from ddaug.shards.export import ExportError
+    from ddaug.shards.inspect import InspectError
+    from ddaug.shards.loader import LoaderError
+    from ddaug.shards.questions import QuestionError
+    from ddaug.shards.store import StoreError
+    from ddaug.sources import SourceError
 
     return (UserError, StoreError, SourceError, InspectError, ModelLoadError, VLMLoadError, QuestionError,
             LoaderError, ExportError)
@@ -107,7 +107,7 @@ class FiniteFloatRange(click.FloatRange):
 
 def _plain_name(ctx, param, value: str) -> str:
     """Flags that name files inside the output folder take a plain file name, never a path."""
-    from shards.writer import check_plain_name
+    from ddaug.shards.writer import check_plain_name
 
     try:
         return check_plain_name(value, "the name")
@@ -152,7 +152,7 @@ def run_options(fn):
 
 
 def _run_options(kw: dict):
-    from pipeline.command import RunOptions
+    from ddaug.pipeline.command import RunOptions
 
     keys = ("output", "media_dir", "device", "batch_size", "shard_size", "seed", "prefix", "workers",
             "rank", "world_size", "overwrite", "quiet", "retry_failures", "drop_text_only")
@@ -223,8 +223,8 @@ def augment(**kw) -> None:
     unguided UNet call (zero conditioning by default), decoded at its native size, and written
     to webdataset shards with its conversation unchanged. Reruns resume; see README.
     """
-    from augment.recipe import RecipeSettings
-    from augment.run import AugmentOptions, run_augment
+    from ddaug.augment.recipe import RecipeSettings
+    from ddaug.augment.run import AugmentOptions, run_augment
 
     run = _run_options(kw)
     dtype = _dtype(kw["dtype"], run.device)
@@ -250,9 +250,9 @@ def _dtype(requested: str | None, device: str | None) -> str:
 def _list_questions(ctx, param, value) -> None:
     if not value or ctx.resilient_parsing:
         return
-    from shards.questions import format_pools, load_questions_file
+    from ddaug.shards.questions import format_pools, load_questions_file
 
-    from shards.questions import QuestionError
+    from ddaug.shards.questions import QuestionError
 
     path = ctx.params.get("questions_file")
     try:
@@ -324,9 +324,9 @@ def caption(**kw) -> None:
     webdataset shards with its bytes unchanged and a [user, assistant] conversation. Reruns
     resume; failures go to failures.jsonl. See README for real models and vLLM servers.
     """
-    from captioning import GenerationSettings
-    from captioning.run import CaptionOptions, run_caption
-    from captioning.vlm import VLM_PRESETS
+    from ddaug.captioning import GenerationSettings
+    from ddaug.captioning.run import CaptionOptions, run_caption
+    from ddaug.captioning.vlm import VLM_PRESETS
 
     run = _run_options(kw)
     vlm = kw["vlm"]
@@ -365,7 +365,7 @@ Examples:
 @user_errors
 def inspect(paths, verify, show_key, save_image, preview, limit, as_json) -> None:
     """Summarise, verify, show and preview shards."""
-    from shards import inspect as ins
+    from ddaug.shards import inspect as ins
 
     if show_key:
         sample = ins.find_sample(paths, show_key)
@@ -432,8 +432,8 @@ def plan(recipe: str, as_json: bool) -> None:
     """Print what a training recipe will draw: samples per source and stage, and the epochs of
     each source that uses, before any training. The trainer loads the same file with
     shards.load_recipe(path).dataset()."""
-    from shards.recipe import format_plan, load_recipe
-    from shards.recipe import plan as make_plan
+    from ddaug.shards.recipe import format_plan, load_recipe
+    from ddaug.shards.recipe import plan as make_plan
 
     p = make_plan(load_recipe(recipe))
     click.echo(json.dumps(p, indent=1) if as_json else format_plan(p))
@@ -459,7 +459,7 @@ Examples:
 @user_errors
 def export(paths, output, fmt, name, jsonl, embed, channel_tag, quiet) -> None:
     """Export shards for trainers that do not read tars. Keys from tars never write outside -o."""
-    from shards.export import export as run_export
+    from ddaug.shards.export import export as run_export
 
     if fmt != "llamafactory" and (jsonl or embed):
         raise click.BadParameter("only with --format llamafactory", param_hint="--jsonl/--embed")
@@ -482,14 +482,14 @@ Example:
 @user_errors
 def demo(output: str) -> None:
     """Offline end-to-end run on CPU: bundled photos -> augment (tiny) -> inspect + preview -> caption."""
-    from demo import run_demo
+    from ddaug.demo import run_demo
 
     for line in run_demo(output):
         click.echo(line)
 
 
 def _parse_doses(ctx, param, values) -> tuple:
-    from gap import check_folders, parse_dose
+    from ddaug.gap import check_folders, parse_dose
 
     doses = []
     for value in values:
@@ -549,7 +549,7 @@ def gap(**kw) -> None:
     not at all). Format, JPEG quality, size and aspect are checked for shortcuts. With --dose,
     the general sample is augmented at each dose and the doses are ranked by the gap they leave.
     """
-    from gap import GapOptions, format_report, run_gap
+    from ddaug.gap import GapOptions, format_report, run_gap
 
     if kw["doses"] and not kw["dose_dir"]:
         raise click.BadParameter("--dose needs --dose-dir (where the sample and the augmented images go)",

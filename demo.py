@@ -20,7 +20,7 @@ DEMO_MODEL = "tiny"
 
 def write_demo_inputs(folder: str) -> str:
     """A LLaMA-Factory dataset over real photos, plus one broken file to show the ledger."""
-    from augment.tiny.photos import held_out
+    from ddaug.augment.tiny.photos import held_out
 
     img_dir = os.path.join(folder, "images")
     os.makedirs(img_dir, exist_ok=True)
@@ -43,7 +43,7 @@ def write_demo_inputs(folder: str) -> str:
 
 def psnr_by_source(shards: str) -> dict[str, float]:
     """PSNR (dB) of each augmented image against the input file it came from, by file name."""
-    from shards.inspect import find_shards, iter_shard, psnr
+    from ddaug.shards.inspect import find_shards, iter_shard, psnr
 
     scores = {}
     for shard in find_shards([shards]):
@@ -58,12 +58,12 @@ def psnr_by_source(shards: str) -> dict[str, float]:
 
 
 def run_demo(output: str) -> Iterator[str]:
-    from augment.recipe import RecipeSettings
-    from augment.run import AugmentOptions, run_augment
-    from captioning import GenerationSettings
-    from captioning.run import CaptionOptions, run_caption
-    from pipeline.command import RunOptions
-    from shards.inspect import contact_sheet, inspect_shards
+    from ddaug.augment.recipe import RecipeSettings
+    from ddaug.augment.run import AugmentOptions, run_augment
+    from ddaug.captioning import GenerationSettings
+    from ddaug.captioning.run import CaptionOptions, run_caption
+    from ddaug.pipeline.command import RunOptions
+    from ddaug.shards.inspect import contact_sheet, inspect_shards
 
     inputs = os.path.join(output, "inputs")
     dataset = write_demo_inputs(inputs)

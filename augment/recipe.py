@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from pipeline.timing import DeviceTimeline, StageTimes
+from ddaug.pipeline.timing import DeviceTimeline, StageTimes
 
 from .models import DiffusionComponents, ModelLoadError
 from .upsample import guard_upsamplers

@@ -8,8 +8,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from pipeline.command import RunOptions, UserError, execute
-from pipeline.job import JobSummary
+from ddaug.pipeline.command import RunOptions, UserError, execute
+from ddaug.pipeline.job import JobSummary
 
 from .models import ModelLoadError, load_components, resolve_spec
 from .recipe import DTYPES, DiffusionFlavour, RecipeSettings

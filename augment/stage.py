@@ -8,13 +8,13 @@ from typing import Any, Callable
 
 import numpy as np
 
-from pipeline import SampleFailure
-from pipeline.images import read_image
-from pipeline.passthrough import TextOnlyCounter, text_only_units
-from pipeline.timing import StageTimes
-from shards.codec import FORMAT_EXT, encode_image
-from shards.schema import build_sample, count_image_tags, encode_sample_json, image_member_names
-from sources import SourceItem
+from ddaug.pipeline import SampleFailure
+from ddaug.pipeline.images import read_image
+from ddaug.pipeline.passthrough import TextOnlyCounter, text_only_units
+from ddaug.pipeline.timing import StageTimes
+from ddaug.shards.codec import FORMAT_EXT, encode_image
+from ddaug.shards.schema import build_sample, count_image_tags, encode_sample_json, image_member_names
+from ddaug.sources import SourceItem
 
 from .recipe import DiffusionFlavour, sample_seed
 

@@ -196,9 +196,9 @@ def ddaug_run(model_dir: str, in_dir: str, out_dir: str, batch: int | None, mode
               trace: bool = False) -> RunResult:
     """A whole `ddaug augment` run through the library entry point the CLI uses (batch None:
     --batch-size auto; the defaults are the CLI's)."""
-    from augment.recipe import RecipeSettings
-    from augment.run import AugmentOptions, run_augment
-    from pipeline.command import RunOptions
+    from ddaug.augment.recipe import RecipeSettings
+    from ddaug.augment.run import AugmentOptions, run_augment
+    from ddaug.pipeline.command import RunOptions
 
     torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
@@ -229,7 +229,7 @@ class CallTrace:
         self.calls = []
 
     def __enter__(self):
-        from augment.recipe import DiffusionFlavour
+        from ddaug.augment.recipe import DiffusionFlavour
 
         original = DiffusionFlavour.launch_staged
         trace = self
@@ -331,7 +331,7 @@ def compile_startup(model_dir: str, in_dir: str, cache: str, work: str, batch: i
     res = []
     for label in ("empty cache", "warm cache"):
         t0 = time.perf_counter()
-        proc = subprocess.run([sys.executable, os.path.join(root, "cli.py"), "augment", warm_in, "-o",
+        proc = subprocess.run([sys.executable, "-m", "ddaug", "augment", warm_in, "-o",
                                os.path.join(work, f"startup-{len(res)}"), "--model", model_dir, "--compile", "always",
                                "--compile-cache", cache, "--batch-size", str(batch), "--device", "cuda", "-q",
                                "--overwrite"], capture_output=True, text=True)
@@ -372,7 +372,7 @@ def main() -> None:
     from diffusers.utils import logging as dlog
 
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
-    logging.getLogger("augment").setLevel(logging.INFO)  # the batch-size probe and kernel choices
+    logging.getLogger("ddaug.augment").setLevel(logging.INFO)  # the batch-size probe and kernel choices
 
     dlog.set_verbosity_error()  # per-load dtype notices drown the results
     work = tempfile.mkdtemp(prefix="ddaug-bench-")
@@ -420,7 +420,7 @@ def main() -> None:
 
     def part_bigger_calls():
         """Twice the pixels per call and up to 128 images (is batch 64 at 0.3 MP the knee?)."""
-        import augment.recipe as recipe
+        import ddaug.augment.recipe as recipe
 
         saved, recipe.MAX_IMAGES_PER_CALL = recipe.MAX_IMAGES_PER_CALL, 128
         try:
@@ -447,21 +447,21 @@ def main() -> None:
     }
     def part_calls(cap: int):
         """Default, with at most `cap` images per model call (recipe.MAX_IMAGES_PER_CALL)."""
-        import augment.recipe as recipe
+        import ddaug.augment.recipe as recipe
 
         with mock.patch.object(recipe, "MAX_IMAGES_PER_CALL", cap):
             run_part(f"defaults, at most {cap} images per call", f"calls{cap}")
 
     def part_depth(depth: int):
         """Default, with `depth` batches in flight beyond the oldest (pipeline.job.LAUNCH_DEPTH)."""
-        import pipeline.job as job
+        import ddaug.pipeline.job as job
 
         with mock.patch.object(job, "LAUNCH_DEPTH", depth):
             run_part(f"defaults, {depth} batches in flight beyond the oldest", f"depth{depth}")
 
     def part_threads(threads: int):
         """Default, with `threads` model threads (pipeline.job.MODEL_THREADS)."""
-        import pipeline.job as job
+        import ddaug.pipeline.job as job
 
         with mock.patch.object(job, "MODEL_THREADS", threads):
             run_part(f"defaults, {threads} model thread(s)", f"threads{threads}")
@@ -469,7 +469,7 @@ def main() -> None:
     def part_tails_largest():
         """Default, with a block's partial batches flushed largest first (before session 8)
         instead of pipeline.job.tail_order's largest, smallest, next largest..."""
-        import pipeline.job as job
+        import ddaug.pipeline.job as job
 
         with mock.patch.object(job, "tail_order", lambda sizes: sorted(sizes, key=lambda k: -sizes[k])):
             run_part("defaults, partial batches largest first", "tails-largest")

@@ -37,7 +37,7 @@ QWEN2_VL_2B_VISION = dict(depth=32, embed_dim=1280, hidden_size=1536, num_heads=
 def build_vlm_folder(folder: str) -> None:
     from transformers import AutoProcessor, Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
-    from captioning import save_tiny_vlm
+    from ddaug.captioning import save_tiny_vlm
 
     save_tiny_vlm(folder)  # processor (tokenizer trained in process) + a tiny model we replace
     processor = AutoProcessor.from_pretrained(folder)
@@ -74,8 +74,8 @@ def make_inputs(folder: str, n: int) -> None:
 
 def per_image_loop(folder: str, paths: list[str], new_tokens: int, max_pixels: int) -> tuple[float, int]:
     """The obvious loop: one image, one generate call, at a time (same model, same pixels)."""
-    from captioning import GenerationSettings, TransformersVLM
-    from captioning.vlm import Prompt
+    from ddaug.captioning import GenerationSettings, TransformersVLM
+    from ddaug.captioning.vlm import Prompt
 
     vlm = TransformersVLM(folder, device="cuda", dtype="bf16", settings=GenerationSettings(max_new_tokens=new_tokens))
     tokens = 0
@@ -99,9 +99,9 @@ def per_image_loop(folder: str, paths: list[str], new_tokens: int, max_pixels: i
 
 
 def ddaug_caption(folder: str, in_dir: str, out_dir: str, new_tokens: int, max_pixels: int, batch: int):
-    from captioning import GenerationSettings
-    from captioning.run import CaptionOptions, run_caption
-    from pipeline.command import RunOptions
+    from ddaug.captioning import GenerationSettings
+    from ddaug.captioning.run import CaptionOptions, run_caption
+    from ddaug.pipeline.command import RunOptions
 
     t0 = time.perf_counter()
     summary = run_caption(RunOptions(inputs=(in_dir,), output=out_dir, device="cuda", batch_size=batch,

@@ -131,11 +131,11 @@ def run_client(in_dir: str, out_dir: str, api_base: str, concurrency: int, shard
 
 def downsize_cpu(results: str | None, passes: int = 25) -> None:
     """CPU per image (one core) of what the openai backend does to an input before sending it."""
-    from sources import read_sources
+    from ddaug.sources import read_sources
 
     import torch
 
-    from captioning.images import TORCH_RESIZE, load_caption_image
+    from ddaug.captioning.images import TORCH_RESIZE, load_caption_image
 
     work = tempfile.mkdtemp(prefix="ddaug-downsize-")
     rows = []

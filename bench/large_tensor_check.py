@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def upsample_checks(device: str) -> None:
-    from augment.upsample import nearest_2x
+    from ddaug.augment.upsample import nearest_2x
 
     for shape in [(16, 512, 256, 256), (17, 512, 256, 256), (24, 512, 256, 256), (32, 512, 256, 256),
                   (9, 256, 512, 512), (26, 256, 512, 512)]:
@@ -50,8 +50,8 @@ def upsample_checks(device: str) -> None:
 def decoder_checks(folder: str, batch: int, device: str, channels_last: bool) -> None:
     from diffusers import AutoencoderKL
 
-    from augment.groupnorm import fuse_group_norms
-    from augment.upsample import guard_upsamplers
+    from ddaug.augment.groupnorm import fuse_group_norms
+    from ddaug.augment.upsample import guard_upsamplers
 
     torch.manual_seed(0)
     z = torch.randn(batch, 4, 128, 128, device=device, dtype=torch.bfloat16)

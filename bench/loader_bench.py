@@ -30,7 +30,7 @@ def write_shards(folder: str, n: int, size: int, per_shard: int, tag: str) -> li
     import webdataset as wds
     from skimage import data
 
-    from shards.schema import build_sample, encode_sample_json
+    from ddaug.shards.schema import build_sample, encode_sample_json
 
     photos = [data.astronaut(), data.coffee(), data.chelsea(), data.rocket()]
     os.makedirs(folder, exist_ok=True)
@@ -73,7 +73,7 @@ def main() -> None:
 
     import webdataset as wds
 
-    from shards import MixedShardDataset, TrainingStage
+    from ddaug.shards import MixedShardDataset, TrainingStage
 
     root = tempfile.mkdtemp(prefix="ddaug-loader-bench-")
     big = write_shards(os.path.join(root, "business"), args.samples, args.size, args.per_shard, "business")

@@ -2,7 +2,7 @@
 
     python bench/multi_gpu_bench.py --images 256 --batch 8 --results bench/RESULTS.md
 
-Runs `cli.py augment` once as one process on cuda:0, then under `accelerate launch --multi_gpu
+Runs `ddaug augment` once as one process on cuda:0, then under `accelerate launch --multi_gpu
 --num_processes 2` (torchrun when accelerate is missing), on full-size SDXL UNet + VAE with
 random weights. Both times include model load, as a user's run does. Then compares every
 sample's image between the two outputs.
@@ -73,7 +73,7 @@ def main() -> None:
     common = ["augment", inputs, "--model", model, "--batch-size", str(args.batch), "--shard-size", "64", "-q",
               "--workers", "8"]
     runs = [("one process, cuda:0", os.path.join(work, "one"),
-             run([sys.executable, "cli.py", *common, "-o", os.path.join(work, "one"), "--device", "cuda:0"]))]
+             run([sys.executable, "-m", "ddaug", *common, "-o", os.path.join(work, "one"), "--device", "cuda:0"]))]
     try:
         import accelerate  # noqa: F401
         launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
@@ -83,10 +83,10 @@ def main() -> None:
         launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
         name = "torchrun --nproc_per_node 2"
     out = os.path.join(work, "two")
-    runs.append((f"`{name}`", out, run([*launcher, "cli.py", *common, "-o", out])))
+    runs.append((f"`{name}`", out, run([*launcher, "-m", "ddaug", *common, "-o", out])))
     out = os.path.join(work, "plain")
     runs.append(("two plain processes, `--rank r --world-size 2 --device cuda:r`", out,
-                 run_ranks([sys.executable, "cli.py", *common, "-o", out], 2)))
+                 run_ranks([sys.executable, "-m", "ddaug", *common, "-o", out], 2)))
     (_, one_dir, (one, one_job)) = runs[0]
     lines = ["## augment on 2 GPUs vs 1, SDXL architecture (random weights), 1024x1024, eager",
              f"- date {datetime.date.today()}, {torch.cuda.device_count()}x {torch.cuda.get_device_name()}, "

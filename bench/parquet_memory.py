@@ -52,8 +52,8 @@ def write_parquet(path: str, rows: int, row_group: int, side: int) -> int:
 
 def serve(port_queue, stop):
     sys.path.insert(0, HERE)
-    from captioning.replies import Reply
-    from captioning.server import ChatServer
+    from ddaug.captioning.replies import Reply
+    from ddaug.captioning.server import ChatServer
 
     with ChatServer(lambda image, text, n: Reply("A picture of noise."), model="m") as srv:
         port_queue.put(srv.url)

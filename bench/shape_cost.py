@@ -50,7 +50,7 @@ def fused_against_eager(fl, label: str) -> None:
     import torch.nn.functional as F
     from torch import nn
 
-    from augment.groupnorm import group_norm_act
+    from ddaug.augment.groupnorm import group_norm_act
 
     torch.manual_seed(0)
     for shape, groups, with_bias in [((32, 128, 512, 640), 32, False), ((32, 512, 64, 80), 32, True),
@@ -71,7 +71,7 @@ def fused_against_eager(fl, label: str) -> None:
         print(f"[{label}] norm+silu {tuple(shape)} bias={with_bias}: eager {gpu_ms(eager):.3f} ms, fused "
               f"{gpu_ms(fused):.3f} ms; max error vs fp32: eager {err_e:.4f}, fused {err_f:.4f}", flush=True)
     images = (torch.rand(8, 480, 640, 3) * 255).to(torch.uint8)
-    from augment.recipe import StagedBatch
+    from ddaug.augment.recipe import StagedBatch
 
     def run():
         noise = torch.randn(8, 4, 60, 80, generator=torch.Generator().manual_seed(1))
@@ -120,7 +120,7 @@ def main() -> None:
     args = ap.parse_args()
     from diffusers.utils import logging as dlog
 
-    from augment import DiffusionFlavour, RecipeSettings, load_components, resolve_spec
+    from ddaug.augment import DiffusionFlavour, RecipeSettings, load_components, resolve_spec
 
     dlog.set_verbosity_error()
     if args.no_cudnn_sdp:

@@ -54,7 +54,7 @@ def wall(fn) -> float:
 def part_load(model_dir: str) -> None:
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    from augment import DiffusionFlavour, RecipeSettings, load_components, resolve_spec
+    from ddaug.augment import DiffusionFlavour, RecipeSettings, load_components, resolve_spec
 
     t0 = time.perf_counter()
     comps = load_components(resolve_spec(model_dir))
@@ -78,7 +78,7 @@ def part_load(model_dir: str) -> None:
 
 
 def flavour(model_dir: str, channels_last: bool = False):
-    from augment import DiffusionFlavour, RecipeSettings, load_components, resolve_spec
+    from ddaug.augment import DiffusionFlavour, RecipeSettings, load_components, resolve_spec
 
     fl = DiffusionFlavour(load_components(resolve_spec(model_dir)), RecipeSettings(dtype="bf16"), "cuda")
     if channels_last:  # weights and activations; the recipe keeps this for compiled graphs only

@@ -37,7 +37,7 @@ def main() -> None:
 
     torch.zeros(1, device="cuda")
     phase("import torch + CUDA context")
-    from augment import DiffusionFlavour, RecipeSettings, load_components, resolve_spec
+    from ddaug.augment import DiffusionFlavour, RecipeSettings, load_components, resolve_spec
     import diffusers.models  # noqa: F401  (what load_components imports first)
     from diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: F401
     phase("import ddaug + diffusers' model classes")

@@ -24,9 +24,9 @@ from typing import Any
 import torch
 from PIL import Image
 
-from pipeline import SampleFailure
-from pipeline.images import FORMAT_MEMBER_EXT
-from sources import ImageDecodeError, SourceItem, decode_image
+from ddaug.pipeline import SampleFailure
+from ddaug.pipeline.images import FORMAT_MEMBER_EXT
+from ddaug.sources import ImageDecodeError, SourceItem, decode_image
 
 SEND_AS_IS = {"PNG": "image/png", "JPEG": "image/jpeg", "MPO": "image/jpeg", "WEBP": "image/webp",
               "GIF": "image/gif"}

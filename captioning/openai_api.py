@@ -28,8 +28,8 @@ import urllib.request
 from concurrent.futures import Future
 from typing import Any
 
-from pipeline import JobAbort
-from pipeline.timing import StageTimes
+from ddaug.pipeline import JobAbort
+from ddaug.pipeline.timing import StageTimes
 
 from .images import encode_for_request
 from .replies import Reply

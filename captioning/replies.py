@@ -7,7 +7,7 @@ import re
 import zlib
 from dataclasses import dataclass, field
 
-from shards.schema import IMAGE_TAG
+from ddaug.shards.schema import IMAGE_TAG
 
 
 @dataclass

@@ -9,12 +9,12 @@ import os
 import urllib.parse
 from dataclasses import dataclass, field, replace
 
-from pipeline.command import DEFAULT_BATCH_SIZE, RunOptions, UserError, execute
-from pipeline.job import JobSummary
-from shards.store import RUN_FILE
+from ddaug.pipeline.command import DEFAULT_BATCH_SIZE, RunOptions, UserError, execute
+from ddaug.pipeline.job import JobSummary
+from ddaug.shards.store import RUN_FILE
 
 from .openai_api import OpenAIVLM
-from shards.questions import QuestionError, QuestionPicker, load_questions_file
+from ddaug.shards.questions import QuestionError, QuestionPicker, load_questions_file
 from .stage import CaptionStage
 from .vlm import GenerationSettings, TransformersVLM, VLMLoadError
 

@@ -17,13 +17,13 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from pipeline import SampleFailure
-from pipeline.passthrough import TextOnlyCounter, text_only_units
-from shards.schema import IMAGE_TAG, build_sample, encode_sample_json, image_member_names
-from sources import SourceItem
+from ddaug.pipeline import SampleFailure
+from ddaug.pipeline.passthrough import TextOnlyCounter, text_only_units
+from ddaug.shards.schema import IMAGE_TAG, build_sample, encode_sample_json, image_member_names
+from ddaug.sources import SourceItem
 
 from .images import CaptionImage, load_caption_image
-from shards.questions import INSTRUCT_RETRY, Question, QuestionPicker
+from ddaug.shards.questions import INSTRUCT_RETRY, Question, QuestionPicker
 from .replies import MalformedReply, Reply, answer_flags, parse_instruct
 from .timing import CaptionTimes
 from .vlm import GenerationSettings, Prompt

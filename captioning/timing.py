@@ -15,7 +15,7 @@ import time
 from contextlib import contextmanager
 from typing import Iterator
 
-from pipeline.timing import StageTimes
+from ddaug.pipeline.timing import StageTimes
 
 # Measured in thread CPU time (with 4 loaders and C request threads sharing the GIL, wall time
 # inside a thread would count the others' work too).

@@ -18,7 +18,7 @@ import os
 import numpy as np
 from PIL import Image
 
-from augment.tiny.photos import Photo
+from ddaug.augment.tiny.photos import Photo
 
 _SK = "skimage"
 BUSINESS = (

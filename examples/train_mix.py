@@ -15,7 +15,7 @@ import json
 from accelerate import Accelerator
 from transformers import AutoProcessor
 
-from shards import ChatCollator, CheckpointableLoader, load_recipe
+from ddaug.shards import ChatCollator, CheckpointableLoader, load_recipe
 
 
 def main() -> None:

@@ -14,8 +14,8 @@ import os
 import re
 from dataclasses import dataclass
 
-from pipeline.command import RunOptions, UserError
-from pipeline.images import FORMAT_MEMBER_EXT
+from ddaug.pipeline.command import RunOptions, UserError
+from ddaug.pipeline.images import FORMAT_MEMBER_EXT
 
 from .sets import ImageSet
 
@@ -78,7 +78,7 @@ def check_folders(doses: list[Dose]) -> None:
 def write_sample(general: ImageSet, dose_dir: str) -> str:
     """The sampled general images, bytes unchanged, as the augment input. A folder left by an
     earlier run is reused only if it holds exactly this sample."""
-    from shards.writer import TMP_SUFFIX, atomic_write_bytes
+    from ddaug.shards.writer import TMP_SUFFIX, atomic_write_bytes
 
     folder = os.path.join(dose_dir, SAMPLE_FOLDER)
     os.makedirs(folder, exist_ok=True)
@@ -104,8 +104,8 @@ def write_sample(general: ImageSet, dose_dir: str) -> str:
 def run_doses(doses: list[Dose], general: ImageSet, dose_dir: str, *, device: str | None, dtype: str,
               seed: int, quiet: bool = False) -> list[dict[str, str]]:
     """Augment the general sample once per dose: {label, folder, augment (its summary line)} each."""
-    from augment.recipe import RecipeSettings
-    from augment.run import AugmentOptions, run_augment
+    from ddaug.augment.recipe import RecipeSettings
+    from ddaug.augment.run import AugmentOptions, run_augment
 
     try:
         check_folders(doses)

@@ -12,7 +12,7 @@ from sklearn.model_selection import StratifiedKFold, cross_val_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from pipeline.command import UserError
+from ddaug.pipeline.command import UserError
 
 # Verdicts read off the AUC once its interval excludes chance.
 VERDICTS = ((0.85, "large gap"), (0.65, "clear gap"), (0.0, "small gap"))

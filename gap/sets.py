@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-from pipeline.command import UserError
-from sources import ImageDecodeError, ImageRef, decode_image, read_sources
+from ddaug.pipeline.command import UserError
+from ddaug.sources import ImageDecodeError, ImageRef, decode_image, read_sources
 
 from .features import FeatureExtractor, ImageFeatures
 from .shortcuts import jpeg_quality

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from importlib import metadata
 from typing import Any, Callable
 
-from shards.store import OutputFolder
-from sources import read_sources
+from ddaug.shards.store import OutputFolder
+from ddaug.sources import read_sources
 
 from .job import Job, JobAbort, JobSummary, Stage
 from .passthrough import drop_text_only

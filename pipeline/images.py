@@ -11,7 +11,7 @@ from typing import Any
 
 from PIL import Image
 
-from sources import ImageDecodeError, SourceItem, decode_image
+from ddaug.sources import ImageDecodeError, SourceItem, decode_image
 
 from .job import SampleFailure
 

@@ -24,8 +24,8 @@ from typing import Any, Callable, Hashable, Iterator, Protocol
 
 from tqdm import tqdm
 
-from shards.store import Failure, OutputFolder
-from sources import SourceItem
+from ddaug.shards.store import Failure, OutputFolder
+from ddaug.sources import SourceItem
 
 from .timing import GpuBusySampler, StageTimes
 

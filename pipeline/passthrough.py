@@ -8,8 +8,8 @@ import threading
 from collections import Counter
 from typing import Any
 
-from shards.schema import IMAGE_TAG, TEXT_ONLY_TASK, build_sample, count_image_tags, encode_sample_json
-from sources import SourceItem
+from ddaug.shards.schema import IMAGE_TAG, TEXT_ONLY_TASK, build_sample, count_image_tags, encode_sample_json
+from ddaug.sources import SourceItem
 
 from .job import SampleFailure
 

@@ -27,14 +27,14 @@ SAMPLE_LOADER_FILE = "ddaug_sample_loader.py"
 # What the export's dataset.yaml says; `energon info` imports the class from this module.
 DATASET_YAML = """\
 sample_type:
-  __module__: shards.energon
+  __module__: ddaug.shards.energon
   __class__: DdaugChatSample
 sample_loader: {loader}:sample_loader
 part_filter: {loader}:part_filter
 """
 SAMPLE_LOADER_SOURCE = '''\
 """Written by `ddaug export --format energon`: Energon calls these for each sample."""
-from shards.energon import ddaug_part_filter as part_filter, load_ddaug_sample as sample_loader  # noqa: F401
+from ddaug.shards.energon import ddaug_part_filter as part_filter, load_ddaug_sample as sample_loader  # noqa: F401
 '''
 
 

@@ -29,7 +29,7 @@ from typing import Any, Iterator
 
 from tqdm import tqdm
 
-from sources.items import printable
+from ddaug.sources.items import printable
 
 from .inspect import ShardSample, find_shards, iter_shard
 from .schema import count_image_tags, message_problems
@@ -340,7 +340,7 @@ def export_energon(paths, out: str, *, show_progress: bool = True) -> ExportSumm
     atomic_write_bytes(os.path.join(meta_dir, SAMPLE_LOADER_FILE), SAMPLE_LOADER_SOURCE.encode("utf-8"))
     atomic_write_bytes(os.path.join(meta_dir, "dataset.yaml"),
                        DATASET_YAML.format(loader=SAMPLE_LOADER_FILE).encode("utf-8"))
-    summary.files = [f"{len(names)} shard(s)", ".nv-meta/ (sample type shards.energon.DdaugChatSample)"]
+    summary.files = [f"{len(names)} shard(s)", ".nv-meta/ (sample type ddaug.shards.energon.DdaugChatSample)"]
     return summary
 
 

@@ -17,8 +17,8 @@ from typing import Any, Iterator
 import numpy as np
 from PIL import Image, ImageDraw
 
-from sources.items import MAX_INPUT_BYTES, open_regular, printable
-from sources.readers import _split_member_name, expand_input, missing_tar_end
+from ddaug.sources.items import MAX_INPUT_BYTES, open_regular, printable
+from ddaug.sources.readers import _split_member_name, expand_input, missing_tar_end
 
 from .schema import IMAGE_SUFFIXES, validate_sample
 from .store import FAILURES, MANIFEST, RUN_FILE, STATS_SUFFIX
@@ -319,7 +319,7 @@ def save_first_image(sample: ShardSample, path: str) -> None:
 def _read_source(uri: str) -> Image.Image | None:
     """The original image when it is still readable: a file path, `tar#member`, or a parquet/arrow
     `file#row/column/index` (paths in the cell relative to the file)."""
-    from sources.parquet import TableImageRef, is_table_file
+    from ddaug.sources.parquet import TableImageRef, is_table_file
 
     try:
         # The uri comes from a sample's json: read only plain files, of bounded size.
@@ -338,7 +338,7 @@ def _read_source(uri: str) -> Image.Image | None:
         else:
             with open_regular(uri) as f:
                 data = f.read()
-        from sources import decode_image
+        from ddaug.sources import decode_image
 
         return decode_image(data)[0]
     except Exception:

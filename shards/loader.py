@@ -1,7 +1,7 @@
 """The trainer's side: a torch IterableDataset that mixes named shard sets by weight, follows a
 stage schedule, splits work by rank and DataLoader worker, and can resume mid-epoch.
 
-    from shards import MixedShardDataset, CheckpointableLoader
+    from ddaug.shards import MixedShardDataset, CheckpointableLoader
     ds = MixedShardDataset({"business": "out/cap", "general": "out/general"},
                            weights={"business": 10, "general": 1}, seed=0)
     loader = CheckpointableLoader(ds, batch_size=8, num_workers=2, collate_fn=ChatCollator(proc))
@@ -382,7 +382,7 @@ class MixedShardDataset(IterableDataset):
 
 
 def _decode(data: bytes):
-    from sources import decode_image
+    from ddaug.sources import decode_image
 
     return decode_image(data)[0]
 

@@ -11,7 +11,7 @@ import tarfile
 from dataclasses import dataclass
 from typing import BinaryIO
 
-from sources.readers import index_tar
+from ddaug.sources.readers import index_tar
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from cli import cli
+from ddaug.cli import cli
 
 
 @pytest.fixture(scope="session")
@@ -40,14 +40,14 @@ def photo_dir(tmp_path, photos):
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
-    from augment import save_tiny_random
+    from ddaug.augment import save_tiny_random
 
     return save_tiny_random(str(tmp_path_factory.mktemp("tiny-sdxl")))
 
 
 @pytest.fixture(scope="session")
 def tiny_lcm_dir(tmp_path_factory):
-    from augment import save_tiny_random
+    from ddaug.augment import save_tiny_random
 
     return save_tiny_random(str(tmp_path_factory.mktemp("tiny-lcm")), lcm=True)
 
@@ -57,9 +57,9 @@ def shard_sets(tmp_path_factory, photos):
     """Two real ddaug shard sets made through the CLI: 'business' (24 captioned images, 8 shards
     of 3, written by `caption` against a localhost chat server) and 'general' (4 augmented
     photos with conversations, 2 shards)."""
-    from captioning.replies import Reply
-    from captioning.server import ChatServer
-    from demo import write_demo_inputs
+    from ddaug.captioning.replies import Reply
+    from ddaug.captioning.server import ChatServer
+    from ddaug.demo import write_demo_inputs
 
     root = tmp_path_factory.mktemp("sets")
     imgs = root / "business-images"

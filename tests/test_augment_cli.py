@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from shards.schema import validate_sample
+from ddaug.shards.schema import validate_sample
 
 from conftest import decode, invoke, read_samples, sample_meta
 
@@ -71,7 +71,7 @@ def test_odd_size_333x517(tmp_path):
 def _block_owner(inputs, shard_size: int, world_size: int) -> dict[str, int]:
     """key -> rank, by the documented rule: blocks of shard_size in input order, block j to
     rank j % world_size."""
-    from sources import read_sources
+    from ddaug.sources import read_sources
 
     items = read_sources([str(inputs)], None)
     return {it.key: (i // shard_size) % world_size for i, it in enumerate(items)}
@@ -286,7 +286,7 @@ def test_list_file_and_jpeg_output(tmp_path, photo_dir):
 
 
 def test_second_process_on_same_rank_is_refused(tmp_path, photo_dir):
-    from shards.store import OutputFolder, StoreError
+    from ddaug.shards.store import OutputFolder, StoreError
 
     out = tmp_path / "out"
     holder = OutputFolder(str(out), prefix="shard", command="augment", config={}, run_info={})
@@ -303,7 +303,7 @@ def test_second_process_on_same_rank_is_refused(tmp_path, photo_dir):
 
 
 def test_console_script_help_and_python_cli(tmp_path):
-    for cmd in (["ddaug", "augment", "--help"], [sys.executable, "cli.py", "inspect", "--help"]):
+    for cmd in (["ddaug", "augment", "--help"], [sys.executable, "-m", "ddaug", "inspect", "--help"]):
         r = subprocess.run(cmd, capture_output=True, text=True,
                            cwd=os.path.dirname(os.path.dirname(__file__)))
         assert r.returncode == 0 and "Examples:" in r.stdout, r.stderr
@@ -343,7 +343,7 @@ def test_odd_image_modes_decode_to_rgb_at_display_size(tmp_path, photos):
 def test_transparent_pixels_become_white():
     import io
 
-    from sources import decode_image
+    from ddaug.sources import decode_image
 
     buf = io.BytesIO()
     Image.new("RGBA", (4, 4), (10, 20, 30, 0)).save(buf, format="PNG")
@@ -359,7 +359,7 @@ def test_two_processes_under_a_launcher_split_the_input(tmp_path, photo_dir):
     out = tmp_path / "out"
     repo = os.path.dirname(os.path.dirname(__file__))
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                        os.path.join(repo, "cli.py"), "augment", str(photo_dir), "-o", str(out),
+                        "-m", "ddaug", "augment", str(photo_dir), "-o", str(out),
                         *FAST, "--shard-size", "1"], capture_output=True, text=True, timeout=600, cwd=repo)
     assert r.returncode == 0, r.stderr[-2000:]
     assert (out / ".lock-000").exists() and (out / ".lock-001").exists()  # both ranks ran
@@ -377,7 +377,7 @@ def test_two_processes_under_a_launcher_split_the_input(tmp_path, photo_dir):
 def test_disk_full_mid_run_stops_cleanly_and_rerun_completes(tmp_path, photo_dir, monkeypatch):
     import errno
 
-    from shards.writer import ShardWriter
+    from ddaug.shards.writer import ShardWriter
 
     out = tmp_path / "out"
     real_write = ShardWriter.write
@@ -403,9 +403,8 @@ def test_disk_full_mid_run_stops_cleanly_and_rerun_completes(tmp_path, photo_dir
 
 
 def test_an_encoding_bug_fails_one_sample_not_the_run(tmp_path, photo_dir, monkeypatch):
-    import shards.codec
-
-    real_encode = shards.codec.encode_image
+    import ddaug.shards.codec as codec
+    real_encode = codec.encode_image
     seen = {"n": 0}
 
     def flaky_encode(pixels, image_format, quality=95):
@@ -414,7 +413,7 @@ def test_an_encoding_bug_fails_one_sample_not_the_run(tmp_path, photo_dir, monke
             raise RuntimeError("encoder exploded")
         return real_encode(pixels, image_format, quality)
 
-    monkeypatch.setattr("augment.stage.encode_image", flaky_encode)
+    monkeypatch.setattr("ddaug.augment.stage.encode_image", flaky_encode)
     out = tmp_path / "out"
     r = invoke("augment", photo_dir, "-o", out, *FAST, "--workers", "1")
     assert "done 3" in r.output and "failed 1" in r.output
@@ -437,8 +436,8 @@ def test_batch_follows_pixels(tiny_model_dir):
     """--batch-size N means N images' worth of 1024² pixels per model call: proportionally fewer
     large images (a folder of big scans does not run out of memory), more small ones, up to
     MAX_IMAGES_PER_CALL (COCO-sized photos fill the GPU instead of running 16 at a time)."""
-    from augment import DiffusionFlavour, RecipeSettings, load_components, resolve_spec
-    from augment.recipe import MAX_IMAGES_PER_CALL, images_per_call
+    from ddaug.augment import DiffusionFlavour, RecipeSettings, load_components, resolve_spec
+    from ddaug.augment.recipe import MAX_IMAGES_PER_CALL, images_per_call
 
     flavour = DiffusionFlavour(load_components(resolve_spec(tiny_model_dir)), RecipeSettings(dtype="fp32"),
                                "cpu", batch_size=8)
@@ -461,7 +460,7 @@ def test_canvases_are_few_and_fit_the_image():
     on far fewer canvases than padded to 32."""
     import random
 
-    from augment.recipe import CANVAS_STEP, canvas_for
+    from ddaug.augment.recipe import CANVAS_STEP, canvas_for
 
     assert canvas_for(480, 640, 32) == (512, 640)
     assert canvas_for(427, 640, 32) == (512, 640)
@@ -483,8 +482,8 @@ def test_auto_batch_size_fits_free_memory(tiny_model_dir):
     """--batch-size auto: the peaks of batches of 1 and 2 give a fixed and a per-image part; the
     batch is what fits the budget, at least 1, at most the cap. The probe runs small images and
     scales the per-image part by pixels. On CPU it is a fixed 8."""
-    from augment import DiffusionFlavour, RecipeSettings, load_components, resolve_spec
-    from augment.recipe import batch_from_memory
+    from ddaug.augment import DiffusionFlavour, RecipeSettings, load_components, resolve_spec
+    from ddaug.augment.recipe import batch_from_memory
 
     gib = 2 ** 30
     # 5 GiB free for a 1.5 GiB batch of one and 2.5 GiB batch of two: 0.5 fixed + 1 per image.
@@ -500,7 +499,7 @@ def test_auto_batch_size_fits_free_memory(tiny_model_dir):
 def test_compile_choice():
     """--compile auto never torch.compiles (it never paid in bench/RESULTS.md); always compiles
     on a GPU only; the reason is what -v logs."""
-    from augment.run import choose_compile
+    from ddaug.augment.run import choose_compile
 
     assert choose_compile("auto", "cuda:0") == (False, choose_compile("auto", "cuda:0")[1])
     assert "--compile always" in choose_compile("auto", "cuda:0")[1]
@@ -512,7 +511,7 @@ def test_compile_choice():
 def test_bound_report_reads_gpu_busy_time():
     """With the GPU's utilization sampled (NVML), -v names the bound from how busy the GPU was,
     not from which thread was busiest: the GPU itself, reading, shape changes, small batches."""
-    from pipeline.timing import StageTimes
+    from ddaug.pipeline.timing import StageTimes
 
     def sampled(busy_percent: int) -> StageTimes:
         t = StageTimes()
@@ -577,7 +576,7 @@ def test_a_model_whose_scheduler_cannot_take_one_timestep_is_one_line(tmp_path, 
     diffusers' set_timesteps of those takes no custom timesteps, so the recipe's single step
     cannot be set up. That is one line naming --scheduler, never a traceback; --scheduler euler
     runs the same folder."""
-    from augment import save_tiny_random
+    from ddaug.augment import save_tiny_random
 
     folder = save_tiny_random(str(tmp_path / "model"))
     path = os.path.join(folder, "scheduler", "scheduler_config.json")
@@ -602,7 +601,7 @@ def test_gpu_timeline_reads_its_events_only_once_they_completed(monkeypatch):
 
     import torch
 
-    from pipeline.timing import DeviceTimeline, StageTimes
+    from ddaug.pipeline.timing import DeviceTimeline, StageTimes
 
     stream = []
 
@@ -645,7 +644,7 @@ def test_job_stages_next_batches_while_launched_ones_still_run(tmp_path, monkeyp
     the main thread stages the next batches meanwhile instead of sitting in finish() (the GPU
     would run dry between batches). Simulated on CPU: each launched batch reports 'still
     running' for its first two polls. Outputs are those of an unpatched run."""
-    from augment.recipe import DiffusionFlavour
+    from ddaug.augment.recipe import DiffusionFlavour
 
     src = tmp_path / "in"
     src.mkdir()
@@ -687,9 +686,9 @@ def test_launches_overlap_on_two_model_threads_only_where_memory_allows(tmp_path
     import threading
     import time
 
-    import augment.recipe as recipe
-    import pipeline.job as job
-    from augment.recipe import DiffusionFlavour
+    import ddaug.augment.recipe as recipe
+    import ddaug.pipeline.job as job
+    from ddaug.augment.recipe import DiffusionFlavour
 
     src = tmp_path / "in"
     src.mkdir()
@@ -745,7 +744,7 @@ def test_outputs_do_not_depend_on_how_many_batches_are_in_flight(tmp_path, monke
     several canvases whose last batches are partial."""
     import builtins
 
-    import pipeline.job as job
+    import ddaug.pipeline.job as job
 
     src = tmp_path / "in"
     src.mkdir()
@@ -782,8 +781,8 @@ def test_samples_are_written_as_their_batches_complete_in_an_order_fixed_by_the_
     import random
     import time
 
-    import pipeline.job as job
-    from augment.stage import AugmentStage
+    import ddaug.pipeline.job as job
+    from ddaug.augment.stage import AugmentStage
 
     photos = tmp_path / "photos"
     photos.mkdir()
@@ -830,9 +829,9 @@ def test_launch_budget_lets_a_full_batch_through_once_overlapping_launches_have_
     is let through if it hangs."""
     import threading
 
-    import augment.recipe as recipe
-    import pipeline.job as job
-    from augment.recipe import DiffusionFlavour
+    import ddaug.augment.recipe as recipe
+    import ddaug.pipeline.job as job
+    from ddaug.augment.recipe import DiffusionFlavour
 
     src = tmp_path / "in"
     src.mkdir()
@@ -885,10 +884,10 @@ def test_a_compiled_vae_is_never_launched_from_two_threads_at_once(tmp_path, mon
     import threading
     import time
 
-    import augment.recipe as recipe
-    import augment.run as augment_run
-    import pipeline.job as job
-    from augment.recipe import DiffusionFlavour
+    import ddaug.augment.recipe as recipe
+    import ddaug.augment.run as augment_run
+    import ddaug.pipeline.job as job
+    from ddaug.augment.recipe import DiffusionFlavour
 
     src = tmp_path / "in"
     src.mkdir()

@@ -11,10 +11,10 @@ import socket
 import pytest
 from PIL import Image
 
-from captioning import builtin_pool, is_degenerate, parse_instruct, save_tiny_vlm
-from shards.questions import builtin_stages, format_pools
-from captioning.replies import MalformedReply, Reply
-from captioning.server import ChatServer, vlm_responder
+from ddaug.captioning import builtin_pool, is_degenerate, parse_instruct, save_tiny_vlm
+from ddaug.shards.questions import builtin_stages, format_pools
+from ddaug.captioning.replies import MalformedReply, Reply
+from ddaug.captioning.server import ChatServer, vlm_responder
 from conftest import invoke, read_samples, sample_meta
 
 
@@ -176,7 +176,7 @@ def test_degeneration_detector():
 # -- openai backend against a real HTTP server on localhost ----------------------------------------------
 @pytest.fixture
 def tiny_server(tiny_vlm_dir, no_proxy):
-    from captioning import GenerationSettings, TransformersVLM
+    from ddaug.captioning import GenerationSettings, TransformersVLM
 
     vlm = TransformersVLM(tiny_vlm_dir, device="cpu", dtype="fp32", settings=GenerationSettings(max_new_tokens=8))
     with ChatServer(vlm_responder(vlm), model="tiny-random", api_key="sk-test-secret-123") as srv:

@@ -135,7 +135,7 @@ def _answers(folder) -> dict[str, str]:
 
 @pytest.mark.parametrize("family", ["qwen2-vl", *FAMILIES])
 def test_every_family_batches_with_the_same_answers_as_one_by_one(family, tmp_path, same_bucket_dir):
-    from captioning import save_tiny_vlm
+    from ddaug.captioning import save_tiny_vlm
 
     folder = save_tiny_vlm(str(tmp_path / family)) if family == "qwen2-vl" else _save(tmp_path / family,
                                                                                        FAMILIES[family])

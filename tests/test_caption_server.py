@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from captioning.replies import Reply
-from captioning.server import ChatServer
+from ddaug.captioning.replies import Reply
+from ddaug.captioning.server import ChatServer
 from conftest import invoke, read_samples, sample_meta
 
 
@@ -181,7 +181,7 @@ def test_exif_rotated_inputs_are_stored_as_the_model_saw_them(tmp_path, photos, 
             _caption(d, out, srv.url)
         assert seen == [(upright.shape[1], upright.shape[0])]
     else:
-        from captioning import save_tiny_vlm
+        from ddaug.captioning import save_tiny_vlm
 
         invoke("caption", d, "-o", out, "--vlm", save_tiny_vlm(str(tmp_path / "vlm")), "--device", "cpu",
                "--max-new-tokens", 4, "-q")

@@ -18,7 +18,7 @@ import pytest
 import torch
 from torch import nn
 
-from augment.groupnorm import FusedGroupNorm, FusedResnetBlock, fuse_group_norms
+from ddaug.augment.groupnorm import FusedGroupNorm, FusedResnetBlock, fuse_group_norms
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -63,8 +63,8 @@ INTERPRETED_CHECKS = textwrap.dedent("""
     import copy, json, sys
     import torch, torch.nn.functional as F
     from torch import nn
-    sys.path.insert(0, {root!r}); sys.path.insert(0, {tests!r})
-    from augment.groupnorm import group_norm_act, residual_add_, fuse_group_norms, triton_usable
+    sys.path.insert(0, {tests!r})
+    from ddaug.augment.groupnorm import group_norm_act, residual_add_, fuse_group_norms, triton_usable
     from test_groupnorm import tiny_vae, tiny_unet
     out = {{}}
     torch.manual_seed(0)
@@ -138,7 +138,7 @@ INTERPRETED_CHECKS = textwrap.dedent("""
 
 def test_triton_kernels_match_pytorch_in_the_interpreter():
     pytest.importorskip("triton")
-    script = INTERPRETED_CHECKS.format(root=ROOT, tests=os.path.join(ROOT, "tests"))
+    script = INTERPRETED_CHECKS.format(tests=os.path.join(ROOT, "tests"))
     env = dict(os.environ, TRITON_INTERPRET="1")
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -160,8 +160,8 @@ def test_a_cpu_run_never_goes_through_the_interpreter(tmp_path):
 
     (tmp_path / "in").mkdir()
     Image.fromarray(np.full((40, 56, 3), 120, np.uint8)).save(tmp_path / "in" / "a.png")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT)
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "cli.py"), "augment", str(tmp_path / "in"), "-o",
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, "-m", "ddaug", "augment", str(tmp_path / "in"), "-o",
                            str(tmp_path / "out"), "--model", "tiny-random", "--device", "cpu", "-q"],
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]

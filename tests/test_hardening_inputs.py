@@ -19,7 +19,6 @@ from PIL import Image
 from conftest import invoke, read_samples, sample_meta
 
 FAST = ["--model", "tiny-random", "--device", "cpu", "-q"]
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _ledger(out) -> list[dict]:
@@ -72,7 +71,7 @@ def test_export_keeps_shard_sets_with_shared_keys_apart(tmp_path, photo_dir):
         assert open(rec["images"][0], "rb").read() == shard_set[key]["png"]
 
     # A file that is not this image, under the name the image would take, is never replaced.
-    from shards.export import image_file_name
+    from ddaug.shards.export import image_file_name
 
     key = sorted(a)[0]
     taken = tmp_path / "lf2" / "images" / image_file_name(key, "png", a[key]["png"])
@@ -217,7 +216,7 @@ def test_names_that_are_not_utf8_round_trip(tmp_path, photos):
 # -- class 7 (and 9): FIFOs, devices, huge files, broken tars in a folder ---------------------------------------
 @pytest.mark.skipif(not hasattr(os, "mkfifo") or not os.path.exists("/dev/zero"), reason="needs FIFOs and /dev/zero")
 def test_fifos_devices_huge_files_and_bad_tars_are_refused_not_read(tmp_path, photos):
-    from sources.items import MAX_INPUT_BYTES
+    from ddaug.sources.items import MAX_INPUT_BYTES
 
     folder = tmp_path / "in"
     folder.mkdir()
@@ -236,8 +235,8 @@ def test_fifos_devices_huge_files_and_bad_tars_are_refused_not_read(tmp_path, ph
         tf.addfile(info, io.BytesIO(data))
     (folder / "gz.tar").write_bytes(gzip.compress(tar_bytes.getvalue()))
     out = folder / "out"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ROOT}
-    cmd = [sys.executable, os.path.join(ROOT, "cli.py"), "augment", str(folder), "-o", str(out), *FAST]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "ddaug", "augment", str(folder), "-o", str(out), *FAST]
     # A FIFO read would block forever and /dev/zero would fill memory: the timeout catches both.
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
@@ -266,8 +265,8 @@ def test_inspect_preview_does_not_follow_a_source_uri_into_a_fifo(tmp_path, phot
             info.size = len(data)
             tf.addfile(info, io.BytesIO(data))
     os.mkfifo(tmp_path / "fifo.tar")  # a FIFO among the shards of a folder is not opened either
-    env = {**os.environ, "PYTHONPATH": ROOT}
-    cmd = [sys.executable, os.path.join(ROOT, "cli.py"), "inspect", str(tmp_path), "--preview",
+    env = {**os.environ}
+    cmd = [sys.executable, "-m", "ddaug", "inspect", str(tmp_path), "--preview",
            str(tmp_path / "sheet.png")]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr

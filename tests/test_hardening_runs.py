@@ -70,8 +70,8 @@ def test_export_name_must_be_a_plain_file_name(tmp_path, augmented, fmt, name):
 
 
 def test_library_calls_refuse_path_names_too(tmp_path):
-    from shards.export import ExportError, export
-    from shards.store import OutputFolder, StoreError
+    from ddaug.shards.export import ExportError, export
+    from ddaug.shards.store import OutputFolder, StoreError
 
     with pytest.raises(StoreError, match="plain file name"):
         OutputFolder(str(tmp_path / "o"), prefix="../x", command="augment", config={}, run_info={})
@@ -167,8 +167,8 @@ def test_a_model_that_fails_to_load_leaves_no_config_that_refuses_the_fixed_comm
 
 def test_a_caption_server_refusing_the_model_leaves_no_config_that_refuses_the_fixed_command(
         tmp_path, photo_dir, monkeypatch):
-    from captioning.replies import Reply
-    from captioning.server import ChatServer
+    from ddaug.captioning.replies import Reply
+    from ddaug.captioning.server import ChatServer
 
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
     out = tmp_path / "out"
@@ -194,12 +194,11 @@ def test_a_broken_run_json_or_done_marker_is_one_line(tmp_path, augmented, photo
 
 
 def test_disk_full_when_the_folder_is_set_up_is_one_line(tmp_path, photo_dir, monkeypatch):
-    import shards.writer
-
+    import ddaug.shards.writer as writer
     def no_space(path, data):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(shards.writer, "atomic_write_bytes", no_space)
+    monkeypatch.setattr(writer, "atomic_write_bytes", no_space)
     r = invoke("augment", photo_dir, "-o", tmp_path / "out", *FAST, expect_ok=False)
     one_line_error(r, "No space left on device", str(tmp_path / "out"))
 
@@ -304,8 +303,8 @@ def test_images_above_the_decode_limit_go_to_the_ledger_with_a_clear_reason(tmp_
 
 # -- class 14: the manifest is kept up to date incrementally ---------------------------------------
 def test_each_done_marker_is_read_once_and_ranks_retries_still_agree(tmp_path, monkeypatch):
-    import shards.store as store
-    from shards.store import Failure, OutputFolder
+    import ddaug.shards.store as store
+    from ddaug.shards.store import Failure, OutputFolder
 
     reads = []
     real_read = store._read_json

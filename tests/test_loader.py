@@ -14,9 +14,9 @@ import pytest
 import torch
 from PIL import Image
 
-from captioning import builtin_pool
+from ddaug.captioning import builtin_pool
 from conftest import invoke
-from shards import CheckpointableLoader, ChatCollator, LoaderError, MixedShardDataset, TrainingStage
+from ddaug.shards import CheckpointableLoader, ChatCollator, LoaderError, MixedShardDataset, TrainingStage
 
 
 def _keys(samples):
@@ -150,7 +150,7 @@ def test_corrupt_shards_and_samples_are_skipped_then_capped(shard_sets, tmp_path
 def test_collator_masks_everything_but_assistant_tokens(shard_sets, tmp_path):
     from transformers import AutoProcessor
 
-    from captioning import save_tiny_vlm
+    from ddaug.captioning import save_tiny_vlm
 
     processor = AutoProcessor.from_pretrained(save_tiny_vlm(str(tmp_path / "vlm")))
     ds = MixedShardDataset(shard_sets, weights={"business": 1, "general": 1}, seed=4)
@@ -211,7 +211,7 @@ stages:
     assert polish["samples"] == 40 and polish["sources"]["general"]["epochs_after"] == pytest.approx(7.5)
     text = invoke("plan", recipe).output
     assert "stage polish: 40 samples" in text and "stage2" in text
-    from shards import load_recipe
+    from ddaug.shards import load_recipe
 
     ds = load_recipe(str(recipe)).dataset(decode=False)
     assert [s["stage"] for s in ds].count("polish") == 40
@@ -225,7 +225,7 @@ def test_readme_training_script_under_accelerate_two_processes(shard_sets, tmp_p
     import subprocess
     import sys
 
-    from captioning import save_tiny_vlm
+    from ddaug.captioning import save_tiny_vlm
 
     vlm = save_tiny_vlm(str(tmp_path / "vlm"))
     recipe = tmp_path / "recipe.yaml"

@@ -13,7 +13,6 @@ from PIL import Image
 
 from conftest import invoke, read_samples
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARGS = ["--model", "tiny-random", "--device", "cpu", "-q", "--shard-size", "2", "--batch-size", "4",
         "--workers", "1"]
 
@@ -35,10 +34,10 @@ def _ranks(inp, out, world: int, ranks=None, crash: dict[int, str] | None = None
     point (shards/writer.py), where that process kills itself with SIGKILL."""
     procs = {}
     for r in ranks if ranks is not None else range(world):
-        env = {**os.environ, "PYTHONPATH": ROOT, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
         if crash and r in crash:
             env["DDAUG_CRASH_AT"] = crash[r]
-        procs[r] = subprocess.Popen([sys.executable, os.path.join(ROOT, "cli.py"), "augment", str(inp), "-o",
+        procs[r] = subprocess.Popen([sys.executable, "-m", "ddaug", "augment", str(inp), "-o",
                                      str(out), *ARGS, "--rank", str(r), "--world-size", str(world)],
                                     env=env, stderr=subprocess.PIPE, text=True)
     return {r: (p.wait(timeout=600), p.stderr.read()) for r, p in procs.items()}

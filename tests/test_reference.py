@@ -7,8 +7,8 @@ import pytest
 import torch
 from diffusers import StableDiffusionXLImg2ImgPipeline
 
-from augment import DiffusionFlavour, RecipeSettings, load_components, resolve_spec
-from augment.models import TINY_TRAINED
+from ddaug.augment import DiffusionFlavour, RecipeSettings, load_components, resolve_spec
+from ddaug.augment.models import TINY_TRAINED
 
 
 def _pipeline_output(model_dir, latents, timestep, seed, original_size, target_size):
@@ -116,7 +116,7 @@ def test_one_step_is_read_off_affine_schedulers_only():
     clips or adds noise is left to the scheduler's own calls."""
     from diffusers import DDPMScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, LCMScheduler
 
-    from augment.recipe import OneStep
+    from ddaug.augment.recipe import OneStep
 
     cfg = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
     euler = OneStep.read_off(EulerDiscreteScheduler(**cfg), 25)
@@ -127,7 +127,7 @@ def test_one_step_is_read_off_affine_schedulers_only():
 
 
 def test_pinned_pool_reuses_the_smallest_fitting_buffer_and_never_hands_one_out_twice():
-    from augment.recipe import PinnedPool
+    from ddaug.augment.recipe import PinnedPool
 
     pool = PinnedPool(pin=False, granule=1024, keep=3)
     a, b, c = pool.take(3000), pool.take(100), pool.take(2000)  # 3072, 1024, 2048 bytes

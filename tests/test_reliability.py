@@ -28,17 +28,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from captioning.replies import Reply
-from captioning.server import ChatServer
+from ddaug.captioning.replies import Reply
+from ddaug.captioning.server import ChatServer
 from conftest import invoke, read_samples, sample_meta
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _cli(*args, env_extra=None, wait=True):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ROOT, "NO_PROXY": "127.0.0.1,localhost",
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "NO_PROXY": "127.0.0.1,localhost",
            **(env_extra or {})}
-    cmd = [sys.executable, os.path.join(ROOT, "cli.py"), *map(str, args)]
+    cmd = [sys.executable, "-m", "ddaug", *map(str, args)]
     if not wait:
         return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
@@ -252,7 +251,7 @@ def test_corrupt_shards_are_named_by_verify_and_skipped_by_caption(tmp_path, sha
 def test_nan_model_output_goes_to_the_ledger_never_to_a_shard(tmp_path, photo_dir, monkeypatch):
     import torch
 
-    import augment.run as augment_run
+    import ddaug.augment.run as augment_run
 
     real = augment_run.load_components
 
@@ -333,7 +332,7 @@ def test_pickle_weights_are_refused(tmp_path, tiny_model_dir, photo_dir):
 
 
 def test_vlm_remote_code_needs_the_flag_and_pickles_are_refused(tmp_path, photo_dir):
-    from captioning import save_tiny_vlm
+    from ddaug.captioning import save_tiny_vlm
 
     folder = tmp_path / "vlm"
     save_tiny_vlm(str(folder))
@@ -400,7 +399,7 @@ def test_shards_synced_while_they_grow_are_byte_identical(tmp_path, photo_dir, m
     disk, never which bytes: a run syncing after every sample writes the same shard."""
     import threading
 
-    import shards.writer as writer
+    import ddaug.shards.writer as writer
 
     syncs = []
     real_fdatasync = os.fdatasync
@@ -423,7 +422,7 @@ def test_a_failed_background_sync_fails_the_shards_commit(tmp_path, photo_dir, m
     name, nothing left behind) instead of a thread's traceback and a shard claimed durable."""
     import errno
 
-    import shards.writer as writer
+    import ddaug.shards.writer as writer
 
     real_fdatasync = os.fdatasync
     calls = []

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from augment.tiny.evaluate import best_shift
-from augment.tiny.photos import HELD_OUT, held_out
+from ddaug.augment.tiny.evaluate import best_shift
+from ddaug.augment.tiny.photos import HELD_OUT, held_out
 from conftest import decode, invoke, read_samples
-from shards.inspect import psnr
+from ddaug.shards.inspect import psnr
 
 # Held-out PSNR floors (dB) of the committed weights on the crops below, per photo, CPU fp32:
 # 2 dB under what they measure (`pytest tests/test_tiny_model.py -s` prints it; measured
@@ -64,7 +64,7 @@ def outputs(held_out_dir, tmp_path_factory):
 
 
 def test_held_out_photos_are_never_trained_on():
-    from augment.tiny.photos import TRAIN
+    from ddaug.augment.tiny.photos import TRAIN
 
     assert not {p.name for p in HELD_OUT} & {p.name for p in TRAIN}
     assert not {p.path for p in HELD_OUT} & {p.path for p in TRAIN}

@@ -108,7 +108,7 @@ def _energon_samples(path, task_encoder=None):
 
 
 def _check_energon(samples, want):
-    from shards.energon import DdaugChatSample
+    from ddaug.shards.energon import DdaugChatSample
 
     assert sorted(s.__key__ for s in samples) == sorted(want)
     for s in samples:
@@ -138,7 +138,7 @@ def test_energon_sample_type_loads_every_turn_and_image(mixed_set, tmp_path):
 def test_energon_cooker_on_a_crude_dataset(mixed_set, tmp_path):
     from megatron.energon import DefaultTaskEncoder
 
-    from shards.energon import ddaug_cooker
+    from ddaug.shards.energon import ddaug_cooker
 
     out = _energon_export(mixed_set, tmp_path)
     # what `energon prepare --sample-type CrudeWebdataset` writes (older ddaug exports)
@@ -154,7 +154,7 @@ def test_energon_cooker_on_a_crude_dataset(mixed_set, tmp_path):
 def test_plain_webdataset_and_ddaug_loader(mixed_set):
     import webdataset as wds
 
-    from shards import MixedShardDataset
+    from ddaug.shards import MixedShardDataset
 
     want = _expected(mixed_set)
     tars = sorted(glob.glob(os.path.join(mixed_set, "*.tar")))

@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from augment import DiffusionFlavour, RecipeSettings, load_components, resolve_spec
-from augment.upsample import Upsample2DAnySize, nearest_2x
+from ddaug.augment import DiffusionFlavour, RecipeSettings, load_components, resolve_spec
+from ddaug.augment.upsample import Upsample2DAnySize, nearest_2x
 
 
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])

@@ -17,9 +17,9 @@ import sys
 import numpy as np
 import torch
 
-from augment.models import TINY_TRAINED, load_components, resolve_spec
-from augment.recipe import DiffusionFlavour, RecipeSettings, sample_seed
-from shards.inspect import psnr
+from ddaug.augment.models import TINY_TRAINED, load_components, resolve_spec
+from ddaug.augment.recipe import DiffusionFlavour, RecipeSettings, sample_seed
+from ddaug.shards.inspect import psnr
 
 from .photos import HELD_OUT
 

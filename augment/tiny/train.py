@@ -39,7 +39,7 @@ from PIL import Image
 
 from .photos import HELD_OUT, TRAIN
 
-log = logging.getLogger("augment.tiny.train")
+log = logging.getLogger(__name__)
 
 SEED = 0
 
@@ -296,7 +296,7 @@ def save_family(folder: str, vae, unet) -> None:
     needs none), fp16 weights (diffusers loads them back as fp32)."""
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline
 
-    from augment.models import SDXL_SCHEDULE
+    from ddaug.augment.models import SDXL_SCHEDULE
 
     pipe = StableDiffusionXLImg2ImgPipeline(
         vae=vae.to("cpu", torch.float16), unet=unet.to("cpu", torch.float16),
@@ -394,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from diffusers import EulerDiscreteScheduler
 
-    from augment.models import SDXL_SCHEDULE
+    from ddaug.augment.models import SDXL_SCHEDULE
 
     latents = Latents(vae, photos, scaling, hp.unet_crop, device, amp, SEED)
     unet_time = max(deadline_total - reserve - time.time(), 1.0)
