@@ -32,7 +32,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from ddaug.pipeline.timing import DeviceTimeline, StageTimes
 
 from .models import DiffusionComponents, ModelLoadError
-from .upsample import guard_upsamplers
+from .upsample import guard_upsamplers, use_phase_convs
 
 log = logging.getLogger(__name__)
 
@@ -259,6 +259,9 @@ class DiffusionFlavour:
         if self.fused_norms:
             self.memory_format = torch.channels_last
             self.vae.to(memory_format=torch.channels_last)
+            # The decoder's upsample convs at the input's resolution: 4/9 of their multiply-adds
+            # (augment/upsample.py), the same function to bf16 rounding.
+            use_phase_convs(self.vae)
         return fused
 
     # -- conditioning, computed once ----------------------------------------------------------

@@ -31,13 +31,14 @@ import time
 from unittest import mock
 from dataclasses import dataclass, field
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import checkout  # noqa: E402,F401  (ddaug from this checkout, installed or not)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from results import emit  # noqa: E402
+from mfu import WorkloadFlops, matmul_peak_tflops, part_table  # noqa: E402
 
 SDXL_UNET = dict(
     sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
@@ -219,6 +220,17 @@ def ddaug_run(model_dir: str, in_dir: str, out_dir: str, batch: int | None, mode
 GPU_PARTS = ("host->device", "vae encode", "unet", "vae decode", "device->host")
 
 
+def default_flavour(model_dir: str, mode: str = "img2img"):
+    """The recipe as `ddaug augment`'s defaults build it on this GPU (fused norms, auto batch)."""
+    from ddaug.augment import DiffusionFlavour, RecipeSettings, load_components, resolve_spec
+
+    comps = load_components(resolve_spec(model_dir), dtype=torch.bfloat16, vae_dtype=torch.bfloat16, device="cuda")
+    flavour = DiffusionFlavour(comps, RecipeSettings(dtype="bf16", mode=mode), "cuda")
+    flavour.fuse_norms()
+    flavour.fit_batch_size()
+    return flavour
+
+
 class CallTrace:
     """Per model call: host launch start/end, the GPU's start/end (CUDA events on the call's
     stream), shape and whether the shape was new; and nvidia-smi's samples in 0.5 s bins. Shows
@@ -298,7 +310,11 @@ def compare(a_dir: str, b_dir: str) -> str:
         return f"different keys ({len(a)} vs {len(b)})"
     diffs = [int(np.abs(a[k].astype(int) - b[k].astype(int)).max()) for k in sorted(a)]
     same = sum(d == 0 for d in diffs)
-    return f"{same}/{len(diffs)} byte-identical, largest difference {max(diffs)}/255"
+    from ddaug.shards.inspect import psnr
+
+    db = [psnr(a[k], b[k]) for k in sorted(a) if not np.array_equal(a[k], b[k])]
+    worst = f", lowest PSNR of the others {min(db):.1f} dB (median {float(np.median(db)):.1f})" if db else ""
+    return f"{same}/{len(diffs)} byte-identical, largest difference {max(diffs)}/255{worst}"
 
 
 def determinism(model_dir: str, in_dir: str, work: str, batch: int) -> list[str]:
@@ -360,8 +376,8 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=1024, help="without --cocolike: N x N crops of real photos")
     ap.add_argument("--batch", type=int, default=None, help="--batch-size (default: auto)")
     ap.add_argument("--parts", nargs="+", default=["naive", "default"],
-                    help="naive default trace tails-largest never always vae ssd1b determinism startup bigger-calls, or calls-N: "
-                         "the defaults with at most N images per model call; depth-N: with N batches in flight; threads-N: with N model threads; switch-N: Python's thread switch interval at N µs")
+                    help="naive default mfu no-phase-conv mfu-no-phase-conv large trace tails-largest never always vae ssd1b determinism startup bigger-calls, or calls-N: "
+                         "the defaults with at most N images per model call; depth-N: with N batches in flight; threads-N: with N model threads; step-N: canvases in steps of N; switch-N: Python's thread switch interval at N µs")
     ap.add_argument("--det-images", type=int, default=64, help="inputs for the determinism part")
     ap.add_argument("--compile-cache", default=None, help="torch.compile cache folder (default: a new one)")
     ap.add_argument("--results", default=None)
@@ -391,6 +407,15 @@ def main() -> None:
     inputs = sorted(os.path.join(in_dir, f) for f in os.listdir(in_dir))
     rows: list[str] = []
     naive = None
+    # The device's dense bf16 matmul rate and the workload's model FLOPs, for every row's MFU.
+    peak = matmul_peak_tflops()
+    flavour = default_flavour(model_dir)
+    work_flops = WorkloadFlops(flavour, in_dir)
+    mfu_rows = part_table(flavour, work_flops, peak) if "mfu" in args.parts else []
+    del flavour
+    torch.cuda.empty_cache()
+    notes += [f"- bf16 matmul rate measured in this run (8192³): {peak:.0f} TFLOP/s; model FLOPs per image by "
+              f"canvas: FlopCounterMode (matrix products and convolutions)", ""]
 
     def row(label: str, run: RunResult) -> None:
         rate = run.done / run.wall
@@ -398,6 +423,8 @@ def main() -> None:
         rows.append(f"| {label} | {run.done} | {rate:.1f} | {run.done / run.job_seconds:.1f} | {run.startup:.1f} | "
                     f"{ratio} | {run.gpu_busy:.0%} / {run.busy_after_load:.0%} | {run.batch} | {run.peak_gib:.1f} |")
         notes.append(f"- {label}: {run.time_line}")
+        if mode_of.get(label, "img2img") == "img2img" and model_of.get(label, model_dir) == model_dir:
+            notes.append(f"  model work: {work_flops.line(run.done, run.job_seconds, peak)}")
         if run.trace:
             notes.extend(["", *run.trace])
             print("\n".join(run.trace), flush=True)
@@ -415,7 +442,11 @@ def main() -> None:
                     f"PIL, PNG level 6), after load | {args.naive_images} | {naive:.2f} | - | - | 1.0x | - | 1 | - |")
         print(rows[-1], flush=True)
 
+    mode_of: dict[str, str] = {}   # rows whose model work is not the default SDXL img2img's
+    model_of: dict[str, str] = {}
+
     def run_part(label: str, out: str, model: str = model_dir, **kw) -> None:
+        mode_of[label], model_of[label] = kw.get("mode", "img2img"), model
         row(label, ddaug_run(model, in_dir, os.path.join(work, out), args.batch, compile_cache=cache, **kw))
 
     def part_bigger_calls():
@@ -428,6 +459,54 @@ def main() -> None:
                 ddaug_run(model_dir, in_dir, os.path.join(work, "bigger"), 32, compile_cache=cache))
         finally:
             recipe.MAX_IMAGES_PER_CALL = saved
+
+    def part_no_phase_conv():
+        """Defaults with the decoder's upsample convs at the upsampled resolution (PyTorch's
+        3x3 after the nearest copy), for the phase conv's gain in the same process."""
+        import ddaug.augment.recipe as recipe
+
+        with mock.patch.object(recipe, "use_phase_convs", lambda model: 0):
+            run_part("defaults, upsample convs at 2x resolution (no phase conv)", "nophase")
+        if os.path.isdir(os.path.join(work, "default")):
+            notes.append(f"- phase conv (defaults) against upsample-then-conv: "
+                         f"{compare(os.path.join(work, 'default'), os.path.join(work, 'nophase'))}")
+
+    def part_mfu_no_phase_conv():
+        import ddaug.augment.recipe as recipe
+
+        with mock.patch.object(recipe, "use_phase_convs", lambda model: 0):
+            fl = default_flavour(model_dir)
+            table = part_table(fl, work_flops, peak)
+        del fl
+        torch.cuda.empty_cache()
+        notes.extend(["", "Per model part as above, upsample convs at 2x resolution (no phase conv):", "", *table, ""])
+
+    def part_step(step: int):
+        """Defaults with canvases padded to multiples of `step` (128 by default): fewer pixels
+        per image against more distinct shapes."""
+        import functools
+
+        import ddaug.augment.recipe as recipe
+
+        with mock.patch.object(recipe, "canvas_for", functools.partial(recipe.canvas_for, step=step)):
+            run_part(f"defaults, canvases in steps of {step}", f"step{step}")
+
+    def part_large():
+        """Large and extreme inputs: document scans (~3.7 MP), 1920x1080 screenshots, 3000x400
+        strips, each kind its own job: no OOM, and a rate in megapixels per second."""
+        from skimage import data
+
+        photo = Image.fromarray(data.astronaut())
+        for name, (w, h), count in [("scan 2350x1570", (2350, 1570), 24), ("screenshot 1920x1080", (1920, 1080), 32),
+                                    ("strip 3000x400", (3000, 400), 48)]:
+            folder = os.path.join(work, "large-" + name.split()[0])
+            os.makedirs(folder, exist_ok=True)
+            for i in range(count):
+                photo.rotate(i * 7, expand=False).resize((w, h)).save(os.path.join(folder, f"{i:03d}.jpg"), quality=90)
+            run = ddaug_run(model_dir, folder, folder + "-out", args.batch)
+            rate = run.done / run.job_seconds
+            notes.append(f"- {name}: {run.done}/{count} images, {rate:.2f} img/s after load = "
+                         f"{rate * w * h / 1e6:.1f} MP/s, peak {run.peak_gib:.1f} GiB, batch {run.batch}")
 
     parts = {
         "naive": part_naive,
@@ -444,6 +523,10 @@ def main() -> None:
         "determinism": lambda: notes.extend(determinism(model_dir, _subset(inputs, work, args.det_images), work,
                                                         args.batch or 8)),
         "startup": lambda: notes.extend(compile_startup(model_dir, in_dir, cache, work, 16)),
+        "mfu": lambda: None,  # the per-part table is measured before the runs
+        "no-phase-conv": part_no_phase_conv,
+        "mfu-no-phase-conv": part_mfu_no_phase_conv,
+        "large": part_large,
     }
     def part_calls(cap: int):
         """Default, with at most `cap` images per model call (recipe.MAX_IMAGES_PER_CALL)."""
@@ -484,13 +567,13 @@ def main() -> None:
         finally:
             sys.setswitchinterval(saved)
 
-    unknown = [n for n in args.parts if n not in parts and not re.fullmatch(r"(calls|depth|switch|threads)-\d+", n)]
+    unknown = [n for n in args.parts if n not in parts and not re.fullmatch(r"(calls|depth|switch|threads|step)-\d+", n)]
     if unknown:
         ap.error(f"unknown --parts {' '.join(unknown)}")
     for name in args.parts:
-        if re.fullmatch(r"(calls|depth|switch|threads)-\d+", name):
+        if re.fullmatch(r"(calls|depth|switch|threads|step)-\d+", name):
             fn = {"calls": part_calls, "depth": part_depth, "switch": part_switch,
-                  "threads": part_threads}[name.split("-")[0]]
+                  "threads": part_threads, "step": part_step}[name.split("-")[0]]
             parts[name] = lambda fn=fn, n=int(name.split("-")[1]): fn(n)
         try:
             parts[name]()
@@ -507,6 +590,8 @@ def main() -> None:
              "", "| path | images | img/s end to end | img/s after load | start-up s | vs naive (end to end) | "
              "GPU busy after load (events / nvidia-smi) | batch at 1024² | peak GiB |",
              "|---|---|---|---|---|---|---|---|---|", *rows, "",
+             *([f"Per model part on the most common canvases, one stream, at the job's batch size "
+                f"(bf16 matmul rate {peak:.0f} TFLOP/s):", "", *mfu_rows, ""] if mfu_rows else []),
              "Start-up is model load + memory probe (+ compile when chosen), in a process that has imported torch.",
              "Where the time went (-v's line) per run:", *notes, ""]
     emit(lines, args.results)

@@ -31,7 +31,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+import checkout  # noqa: E402,F401  (ddaug from this checkout, installed or not)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from results import emit  # noqa: E402

@@ -16,7 +16,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import checkout  # noqa: E402,F401  (ddaug from this checkout, installed or not)
 
 
 def upsample_checks(device: str) -> None:

@@ -24,6 +24,8 @@ import time
 import numpy as np
 from PIL import Image
 
+import checkout  # noqa: F401  (ddaug from this checkout, installed or not)
+
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -51,7 +53,6 @@ def write_parquet(path: str, rows: int, row_group: int, side: int) -> int:
 
 
 def serve(port_queue, stop):
-    sys.path.insert(0, HERE)
     from ddaug.captioning.replies import Reply
     from ddaug.captioning.server import ChatServer
 
@@ -78,7 +79,7 @@ def main() -> None:
     server.start()
     url = queue.get(timeout=60)
     out = os.path.join(args.workdir, f"out-{args.rows}-rg{args.row_group}")
-    env = {**os.environ, "PYTHONPATH": HERE, "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost",
+    env = {**os.environ, "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost",
            "OPENAI_API_KEY": "EMPTY"}
     cmd = [sys.executable, "-m", "cli", "caption", path, "-o", out, "--overwrite", "-q", "--backend", "openai",
            "--api-base", url, "--vlm", "m", "--max-pixels", "65536", "--concurrency", "8"]

@@ -17,7 +17,7 @@ import sys
 import time
 
 T0 = time.perf_counter()
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import checkout  # noqa: E402,F401  (ddaug from this checkout, installed or not)
 
 import torch  # noqa: E402
 

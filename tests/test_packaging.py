@@ -7,6 +7,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import shutil
 import site
 import subprocess
 import sys
@@ -38,7 +39,11 @@ def _decoy_folder(path) -> str:
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> str:
     out = tmp_path_factory.mktemp("wheel")
-    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(out), ROOT],
+    # A copy of the sources, so the build's own folders (build/, *.egg-info) stay out of the checkout.
+    src = str(tmp_path_factory.mktemp("src") / "ddaug")
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".venv", "build", ".git", "*.egg-info", "__pycache__",
+                                                             ".whl", ".gl", "out", "demo-out"))
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(out), src],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     (path,) = glob.glob(str(out / "ddaug-*.whl"))
