@@ -1,6 +1,6 @@
 """The output folder of a run: shards, their done markers, manifest, failure ledger, run.json.
 
-Layout (see docs/output.md):
+Layout (see README "Output folder"):
   {prefix}-{rank:03d}-{index:06d}.tar          finished shard (renamed into place when complete)
   {prefix}-{rank:03d}-{index:06d}.stats.json   written last: the shard's done marker
   manifest.json, failures.jsonl                 derived from the stats files, rewritten atomically
