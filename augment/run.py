@@ -24,8 +24,8 @@ log = logging.getLogger(__name__)
 # faster from the first batch (bench/RESULTS.md, "Fused VAE norms and a host that does not wait").
 
 
-# The memory bound (docs/reliability.md, "Memory"): a model call never holds more than what 16
-# images of 1024² need, which is what --batch-size auto takes on an 80 GB GPU.
+# The memory bound (README "Output folder"): a model call never holds more than what 16 images
+# of 1024² need, which is what --batch-size auto takes on an 80 GB GPU.
 DEFAULT_MAX_PIXELS = 4096 * 4096
 
 
