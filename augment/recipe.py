@@ -186,6 +186,10 @@ def _view(buf: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype, offset:
 
 
 class DiffusionFlavour:
+    """The recipe on loaded models: calling it with same-size uint8 images and their seeds
+    returns the images with the VAE round trip and, for img2img, one UNet step at the
+    settings' strength, each at its own size. `run_augment` drives it over whole datasets."""
+
     def __init__(self, comps: DiffusionComponents, settings: RecipeSettings, device: str,
                  batch_size: int | None = None):
         if not 0.0 < settings.strength <= 1.0:

@@ -75,6 +75,8 @@ def choose_compile(setting: str, device: str) -> tuple[bool, str]:
 
 
 def run_augment(run: RunOptions, opts: AugmentOptions) -> JobSummary:
+    """`ddaug augment` as a call: read `run.inputs`, write shards into `run.output` (resuming
+    what is there), and return the counts. Raises `UserError` for what the user can fix."""
     if opts.compile not in ("auto", "always", "never"):
         raise UserError(f"--compile {opts.compile}: choose auto, always or never")
     if opts.compile_cache:

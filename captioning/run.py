@@ -103,6 +103,8 @@ def check_options(opts: CaptionOptions) -> None:
 
 
 def run_caption(run: RunOptions, opts: CaptionOptions) -> JobSummary:
+    """`ddaug caption` as a call: read `run.inputs`, write captioned shards into `run.output`
+    (resuming what is there), and return the counts. Raises `UserError` for what the user can fix."""
     check_options(opts)
     picker = make_picker(opts)
     max_pixels = max_pixels_for(opts)
