@@ -4,7 +4,8 @@ VAE and UNet.
 Why: eager PyTorch runs a GroupNorm as a moments kernel plus an affine kernel that cannot
 vectorise (its per-channel scale and shift broadcast), then SiLU as another pass, then the
 residual add and a division by output_scale_factor = 1 as two more. In the SDXL VAE decoder at
-COCO sizes those elementwise passes were half of the GPU time (bench/RESULTS.md, session 5).
+COCO sizes those elementwise passes were half of the GPU time (bench/RESULTS.md,
+"COCO-like photos: per-shape costs and canvases of 64 and 128").
 Here one kernel reads a group for its moments and one reads it again to write the normalised,
 activated output. No compilation step beyond Triton's JIT of two small kernels (cached on disk).
 

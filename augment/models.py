@@ -190,7 +190,8 @@ def load_components(spec: ModelSpec, *, vae: str | None = None, text_encoders: b
     """Load the UNet and VAE in `dtype` / `vae_dtype` straight onto `device` (default: fp32 on
     the host; the recipe casts and moves what it gets). Loading bf16 weights straight to the
     GPU took 1.4 s for SDXL's UNet and VAE, against 3.6 s through fp32 on the host
-    (bench/RESULTS.md, session 5). Tiny presets are built, not loaded."""
+    (bench/RESULTS.md, "COCO-like photos: per-shape costs and canvases of 64 and 128").
+    Tiny presets are built, not loaded."""
     if spec.base in ("tiny-random", "tiny-random-lcm") and spec.unet is None and vae is None:
         comps = build_tiny_random(lcm=spec.base == "tiny-random-lcm", text_encoders=text_encoders)
         comps.scheduler = _scheduler_for(spec.scheduler, comps.scheduler, comps.unet)

@@ -73,12 +73,15 @@ _attention_backends = _SharedAttentionBackends()
 
 @dataclass(frozen=True)
 class RecipeSettings:
+    """The diffusion-flavour recipe, everything that decides an output's pixels: mode, dose,
+    conditioning, latent, seed and dtype. `DiffusionFlavour` runs it; each sample records it."""
+
     mode: str = "img2img"          # img2img | vae
-    strength: float = 0.025
+    strength: float = 0.025        # noise to t = round(strength * 1000), then one UNet call there
     cond: str = "zeros"            # zeros | empty
     latent: str = "mean"           # mean | sample (of the VAE posterior)
-    seed: int = 0
-    dtype: str = "bf16"
+    seed: int = 0                  # run seed; each image's noise seed derives from it and the key
+    dtype: str = "bf16"            # bf16 | fp16 | fp32
     lcm_guidance: float = 0.0      # what an LCM UNet's w-embedding is given (w = guidance - 1)
 
 
@@ -106,7 +109,7 @@ def guidance_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
 # channels-last VAE the kernels run as well at 64 images of 0.3 MP as at 100, and smaller calls
 # start sooner in each block and keep the GPU fed at its end: on 1,000 COCO-like images on an
 # H100, at most 64 per call ran 49.0 img/s after load (GPU 85% busy) against 44.2 (76%) at
-# most 128, peak 33 GiB against 49 (bench/RESULTS.md, session 7).
+# most 128, peak 33 GiB against 49 (bench/RESULTS.md, "A channels-last VAE, fed better").
 REFERENCE_PIXELS = 1024 * 1024
 AUTO_BATCH_CAP = 32
 MAX_IMAGES_PER_CALL = 64
@@ -115,7 +118,7 @@ CPU_BATCH_SIZE = 8
 # (batch, H, W) costs a fixed host-side set-up in cuDNN (~2 ms per convolution) while the GPU
 # waits; coarser canvases mean fewer shapes and fuller batches. 1,000 COCO-like images make 69
 # shapes padded to 32; padded to 128, 14 shapes (tails included) in 27 calls of 37 images, for
-# 12.5% more pixels (bench/RESULTS.md, session 5).
+# 12.5% more pixels (bench/RESULTS.md, "COCO-like photos: per-shape costs and canvases of 64 and 128").
 CANVAS_STEP = 128
 
 
@@ -154,7 +157,7 @@ class PinnedPool:
     not. A buffer is at least `granule` bytes and grows in steps of it, so mixed canvas sizes
     reuse the same few buffers. `keep` covers an upload and a download for each batch the job
     can hold at once (pipeline/job.py's LAUNCH_DEPTH + 2). Pre-allocating them all before the
-    job measured the same (bench/RESULTS.md, session 7): torch's own pinned-memory cache takes
+    job measured the same (bench/RESULTS.md, "A channels-last VAE, fed better"): torch's own pinned-memory cache takes
     back what the pool lets go."""
 
     def __init__(self, pin: bool, granule: int = 64 << 20, keep: int = 12):
@@ -183,6 +186,10 @@ def _view(buf: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype, offset:
 
 
 class DiffusionFlavour:
+    """The recipe on loaded models: calling it with same-size uint8 images and their seeds
+    returns the images with the VAE round trip and, for img2img, one UNet step at the
+    settings' strength, each at its own size. `run_augment` drives it over whole datasets."""
+
     def __init__(self, comps: DiffusionComponents, settings: RecipeSettings, device: str,
                  batch_size: int | None = None):
         if not 0.0 < settings.strength <= 1.0:
@@ -246,10 +253,10 @@ class DiffusionFlavour:
         without a compile step (augment/groupnorm.py). The VAE only: there the norms work on
         full-resolution activations and took half of the GPU time; the UNet's run at 1/8 of
         the resolution, fusing them saved 3% of its time, and the whole-job rate was the same
-        with or without them (bench/RESULTS.md, session 6). The fused VAE runs channels-last:
-        cuDNN's convolutions take that layout natively, and in NCHW bf16 they spent 28% of the
-        decoder's time transposing to it and back (session 7: 1024² went from 11.3 to 14.1
-        img/s after load). CUDA only; returns how many norms were fused."""
+        with or without them (bench/RESULTS.md, "Fused VAE norms and a host that does not wait"). The fused VAE runs
+        channels-last: cuDNN's convolutions take that layout natively, and in NCHW bf16 they spent
+        28% of the decoder's time transposing to it and back (1024² went from 11.3 to 14.1 img/s
+        after load: bench/RESULTS.md, "A channels-last VAE, fed better"). CUDA only; returns how many norms were fused."""
         from .groupnorm import fuse_group_norms, kernels_available
 
         if not kernels_available(self.device):

@@ -19,8 +19,9 @@ log = logging.getLogger(__name__)
 
 # --compile auto never torch.compiles: compiling the VAE (dynamic shapes, one graph for all
 # sizes) took 131 s cold on an H100, and a compiled 1,000-image COCO-like run was no faster than
-# eager once compiled (bench/RESULTS.md, session 5). It runs the fused Triton norms instead
-# (augment/groupnorm.py): a few seconds of JIT, faster from the first batch (session 6).
+# eager once compiled (bench/RESULTS.md, "COCO-like photos: per-shape costs and canvases of 64
+# and 128"). It runs the fused Triton norms instead (augment/groupnorm.py): a few seconds of JIT,
+# faster from the first batch (bench/RESULTS.md, "Fused VAE norms and a host that does not wait").
 
 
 # The memory bound (README "Output folder"): a model call never holds more than what 16 images
@@ -30,16 +31,19 @@ DEFAULT_MAX_PIXELS = 4096 * 4096
 
 @dataclass
 class AugmentOptions:
-    model: str = "sdxl"
-    unet: str | None = None
-    vae: str | None = None
-    scheduler: str = "auto"
-    image_format: str = "png"
-    quality: int = 95
-    max_side: int | None = None
+    """What `ddaug augment` runs beyond the shared `RunOptions`: the models, the output encoding
+    and tags, and the recipe. `run_augment(run, opts)` takes both."""
+
+    model: str = "sdxl"            # a preset (sdxl, ssd-1b, lcm-sdxl, tiny...), a hub id or a diffusers folder
+    unet: str | None = None        # a separate UNet (e.g. an LCM UNet); None: the model's own
+    vae: str | None = None         # a replacement VAE; None: the model's own
+    scheduler: str = "auto"        # auto | euler | lcm
+    image_format: str = "png"      # png | webp | jpeg (png and webp are lossless)
+    quality: int = 95              # jpeg only
+    max_side: int | None = None    # downsize images whose longer side is larger (recorded)
     max_pixels: int | None = DEFAULT_MAX_PIXELS  # larger images are downsized first (recorded)
-    domain: str = "general"
-    stage: str | None = None
+    domain: str = "general"        # tags.domain of the output samples
+    stage: str | None = None       # tags.stage of the output samples
     recipe: RecipeSettings = RecipeSettings()
     compile: str = "auto"          # auto | always | never; speed only: not part of the folder's config
     compile_cache: str | None = None  # where torch.compile keeps its artifacts across processes
@@ -71,6 +75,8 @@ def choose_compile(setting: str, device: str) -> tuple[bool, str]:
 
 
 def run_augment(run: RunOptions, opts: AugmentOptions) -> JobSummary:
+    """`ddaug augment` as a call: read `run.inputs`, write shards into `run.output` (resuming
+    what is there), and return the counts. Raises `UserError` for what the user can fix."""
     if opts.compile not in ("auto", "always", "never"):
         raise UserError(f"--compile {opts.compile}: choose auto, always or never")
     if opts.compile_cache:

@@ -5,7 +5,8 @@ output elements (pytorch/pytorch#141831, filed December 2024; ddaug allows torch
 guard makes the input contiguous when `numel * 2 > 2^31`, but a 2x upsample has four times the
 input's elements, so inputs between 2^29 and 2^30 elements would still reach that kernel: the
 SDXL VAE decoder does at 1024² from a batch of about 17. On torch 2.11 (H100) every size tried
-came out right (bench/large_tensor_check.py, session 7), but that kernel took 2-2.5x the time
+came out right (bench/large_tensor_check.py; bench/RESULTS.md, "A channels-last VAE, fed better"), but that
+kernel took 2-2.5x the time
 of this one broadcast copy, which PyTorch indexes with 64 bits in the input's own layout. The
 fused VAE runs channels-last, and the eager one is channels-last after its mid-block attention.
 """

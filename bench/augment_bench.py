@@ -550,8 +550,8 @@ def main() -> None:
             run_part(f"defaults, {threads} model thread(s)", f"threads{threads}")
 
     def part_tails_largest():
-        """Default, with a block's partial batches flushed largest first (before session 8)
-        instead of pipeline.job.tail_order's largest, smallest, next largest..."""
+        """Default, with a block's partial batches flushed largest first (the order before
+        the alternating one) instead of pipeline.job.tail_order's largest, smallest, next largest..."""
         import ddaug.pipeline.job as job
 
         with mock.patch.object(job, "tail_order", lambda sizes: sorted(sizes, key=lambda k: -sizes[k])):

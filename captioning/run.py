@@ -29,24 +29,28 @@ DEFAULT_MAX_PIXELS = {"transformers": 1024 * 1024, "openai": None}
 
 @dataclass
 class CaptionOptions:
-    vlm: str = "qwen2.5-vl-7b"
+    """What `ddaug caption` runs beyond the shared `RunOptions`: the VLM and its backend, the
+    question pool, generation, and the server client's limits. `run_caption(run, opts)` takes both.
+    The API key is never an option: the openai backend reads it from $OPENAI_API_KEY."""
+
+    vlm: str = "qwen2.5-vl-7b"             # transformers: preset, hub id or folder; openai: the served model name
     backend: str = "transformers"          # transformers | openai
     task: str = "caption"                  # caption | instruct
     lang: str = "en"                       # en | zh | mix
-    stage: str = "stage1"
-    questions_file: str | None = None
+    stage: str = "stage1"                  # question wording set (stage1 | stage2), also tags.stage
+    questions_file: str | None = None      # .txt or .json that replaces the built-in pools
     max_pixels: int | None = None          # None: the backend's default; 0: no cap
     lossless: bool = False                 # openai: send downsized images as PNG, not JPEG q95
     generation: GenerationSettings = field(default_factory=GenerationSettings)
-    dtype: str = "bf16"
-    trust_remote_code: bool = False
-    domain: str = "business"
-    drop_truncated: bool = False
-    api_base: str | None = None
-    concurrency: int = 8
-    timeout: float = 120.0
-    max_retries: int = 5
-    retry_backoff: float = 1.0
+    dtype: str = "bf16"                    # transformers backend only
+    trust_remote_code: bool = False        # let a model repo's own Python code run
+    domain: str = "business"               # tags.domain of the output samples
+    drop_truncated: bool = False           # truncated or degenerate answers go to the ledger, not the shards
+    api_base: str | None = None            # openai: server URL ending in /v1
+    concurrency: int = 8                   # openai: requests in flight
+    timeout: float = 120.0                 # openai: seconds per request before it is retried
+    max_retries: int = 5                   # openai: retries on 429/5xx/timeouts/resets
+    retry_backoff: float = 1.0             # openai: first backoff in seconds, doubled per retry
 
 
 def _file_sha(path: str | None) -> str | None:
@@ -99,6 +103,8 @@ def check_options(opts: CaptionOptions) -> None:
 
 
 def run_caption(run: RunOptions, opts: CaptionOptions) -> JobSummary:
+    """`ddaug caption` as a call: read `run.inputs`, write captioned shards into `run.output`
+    (resuming what is there), and return the counts. Raises `UserError` for what the user can fix."""
     check_options(opts)
     picker = make_picker(opts)
     max_pixels = max_pixels_for(opts)

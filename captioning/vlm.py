@@ -38,10 +38,13 @@ class VLMLoadError(Exception):
 
 @dataclass(frozen=True)
 class GenerationSettings:
-    max_new_tokens: int = 512
+    """How the VLM writes its answers, for both backends: length limit and sampling. Recorded in
+    each sample's `caption` block (without the seed, which `run.json` holds)."""
+
+    max_new_tokens: int = 512  # answers cut here are flagged truncated
     temperature: float = 0.0   # 0: greedy
-    top_p: float = 1.0
-    seed: int = 0
+    top_p: float = 1.0         # nucleus sampling, with temperature > 0
+    seed: int = 0              # sampling seed (the run's --seed)
 
     @property
     def greedy(self) -> bool:

@@ -1,10 +1,10 @@
-"""Crops for the premise run (README, "The premise end to end"): two folders of natural photo
+"""Crops for the premise run (docs/gap.md, "The premise end to end"): two folders of natural photo
 crops with disjoint content, from photos that pip packages ship (so it runs offline).
 
     python examples/premise_photos.py premise/ [--per-set 128] [--side 256] [--quality 90]
 
 premise/business-photos/  PNG crops of astronaut, chelsea, coffee, motorcycle (scikit-image);
-                          the README passes them through the tiny VAE to make "business"
+                          docs/gap.md passes them through the tiny VAE to make "business"
 premise/general/          JPEG crops of china, flower (scikit-learn), rocket, hubble_deep_field,
                           retina (scikit-image), grace_hopper (matplotlib): "general", JPEG as real
                           general data is

@@ -391,6 +391,8 @@ def export_hf(paths, out: str, *, name: str = "ddaug", show_progress: bool = Tru
 
 
 def export(paths, fmt: str, out: str, **kwargs) -> ExportSummary:
+    """`ddaug export`: write the samples of the shard folders or tars in `paths` into `out` in a
+    trainer's format (llamafactory, swift, energon, hf); kwargs are that format's options."""
     if fmt not in FORMATS:
         raise ExportError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
     if "name" in kwargs:

@@ -141,6 +141,8 @@ def _check_image(data: bytes) -> tuple[int, int]:
 
 
 def inspect_shards(paths, verify: bool = False) -> Report:
+    """`ddaug inspect`: count the shards, samples, formats, sizes, tags and failures under
+    `paths`; with `verify`, decode every sample and check it and the manifest (`problems`)."""
     rep = Report()
     shard_paths = find_shards(paths)
     folders = {os.path.dirname(os.path.abspath(p)) for p in shard_paths}

@@ -28,10 +28,13 @@ from .loader import LoaderError, MixedShardDataset, ShardSource, TrainingStage
 
 @dataclass
 class Recipe:
+    """A training recipe: named shard sources, the stages that mix them, and the seed.
+    `dataset()` builds the `MixedShardDataset` a trainer reads; `plan(recipe)` previews it."""
+
     sources: dict[str, ShardSource]
     stages: list[TrainingStage]
     seed: int = 0
-    global_batch_size: int | None = None
+    global_batch_size: int | None = None   # turns stages given in steps into samples
 
     def dataset(self, **kwargs: Any) -> MixedShardDataset:
         return MixedShardDataset(list(self.sources.values()), stages=self.stages, seed=self.seed, **kwargs)
@@ -72,6 +75,8 @@ def _integer(value: Any, what: str) -> int:
 
 
 def load_recipe(path: str) -> Recipe:
+    """Read a recipe YAML (`seed`, `global_batch_size`, `sources`, `stages`); a malformed one
+    raises `LoaderError` naming the file and what is wrong."""
     try:
         with open(path, encoding="utf-8") as f:
             raw = yaml.safe_load(f)

@@ -33,7 +33,7 @@ def crash_point(name: str) -> None:
 
 # A shard's bytes reach the disk as it grows, in the background, once this many are unsynced:
 # the fsync at commit then has little left, and the GPU does not idle behind a whole shard's
-# write-back (0.3-2.1 s per 1,000 COCO-sized PNGs on a lent machine, bench/RESULTS.md).
+# write-back (0.3-2.1 s per 1,000 COCO-sized PNGs on an H100 machine, bench/RESULTS.md, "Fused VAE norms and a host that does not wait").
 SYNC_EVERY = 64 << 20
 
 MAX_NAME_BYTES = 200  # file-system names stop at 255 bytes; leave room for what ddaug appends

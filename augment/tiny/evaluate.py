@@ -1,6 +1,6 @@
 """How faithful a model folder is on the held-out photos, through ddaug's own recipe.
 
-    python -m augment.tiny.evaluate [FOLDER] [--device cpu] [--dtype fp32 --dtype bf16] [--max-side N] [--card]
+    python -m ddaug.augment.tiny.evaluate [FOLDER] [--device cpu] [--dtype fp32 --dtype bf16] [--max-side N] [--card]
 
 prints one JSON line: mean and per-photo PSNR for `--mode vae` and img2img at strength 0.025,
 the share of the added noise one UNet step leaves, each output's best alignment and the score
@@ -97,7 +97,7 @@ def figures_markdown(f: dict) -> str:
     shifts = ", ".join(f"{n} {tuple(s)}" for n, s in f["best_shift"].items())
     return f"""## Held-out PSNR on {f['device']} (dB, against the source photo{f['note']})
 
-ddaug's own recipe (`augment.recipe.DiffusionFlavour`, as `ddaug augment` runs it); img2img is
+ddaug's own recipe (`ddaug.augment.recipe.DiffusionFlavour`, as `ddaug augment` runs it); img2img is
 strength {STRENGTH} (t = 25, one UNet step), posterior mean.
 
 | mode | dtype | mean | per photo |
@@ -112,7 +112,7 @@ red and blue channels swapped score {f['swapped_channels']:.2f} dB.
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m augment.tiny.evaluate", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m ddaug.augment.tiny.evaluate", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("folder", nargs="?", default=TINY_TRAINED)
     ap.add_argument("--device", default="cpu")

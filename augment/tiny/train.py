@@ -12,10 +12,10 @@
    figures go into the model card (README.md in the folder) and one JSON line on stdout.
 
 GPU (fits the budget: step counts come from timing the first steps, unless given):
-    python -m augment.tiny.train OUT --budget 420
+    python -m ddaug.augment.tiny.train OUT --budget 420
 Reproduce a run exactly: the model card's command, which names the step counts.
 CPU smoke test (a minute or two):
-    python -m augment.tiny.train /tmp/tiny --device cpu --budget 60 --batch 4 --crop 64 \\
+    python -m ddaug.augment.tiny.train /tmp/tiny --device cpu --budget 60 --batch 4 --crop 64 \\
         --photo-max-side 256 --eval-max-side 128
 """
 
@@ -341,7 +341,7 @@ Held out, never trained on (the photos `ddaug demo` and the tests use):
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m augment.tiny.train", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m ddaug.augment.tiny.train", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("output", help="folder to write the family to (replaced)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -416,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
     figures = held_out_figures(args.output, str(device), dtypes, max_side=args.eval_max_side)
     import diffusers
 
-    command = (f"python -m augment.tiny.train OUT --device {device.type} --vae-steps {vae_steps} "
+    command = (f"python -m ddaug.augment.tiny.train OUT --device {device.type} --vae-steps {vae_steps} "
                f"--unet-steps {unet_steps} --budget {max(args.budget, 3600):.0f}")
     for flag, value in (("--batch", args.batch), ("--crop", args.crop), ("--photo-max-side", args.photo_max_side),
                         ("--eval-max-side", args.eval_max_side)):
