@@ -260,8 +260,8 @@ class TranslationResponder:
             return ""
         if fault == "add-image-tag":
             return translated + IMAGE_TAG
-        if fault == "repeat":
-            return " ".join([translated] * 6)
+        if fault == "repeat":  # a reply looping on its words
+            return translated + PLACEHOLDER_RE.sub("", translated) * 5
         return translated
 
     def __call__(self, image: Image.Image | None, text: str, max_tokens: int) -> Reply:
