@@ -152,6 +152,32 @@ def run_options(fn):
     return fn
 
 
+def server_options(concurrency: int, scope: str):
+    """Options of the commands that talk to an OpenAI-compatible server; scope starts each help
+    text (which backend they apply to)."""
+    def first(text: str) -> str:
+        return scope + (text[0].lower() + text[1:] if scope else text)
+
+    options = [
+        click.option("--api-base", envvar="OPENAI_BASE_URL", default=None,
+                     help=first("Server URL ending in /v1 (default: $OPENAI_BASE_URL). Key: $OPENAI_API_KEY.")),
+        click.option("--concurrency", type=click.IntRange(min=1), default=concurrency, show_default=True,
+                     help=first("Requests in flight.")),
+        click.option("--timeout", type=FiniteFloatRange(min=0, min_open=True), default=120.0, show_default=True,
+                     help=first("Seconds per request before it is retried.")),
+        click.option("--max-retries", type=click.IntRange(min=0), default=5, show_default=True,
+                     help=first("Retries on 429/5xx/timeouts/resets, with exponential backoff.")),
+        click.option("--retry-backoff", type=FiniteFloatRange(min=0), default=1.0, show_default=True,
+                     help=first("First backoff in seconds (doubles per retry, capped at 30; Retry-After wins).")),
+    ]
+
+    def decorate(fn):
+        for option in reversed(options):
+            fn = option(fn)
+        return fn
+    return decorate
+
+
 def _run_options(kw: dict):
     from ddaug.pipeline.command import RunOptions
 
@@ -306,16 +332,7 @@ Examples:
 @click.option("--domain", default="business", show_default=True, help="tags.domain of the output samples.")
 @click.option("--drop-truncated", is_flag=True,
               help="Send truncated or degenerate answers to failures.jsonl instead of writing them (flagged otherwise).")
-@click.option("--api-base", envvar="OPENAI_BASE_URL", default=None,
-              help="openai backend: server URL ending in /v1 (default: $OPENAI_BASE_URL). Key: $OPENAI_API_KEY.")
-@click.option("--concurrency", type=click.IntRange(min=1), default=8, show_default=True,
-              help="openai backend: requests in flight.")
-@click.option("--timeout", type=FiniteFloatRange(min=0, min_open=True), default=120.0, show_default=True,
-              help="openai backend: seconds per request before it is retried.")
-@click.option("--max-retries", type=click.IntRange(min=0), default=5, show_default=True,
-              help="openai backend: retries on 429/5xx/timeouts/resets, with exponential backoff.")
-@click.option("--retry-backoff", type=FiniteFloatRange(min=0), default=1.0, show_default=True,
-              help="openai backend: first backoff in seconds (doubles per retry, capped at 30; Retry-After wins).")
+@server_options(concurrency=8, scope="openai backend: ")
 @user_errors
 def caption(**kw) -> None:
     """Recaption images with a VLM into caption or instruct data.
@@ -362,8 +379,6 @@ Examples:
 @click.option("--from", "source", default="auto", show_default=True,
               help="Source language code, or auto: detected per sample (scripts, then py3langid).")
 @click.option("--model", required=True, help="The model name the server serves (as in its /v1/models).")
-@click.option("--api-base", envvar="OPENAI_BASE_URL", default=None,
-              help="Server URL ending in /v1 (default: $OPENAI_BASE_URL). Key: $OPENAI_API_KEY.")
 @click.option("--mix-original", is_flag=True,
               help="Keep each original too: two samples per input (KEY and KEY-LANG), tagged with their languages.")
 @click.option("--min-target-share", type=FiniteFloatRange(0, 1), default=0.5, show_default=True,
@@ -374,14 +389,7 @@ Examples:
               help="0: greedy decoding; > 0 samples (seeded by --seed).")
 @click.option("--top-p", type=FiniteFloatRange(0, 1, min_open=True), default=1.0, show_default=True,
               help="Nucleus sampling, with --temperature > 0.")
-@click.option("--concurrency", type=click.IntRange(min=1), default=16, show_default=True,
-              help="Requests in flight (one per turn).")
-@click.option("--timeout", type=FiniteFloatRange(min=0, min_open=True), default=120.0, show_default=True,
-              help="Seconds per request before it is retried.")
-@click.option("--max-retries", type=click.IntRange(min=0), default=5, show_default=True,
-              help="Retries on 429/5xx/timeouts/resets, with exponential backoff.")
-@click.option("--retry-backoff", type=FiniteFloatRange(min=0), default=1.0, show_default=True,
-              help="First backoff in seconds (doubles per retry, capped at 30; Retry-After wins).")
+@server_options(concurrency=16, scope="")
 @user_errors
 def translate(**kw) -> None:
     """Translate the conversations of shards or datasets through an LLM server.

@@ -23,8 +23,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from ddaug.pipeline import SampleFailure
-from ddaug.pipeline.images import FORMAT_MEMBER_EXT, check_decodes, fail_decode, probe_image
+from ddaug.pipeline.images import FORMAT_MEMBER_EXT, check_decodes, fail_decode, read_storable
 from ddaug.sources import ImageDecodeError, SourceItem, decode_image
 
 SEND_AS_IS = {"PNG": "image/png", "JPEG": "image/jpeg", "MPO": "image/jpeg", "WEBP": "image/webp",
@@ -132,15 +131,7 @@ def load_caption_image(item: SourceItem, *, max_pixels: int | None, for_server: 
     """Read item's one image for a caption request. for_server: build what the openai backend
     sends (no pixels kept); otherwise the decoded picture for a local model. Raises SampleFailure."""
     ref = item.images[0]
-    try:
-        data = ref.read()
-    except OSError as exc:
-        raise SampleFailure("read", f"{exc.strerror or exc}: {ref.uri}") from None
-    if not data:
-        raise fail_decode(ImageDecodeError("empty file (0 bytes)"), ref.uri)
-    fmt, (w, h), orientation, _animated = probe_image(data, ref.uri)
-    if fmt not in FORMAT_MEMBER_EXT:
-        raise SampleFailure("decode", f"{fmt} images cannot be stored unchanged in a shard: {ref.uri}")
+    data, fmt, (w, h), orientation = read_storable(ref)
     upright = (h, w) if orientation in (5, 6, 7, 8) else (w, h)
     source: dict[str, Any] = {"uri": ref.uri, "sha256": hashlib.sha256(data).hexdigest(),
                               "width": upright[0], "height": upright[1], "format": fmt}

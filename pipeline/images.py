@@ -11,7 +11,7 @@ from typing import Any
 
 from PIL import Image
 
-from ddaug.sources import ImageDecodeError, SourceItem, decode_image
+from ddaug.sources import ImageDecodeError, ImageRef, SourceItem, decode_image
 
 from .job import SampleFailure
 
@@ -126,20 +126,28 @@ class OriginalImage:
     source: dict[str, Any]   # uri, sha256, width, height, format
 
 
-def read_original(item: SourceItem, index: int) -> OriginalImage:
-    """Image `index` of an item as it is, for a stage that changes only the text: checked to
-    decode (a broken file goes to the ledger, not into training data), never re-encoded, so
-    the traits its pixels carry stay bit for bit. Raises SampleFailure("read"/"decode")."""
-    ref = item.images[index]
+def read_storable(ref: ImageRef) -> tuple[bytes, str, tuple[int, int], int]:
+    """An image's bytes, format, size and EXIF orientation (from its header), for a stage that
+    stores the bytes unchanged; SampleFailure("read"/"decode") if it cannot be read or its
+    format cannot be stored as it is."""
     try:
         data = ref.read()
     except OSError as exc:
         raise SampleFailure("read", f"{exc.strerror or exc}: {ref.uri}") from None
     if not data:
         raise fail_decode(ImageDecodeError("empty file (0 bytes)"), ref.uri)
-    fmt, (width, height), _, _ = probe_image(data, ref.uri)
+    fmt, size, orientation, _animated = probe_image(data, ref.uri)
     if fmt not in FORMAT_MEMBER_EXT:
         raise SampleFailure("decode", f"{fmt} images cannot be stored unchanged in a shard: {ref.uri}")
+    return data, fmt, size, orientation
+
+
+def read_original(item: SourceItem, index: int) -> OriginalImage:
+    """Image `index` of an item as it is, for a stage that changes only the text: checked to
+    decode (a broken file goes to the ledger, not into training data), never re-encoded, so
+    the traits its pixels carry stay bit for bit. Raises SampleFailure("read"/"decode")."""
+    ref = item.images[index]
+    data, fmt, (width, height), _ = read_storable(ref)
     check_decodes(data, fmt, ref.uri)
     return OriginalImage(data, FORMAT_MEMBER_EXT[fmt], {"uri": ref.uri, "sha256": hashlib.sha256(data).hexdigest(),
                                                         "width": width, "height": height, "format": fmt})

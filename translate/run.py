@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field, replace
 
-from ddaug.captioning.run import check_api_base, forget_failed_start
+from ddaug.captioning.run import check_api_base, forgetting_failed_start
 from ddaug.captioning.vlm import GenerationSettings
 from ddaug.pipeline.command import DEFAULT_BATCH_SIZE, RunOptions, UserError, execute
 from ddaug.pipeline.job import JobSummary
-from ddaug.shards.store import RUN_FILE
 
 from .languages import identifier, language
 from .stage import TranslateStage, Translator, derive_items
@@ -82,14 +80,10 @@ def run_translate(run: RunOptions, opts: TranslateOptions) -> JobSummary:
         identifier()  # load the language model once, here, rather than in the first loader thread
         return stages[-1]
 
-    fresh = not os.path.exists(os.path.join(run.output, RUN_FILE))
     try:
-        return execute("translate", run, config, make_stage,
-                       derive_items=lambda items: derive_items(items, target, opts.mix_original))
-    except UserError:
-        if fresh and started:
-            forget_failed_start(run.output, run.prefix)
-        raise
+        with forgetting_failed_start(run, started):
+            return execute("translate", run, config, make_stage,
+                           derive_items=lambda items: derive_items(items, target, opts.mix_original))
     finally:
         for stage in stages:
             stage.close()
