@@ -195,6 +195,15 @@ def test_mix_original_keeps_both_and_detection_tags_each(tmp_path, photos):
     assert passed["translate"]["passed_through"] == "already in Simplified Chinese"
     assert passed["messages"] == json.loads(open(data, encoding="utf-8").read())[1]["messages"]
     invoke("inspect", tmp_path / "mixed", "--verify")
+    # ddaug's own shards are an input too: their English originals are translated (image members
+    # carried byte for byte), the Chinese ones are already done, and no earlier block leaks in.
+    with ChatServer(TranslationResponder(), model="m") as srv:
+        again = _translate(tmp_path / "mixed", tmp_path / "again", srv.url)
+    assert "done 5" in again.output and "already in target language 3" in again.output, again.output
+    (from_shard,) = [m for m in read_samples(tmp_path / "again").values()
+                     if sample_meta(m)["messages"][0]["content"].startswith("<image>") and
+                     sample_meta(m)["translate"].get("source_lang") == "en"]
+    assert from_shard["jpg"] == samples[en]["jpg"] and sample_meta(from_shard)["extra"] == {"id": "rec0"}
 
 
 def test_bad_flags_and_an_unreachable_server_are_one_line(tmp_path, photos):
