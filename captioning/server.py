@@ -202,7 +202,7 @@ _ZH_WORDS = {
 }
 _ZH_PUNCTUATION = {".": "。", ",": "，", "?": "？", "!": "！", ":": "：", ";": "；"}
 TRANSLATION_FAULTS = ("drop-placeholder", "duplicate-placeholder", "swap-placeholders", "source-language",
-                      "empty", "add-image-tag", "repeat")
+                      "empty", "add-image-tag", "repeat", "full-width-placeholders")
 
 
 class TranslationResponder:
@@ -260,6 +260,8 @@ class TranslationResponder:
             return ""
         if fault == "add-image-tag":
             return translated + IMAGE_TAG
+        if fault == "full-width-placeholders":  # harmless: the brackets a Chinese reply may use
+            return PLACEHOLDER_RE.sub(lambda m: f"［［P{m.group(1)}］］", translated)
         if fault == "repeat":  # a reply looping on its words
             return translated + PLACEHOLDER_RE.sub("", translated) * 5
         return translated

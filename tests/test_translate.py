@@ -127,10 +127,13 @@ FAULT_CASES = {  # trigger word -> (fault, what the ledger says)
 
 def test_each_check_fires_on_its_fault_and_a_500_is_retried(tmp_path, photos):
     good = [("<image>What is in this picture?", "A cat sits on a red sofa near the window, 2 cups.")]
+    # Full-width brackets around a placeholder are still that placeholder: not a fault.
+    wide = [("<image>Is there a panda near 3 cups?", "Yes, 2 cups.")]
     faulty = [[(f"<image>Is there a {word} near 3 cups and 4 plates?", "Yes, it sits near the window.")]
               for word in FAULT_CASES]
-    data = _dataset(tmp_path / "in", photos, [good] + faulty + [good])
-    responder = TranslationResponder(faults={word: fault for word, (fault, _) in FAULT_CASES.items()})
+    data = _dataset(tmp_path / "in", photos, [good] + faulty + [wide])
+    responder = TranslationResponder(faults={"panda": "full-width-placeholders",
+                                             **{word: fault for word, (fault, _) in FAULT_CASES.items()}})
     with ChatServer(responder, model="m") as srv:
         srv.inject("500")  # the first request fails once; its retry succeeds
         result = _translate(data, tmp_path / "out", srv.url, "--concurrency", 1)
@@ -143,8 +146,10 @@ def test_each_check_fires_on_its_fault_and_a_500_is_retried(tmp_path, photos):
         word = record["messages"][0]["content"].split()[3]
         (key,) = [k for k in failures if k.startswith(record["id"] + "-")]
         assert FAULT_CASES[word][1] in failures[key], (word, failures[key])
-    assert {s["meta"]["translate"]["original_key"].split("-")[0] for s in _by_original(tmp_path / "out").values()} \
-        == {"rec0", f"rec{len(records) - 1}"}
+    translated = {s["meta"]["translate"]["original_key"].split("-")[0]: s["meta"]
+                  for s in _by_original(tmp_path / "out").values()}
+    assert set(translated) == {"rec0", f"rec{len(records) - 1}"}
+    assert translated[f"rec{len(records) - 1}"]["messages"][0]["content"].startswith("<image>")
     invoke("inspect", tmp_path / "out", "--verify")
 
 

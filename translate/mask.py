@@ -16,8 +16,9 @@ from dataclasses import dataclass
 from ddaug.shards.schema import IMAGE_TAG
 
 PLACEHOLDER = "[[P{}]]"
-# As written, and as models sometimes echo it (spaces inside, lower case).
-PLACEHOLDER_RE = re.compile(r"\[\[\s*[Pp]\s*(\d+)\s*\]\]")
+# As written, and as models sometimes echo it: spaces inside, lower case, or the full-width
+# brackets of a Chinese or Japanese reply (［［P1］］).
+PLACEHOLDER_RE = re.compile(r"[\[［]{2}\s*[Pp]\s*(\d+)\s*[\]］]{2}")
 
 # Highest priority first: a span inside an earlier kind's span stays part of that one (a number
 # in a URL, a URL in a code block).
