@@ -142,7 +142,8 @@ class TranslateStage:
         self.mix_original = mix_original
         self.min_target_share = min_target_share
         self.seed = seed
-        self.times = CaptionTimes(client.concurrency)
+        self.times = CaptionTimes(client.concurrency, cpu_advice="give it more cores, or split the inputs "
+                                                                 "over processes (--rank/--world-size)")
         client.times = self.times
         self._counts = _Counts()
         self.counts = self._counts.counter  # the job adds them to the run's summary
