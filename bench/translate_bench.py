@@ -118,7 +118,7 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
     from importlib import metadata
 
-    emit([f"## {datetime.date.today()}: translate against the local chat server, latency {args.latency:g} s per request",
+    emit([f"## translate against a local chat server at {args.latency:g} s per request ({datetime.date.today()})",
           f"- machine: {os.cpu_count()} CPU cores (shared with other work), no GPU; python {platform.python_version()}, "
           f"ddaug {metadata.version('ddaug')}, py3langid {metadata.version('py3langid')}; server: ddaug's ChatServer "
           f"with TranslationResponder in its own process on the same machine",

@@ -16,17 +16,21 @@ from .stage import TranslateStage, Translator, derive_items
 
 @dataclass
 class TranslateOptions:
-    target: str = "zh"                     # --to
-    source: str = "auto"                   # --from: a language code, or auto (detected per sample)
-    model: str = ""                        # the served model's name
-    api_base: str | None = None
-    mix_original: bool = False
-    min_target_share: float = 0.5
+    """What `ddaug translate` runs beyond the shared `RunOptions`: the language pair, the server
+    and its model, the checks, generation and the client's limits. `run_translate(run, opts)`
+    takes both. The API key is never an option: it is read from $OPENAI_API_KEY."""
+
+    target: str = "zh"                     # --to: a code of languages.LANGUAGES
+    source: str = "auto"                   # --from: a code, or auto (detected per sample)
+    model: str = ""                        # the name the server serves the model under
+    api_base: str | None = None            # server URL ending in /v1
+    mix_original: bool = False             # also keep each original, as its own sample
+    min_target_share: float = 0.5          # share of a translation's letters in the target language
     generation: GenerationSettings = field(default_factory=lambda: GenerationSettings(max_new_tokens=2048))
-    concurrency: int = 16
-    timeout: float = 120.0
-    max_retries: int = 5
-    retry_backoff: float = 1.0
+    concurrency: int = 16                  # requests (turns) in flight
+    timeout: float = 120.0                 # seconds per request before it is retried
+    max_retries: int = 5                   # retries on 429/5xx/timeouts/resets
+    retry_backoff: float = 1.0             # first backoff in seconds, doubled per retry
 
 
 def _languages(opts: TranslateOptions):
@@ -58,6 +62,8 @@ def check_options(opts: TranslateOptions) -> None:
 
 
 def run_translate(run: RunOptions, opts: TranslateOptions) -> JobSummary:
+    """`ddaug translate` as a call: read `run.inputs`, write translated shards into `run.output`
+    (resuming what is there), and return the counts. Raises `UserError` for what the user can fix."""
     check_options(opts)
     source, target = _languages(opts)
     # Everything that changes what is written; a rerun into the folder must match it. Never the key.
