@@ -83,7 +83,8 @@ def run_translate(run: RunOptions, opts: TranslateOptions) -> JobSummary:
                             timeout=opts.timeout, max_retries=opts.max_retries, backoff=opts.retry_backoff)
         stages.append(TranslateStage(client, target, source=source, mix_original=opts.mix_original,
                                      min_target_share=opts.min_target_share, seed=run.seed))
-        identifier()  # load the language model once, here, rather than in the first loader thread
+        if source is None or source.scripts & target.scripts:  # detection, or a share by language id
+            identifier()  # load py3langid's model (~2 s) once, here, rather than in a loader thread
         return stages[-1]
 
     try:
