@@ -1,8 +1,9 @@
 """ddaug: diffusion-domain data for fine-tuning vision-language models.
 
-Three jobs, each a shell command (`ddaug --help`) and a Python entry point:
+Four jobs, each a shell command (`ddaug --help`) and a Python entry point:
 
 - recaption diffusion-generated images with a VLM (`run_caption`),
+- translate the conversations of general data through an LLM server (`run_translate`),
 - give natural photos a diffusion model's traits at near-zero strength (`run_augment`),
 - mix and stage the resulting webdataset shards for a trainer (`MixedShardDataset`,
   `CheckpointableLoader`, `ChatCollator`, `load_recipe`), or export them to a trainer's own
@@ -48,6 +49,8 @@ _PUBLIC = {
     "run_caption": "ddaug.captioning.run",
     "CaptionOptions": "ddaug.captioning.run",
     "GenerationSettings": "ddaug.captioning.vlm",
+    "run_translate": "ddaug.translate.run",
+    "TranslateOptions": "ddaug.translate.run",
 }
 
 __all__ = sorted(_PUBLIC) + ["__version__"]
@@ -78,3 +81,4 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazi
     from ddaug.shards.inspect import inspect_shards
     from ddaug.shards.loader import CheckpointableLoader, LoaderError, MixedShardDataset, ShardSource, TrainingStage
     from ddaug.shards.recipe import Recipe, load_recipe, plan
+    from ddaug.translate.run import TranslateOptions, run_translate

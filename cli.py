@@ -67,6 +67,7 @@ def cli(verbose: int) -> None:
     Remedies for a VLM that forgets general skills on diffusion-generated images:
       augment   give natural general data diffusion traits (SDXL/SSD-1B/LCM, one step)
       caption   recaption business images with a VLM (caption and instruct data)
+      translate translate conversations through an LLM server (bilingual data)
       inspect   summarise, verify and preview shards
       plan      what a training recipe (sources, ratios, stages) will draw
       export    shards -> LLaMA-Factory, ms-swift, Megatron-Energon or HF datasets
@@ -149,6 +150,32 @@ def run_options(fn):
     for option in reversed(options):
         fn = option(fn)
     return fn
+
+
+def server_options(concurrency: int, scope: str):
+    """Options of the commands that talk to an OpenAI-compatible server; scope starts each help
+    text (which backend they apply to)."""
+    def first(text: str) -> str:
+        return scope + (text[0].lower() + text[1:] if scope else text)
+
+    options = [
+        click.option("--api-base", envvar="OPENAI_BASE_URL", default=None,
+                     help=first("Server URL ending in /v1 (default: $OPENAI_BASE_URL). Key: $OPENAI_API_KEY.")),
+        click.option("--concurrency", type=click.IntRange(min=1), default=concurrency, show_default=True,
+                     help=first("Requests in flight.")),
+        click.option("--timeout", type=FiniteFloatRange(min=0, min_open=True), default=120.0, show_default=True,
+                     help=first("Seconds per request before it is retried.")),
+        click.option("--max-retries", type=click.IntRange(min=0), default=5, show_default=True,
+                     help=first("Retries on 429/5xx/timeouts/resets, with exponential backoff.")),
+        click.option("--retry-backoff", type=FiniteFloatRange(min=0), default=1.0, show_default=True,
+                     help=first("First backoff in seconds (doubles per retry, capped at 30; Retry-After wins).")),
+    ]
+
+    def decorate(fn):
+        for option in reversed(options):
+            fn = option(fn)
+        return fn
+    return decorate
 
 
 def _run_options(kw: dict):
@@ -305,16 +332,7 @@ Examples:
 @click.option("--domain", default="business", show_default=True, help="tags.domain of the output samples.")
 @click.option("--drop-truncated", is_flag=True,
               help="Send truncated or degenerate answers to failures.jsonl instead of writing them (flagged otherwise).")
-@click.option("--api-base", envvar="OPENAI_BASE_URL", default=None,
-              help="openai backend: server URL ending in /v1 (default: $OPENAI_BASE_URL). Key: $OPENAI_API_KEY.")
-@click.option("--concurrency", type=click.IntRange(min=1), default=8, show_default=True,
-              help="openai backend: requests in flight.")
-@click.option("--timeout", type=FiniteFloatRange(min=0, min_open=True), default=120.0, show_default=True,
-              help="openai backend: seconds per request before it is retried.")
-@click.option("--max-retries", type=click.IntRange(min=0), default=5, show_default=True,
-              help="openai backend: retries on 429/5xx/timeouts/resets, with exponential backoff.")
-@click.option("--retry-backoff", type=FiniteFloatRange(min=0), default=1.0, show_default=True,
-              help="openai backend: first backoff in seconds (doubles per retry, capped at 30; Retry-After wins).")
+@server_options(concurrency=8, scope="openai backend: ")
 @user_errors
 def caption(**kw) -> None:
     """Recaption images with a VLM into caption or instruct data.
@@ -345,6 +363,55 @@ def caption(**kw) -> None:
                           concurrency=kw["concurrency"], timeout=kw["timeout"], max_retries=kw["max_retries"],
                           retry_backoff=kw["retry_backoff"])
     _report("caption", run_caption(run, opts), run.output)
+
+
+@cli.command(epilog="""\b
+Examples:
+  ddaug translate out/general -o out/general-zh --to zh --model Qwen/Qwen2.5-7B-Instruct \\
+        --api-base http://localhost:8000/v1       # a vLLM/SGLang server; key: $OPENAI_API_KEY
+  ddaug translate llava.json --media-dir imgs/ -o out/llava-ja --to ja --from en --model m --concurrency 64
+  ddaug translate out/general -o out/bilingual --to zh --mix-original --model m   # both, as two samples
+  ddaug translate out/general -o out/general-zh --to zh --model m --retry-failures  # only the ledger's inputs
+""")
+@click.argument("inputs", nargs=-1, required=True)
+@run_options
+@click.option("--to", "target", required=True, help="Target language code (zh, ja, ko, fr, de, ru, ar, ...).")
+@click.option("--from", "source", default="auto", show_default=True,
+              help="Source language code, or auto: detected per sample (scripts, then py3langid).")
+@click.option("--model", required=True, help="The model name the server serves (as in its /v1/models).")
+@click.option("--mix-original", is_flag=True,
+              help="Keep each original too: two samples per input (KEY and KEY-LANG), tagged with their languages.")
+@click.option("--min-target-share", type=FiniteFloatRange(0, 1), default=0.5, show_default=True,
+              help="Share of a translation's letters that must be in the target language (else: failures.jsonl).")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=2048, show_default=True,
+              help="Length limit of one turn's translation; one cut there goes to failures.jsonl.")
+@click.option("--temperature", type=FiniteFloatRange(min=0), default=0.0, show_default=True,
+              help="0: greedy decoding; > 0 samples (seeded by --seed).")
+@click.option("--top-p", type=FiniteFloatRange(0, 1, min_open=True), default=1.0, show_default=True,
+              help="Nucleus sampling, with --temperature > 0.")
+@server_options(concurrency=16, scope="")
+@user_errors
+def translate(**kw) -> None:
+    """Translate the conversations of shards or datasets through an LLM server.
+
+    Each system, user and assistant turn goes to an OpenAI-compatible chat-completions server
+    (vLLM, SGLang) with its image tags, code, JSON, URLs, e-mail addresses and numbers hidden
+    behind placeholders, which are put back after. Images are carried over byte for byte. A
+    translation that loses a placeholder, changes the image tags, falls outside the pair's
+    length band or is not in the target language goes to failures.jsonl. Reruns resume. See
+    docs/translate.md.
+    """
+    from ddaug.captioning import GenerationSettings
+    from ddaug.translate.run import TranslateOptions, run_translate
+
+    run = _run_options(kw)
+    generation = GenerationSettings(max_new_tokens=kw["max_new_tokens"], temperature=kw["temperature"],
+                                    top_p=kw["top_p"], seed=run.seed)
+    opts = TranslateOptions(target=kw["target"], source=kw["source"], model=kw["model"], api_base=kw["api_base"],
+                            mix_original=kw["mix_original"], min_target_share=kw["min_target_share"],
+                            generation=generation, concurrency=kw["concurrency"], timeout=kw["timeout"],
+                            max_retries=kw["max_retries"], retry_backoff=kw["retry_backoff"])
+    _report("translate", run_translate(run, opts), run.output)
 
 
 @cli.command(epilog="""\b

@@ -17,20 +17,17 @@ from __future__ import annotations
 
 import hashlib
 import io
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from PIL import Image
 
-from ddaug.pipeline import SampleFailure
-from ddaug.pipeline.images import FORMAT_MEMBER_EXT
+from ddaug.pipeline.images import FORMAT_MEMBER_EXT, check_decodes, fail_decode, read_storable
 from ddaug.sources import ImageDecodeError, SourceItem, decode_image
 
 SEND_AS_IS = {"PNG": "image/png", "JPEG": "image/jpeg", "MPO": "image/jpeg", "WEBP": "image/webp",
               "GIF": "image/gif"}
-ORIENTATION_TAG = 0x0112
 JPEG_QUALITY = 95
 
 # torch resizes 4-channel uint8 pixels (antialiased) with one single-threaded AVX2 kernel, the
@@ -51,41 +48,6 @@ class CaptionImage:
     pixels: Image.Image | None = None  # transformers backend: the decoded, capped picture
     send: bytes | None = None        # openai backend: the bytes the request carries...
     mime: str | None = None          # ...and their type
-
-
-def _fail_decode(exc: Exception, uri: str) -> SampleFailure:
-    return SampleFailure("decode", f"{exc}: {uri}")
-
-
-def _probe(data: bytes, uri: str) -> tuple[str, tuple[int, int], int, bool]:
-    """Format, size, EXIF orientation and whether it is animated, from the header only."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as img:
-                orientation = img.getexif().get(ORIENTATION_TAG, 1) if img.format in ("JPEG", "MPO", "PNG", "WEBP",
-                                                                                      "TIFF") else 1
-                return (img.format or "unknown", img.size, orientation if orientation in range(1, 9) else 1,
-                        getattr(img, "n_frames", 1) > 1)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise _fail_decode(ImageDecodeError(f"decompression bomb refused: {exc}"), uri) from None
-    except Image.UnidentifiedImageError:
-        raise _fail_decode(ImageDecodeError("not an image (unrecognised format)"), uri) from None
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise _fail_decode(ImageDecodeError(f"broken image: {exc}"), uri) from None
-
-
-def _check_decodes(data: bytes, fmt: str, uri: str) -> None:
-    """Decode and drop, so a broken file goes to the ledger before a request is spent on it.
-    A JPEG is decoded at 1/8 scale: its whole entropy-coded stream is still read and checked,
-    at a fraction of the cost."""
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            if fmt in ("JPEG", "MPO"):
-                img.draft("RGB", (max(1, img.width // 8), max(1, img.height // 8)))
-            img.load()
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise _fail_decode(ImageDecodeError(f"broken image: {exc}"), uri) from None
 
 
 def capped_size(size: tuple[int, int], max_pixels: int | None) -> tuple[int, int]:
@@ -113,9 +75,9 @@ def _decode_capped(data: bytes, fmt: str, target: tuple[int, int], uri: str, *, 
         else:
             pixels, _ = decode_image(data)
     except ImageDecodeError as exc:
-        raise _fail_decode(exc, uri) from None
+        raise fail_decode(exc, uri) from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise _fail_decode(ImageDecodeError(f"broken image: {exc}"), uri) from None
+        raise fail_decode(ImageDecodeError(f"broken image: {exc}"), uri) from None
     if pixels.size != target:
         pixels = downsize_for_request(pixels, target) if fast else pixels.resize(target, Image.Resampling.LANCZOS)
     return pixels
@@ -158,7 +120,7 @@ def _upright_png(data: bytes, uri: str) -> tuple[bytes, Image.Image]:
     try:
         img, _ = decode_image(data)
     except ImageDecodeError as exc:
-        raise _fail_decode(exc, uri) from None
+        raise fail_decode(exc, uri) from None
     buf = io.BytesIO()
     img.save(buf, format="PNG", compress_level=6)
     return buf.getvalue(), img
@@ -169,15 +131,7 @@ def load_caption_image(item: SourceItem, *, max_pixels: int | None, for_server: 
     """Read item's one image for a caption request. for_server: build what the openai backend
     sends (no pixels kept); otherwise the decoded picture for a local model. Raises SampleFailure."""
     ref = item.images[0]
-    try:
-        data = ref.read()
-    except OSError as exc:
-        raise SampleFailure("read", f"{exc.strerror or exc}: {ref.uri}") from None
-    if not data:
-        raise _fail_decode(ImageDecodeError("empty file (0 bytes)"), ref.uri)
-    fmt, (w, h), orientation, _animated = _probe(data, ref.uri)
-    if fmt not in FORMAT_MEMBER_EXT:
-        raise SampleFailure("decode", f"{fmt} images cannot be stored unchanged in a shard: {ref.uri}")
+    data, fmt, (w, h), orientation = read_storable(ref)
     upright = (h, w) if orientation in (5, 6, 7, 8) else (w, h)
     source: dict[str, Any] = {"uri": ref.uri, "sha256": hashlib.sha256(data).hexdigest(),
                               "width": upright[0], "height": upright[1], "format": fmt}
@@ -196,7 +150,7 @@ def load_caption_image(item: SourceItem, *, max_pixels: int | None, for_server: 
         out.pixels = pixels
         return out
     if pixels is None and target == upright and fmt in SEND_AS_IS:
-        _check_decodes(data, fmt, ref.uri)
+        check_decodes(data, fmt, ref.uri)
         out.send, out.mime = data, SEND_AS_IS[fmt]
         return out
     if pixels is None:

@@ -1,6 +1,9 @@
 """The openai backend: any OpenAI-compatible chat-completions server (vLLM, SGLang, hosted APIs).
 
-Images go as base64 data URLs inside the user message. A persistent pool of --concurrency
+ChatClient is the client every command that talks to such a server shares (caption's OpenAIVLM,
+translate's translator): the key, the request pool, retries, timeouts and origin rules; a
+subclass says only what the messages of one request are. For caption, images go as base64
+data URLs inside the user message. A persistent pool of --concurrency
 threads sends requests as they are submitted, so the caption stage can submit each image as
 soon as it is read and C requests stay in flight across batch and shard boundaries (the job
 still orders and writes the answers deterministically). 429, 5xx, timeouts, resets and
@@ -94,23 +97,23 @@ class RequestPool:
         for t in self._threads:
             t.start()
 
-    def submit(self, prompt: Prompt, priority: int = 1) -> Future:
+    def submit(self, request: Any, priority: int = 1) -> Future:
         future: Future = Future()
         if self._closed:
             future.cancel()
         else:
-            self._queue.put((priority, next(self._order), future, prompt))
+            self._queue.put((priority, next(self._order), future, request))
         return future
 
     def _work(self) -> None:
         while True:
-            _, _, future, prompt = self._queue.get()
+            _, _, future, request = self._queue.get()
             if future is None:
                 return
             if not future.set_running_or_notify_cancel():
                 continue
             try:
-                future.set_result(self._send(prompt))
+                future.set_result(self._send(request))
             except BaseException as exc:  # delivered to whoever waits on this sample
                 future.set_exception(exc)
 
@@ -128,8 +131,12 @@ class RequestPool:
             self._queue.put((2, next(self._order), None, None))
 
 
-class OpenAIVLM:
+class ChatClient:
+    """Requests to an OpenAI-compatible chat-completions server, --concurrency at a time, each
+    retried on its own. Subclasses define messages(request)."""
+
     backend = "openai"
+    model_flag = "--vlm"  # the flag that names the served model, for the error that says it is not served
 
     def __init__(self, api_base: str, model: str, *, settings: GenerationSettings, concurrency: int = 8,
                  timeout: float = 120.0, max_retries: int = 5, backoff: float = 1.0, check: bool = True,
@@ -183,19 +190,16 @@ class OpenAIVLM:
         served = [m.get("id") for m in body.get("data", []) if isinstance(m, dict)] if isinstance(body, dict) else []
         if served and self.model_name not in served:
             raise BackendUnavailable(f"{self.api_base} does not serve model {self.model_name!r} "
-                                     f"(it serves: {', '.join(map(str, served))}); fix --vlm")
+                                     f"(it serves: {', '.join(map(str, served))}); fix {self.model_flag}")
 
-    def _payload(self, prompt: Prompt) -> bytes:
-        if prompt.data is not None and prompt.mime in SENDABLE_MIME:
-            data, mime = prompt.data, prompt.mime
-        else:  # a picture, not bytes (library use): a high-quality JPEG
-            data, mime = encode_for_request(prompt.image, lossless=False)
-        url = f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
+    def messages(self, request: Any) -> list[dict[str, Any]]:
+        """The chat messages of one request."""
+        raise NotImplementedError
+
+    def _payload(self, request: Any) -> bytes:
         body: dict[str, Any] = {
             "model": self.model_name,
-            "messages": [{"role": "user", "content": [
-                {"type": "image_url", "image_url": {"url": url}},
-                {"type": "text", "text": prompt.text}]}],
+            "messages": self.messages(request),
             "max_tokens": self.settings.max_new_tokens,
             "temperature": max(self.settings.temperature, 0.0),
             "n": 1,
@@ -219,9 +223,9 @@ class OpenAIVLM:
                 pass
         return min(self.backoff * 2 ** attempt, 30.0) * (0.5 + random.random() / 2)
 
-    def _one(self, prompt: Prompt) -> Reply:
+    def _one(self, request: Any) -> Reply:
         with self.times.measure_cpu("request JSON"):
-            payload = self._payload(prompt)
+            payload = self._payload(request)
         last = "no attempt"
         for attempt in range(self.max_retries + 1):
             retry_after = None
@@ -277,19 +281,33 @@ class OpenAIVLM:
         return Reply((content or "").strip(), choice.get("finish_reason") or "stop",
                      usage.get("prompt_tokens"), usage.get("completion_tokens"), seconds)
 
-    def _attempt(self, prompt: Prompt) -> Reply | RequestFailed:
+    def _attempt(self, request: Any) -> Reply | RequestFailed:
         try:
-            return self._one(prompt)
+            return self._one(request)
         except RequestFailed as exc:
             return exc
 
-    def submit(self, prompt: Prompt, priority: int = 1) -> Future:
+    def submit(self, request: Any, priority: int = 1) -> Future:
         """Queue one request; the future gives a Reply or a RequestFailed, or raises
-        BackendUnavailable. Lower priority numbers go first (instruct retries)."""
-        return self._pool.submit(prompt, priority)
+        BackendUnavailable. Lower priority numbers go first (second tries)."""
+        return self._pool.submit(request, priority)
 
-    def generate(self, prompts: list[Prompt]) -> list[Reply | Exception]:
-        return [f.result() for f in [self.submit(p) for p in prompts]]
+    def generate(self, requests: list[Any]) -> list[Reply | Exception]:
+        return [f.result() for f in [self.submit(r) for r in requests]]
 
     def close(self) -> None:
         self._pool.close()
+
+
+class OpenAIVLM(ChatClient):
+    """caption's VLM behind a server: one image and the question per request."""
+
+    def messages(self, prompt: Prompt) -> list[dict[str, Any]]:
+        if prompt.data is not None and prompt.mime in SENDABLE_MIME:
+            data, mime = prompt.data, prompt.mime
+        else:  # a picture, not bytes (library use): a high-quality JPEG
+            data, mime = encode_for_request(prompt.image, lossless=False)
+        url = f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
+        return [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": url}},
+            {"type": "text", "text": prompt.text}]}]

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import math
 import os
 import urllib.parse
 from dataclasses import dataclass, field, replace
+from typing import Iterator
 
 from ddaug.pipeline.command import DEFAULT_BATCH_SIZE, RunOptions, UserError, execute
 from ddaug.pipeline.job import JobSummary
@@ -74,14 +76,21 @@ def max_pixels_for(opts: CaptionOptions) -> int | None:
     return opts.max_pixels or None
 
 
-def _forget_failed_start(output: str, prefix: str) -> None:
+@contextlib.contextmanager
+def forgetting_failed_start(run: RunOptions, started: list) -> Iterator[None]:
     """A start that failed before any shard (model or server unusable) must not leave a run.json
-    that refuses the corrected command as "made with a different config"."""
-    if not glob.glob(os.path.join(glob.escape(output), f"{glob.escape(prefix)}-*")):
-        try:
-            os.remove(os.path.join(output, RUN_FILE))
-        except OSError:
-            pass
+    that refuses the corrected command as "made with a different config". started is filled
+    once the run has opened (and locked) the folder: before that, a run.json is another run's."""
+    fresh = not os.path.exists(os.path.join(run.output, RUN_FILE))
+    try:
+        yield
+    except UserError:
+        if fresh and started and not glob.glob(os.path.join(glob.escape(run.output), f"{glob.escape(run.prefix)}-*")):
+            try:
+                os.remove(os.path.join(run.output, RUN_FILE))
+            except OSError:
+                pass
+        raise
 
 
 def check_options(opts: CaptionOptions) -> None:
@@ -91,13 +100,17 @@ def check_options(opts: CaptionOptions) -> None:
     for flag, value in numbers.items():
         if not math.isfinite(value):
             raise UserError(f"{flag} must be a finite number, not {value}")
-    if opts.backend != "openai":
-        return
-    if not opts.api_base:
-        raise UserError("--api-base is required with --backend openai (e.g. http://localhost:8000/v1)")
-    url = urllib.parse.urlsplit(opts.api_base)
+    if opts.backend == "openai":
+        check_api_base(opts.api_base, "--api-base is required with --backend openai")
+
+
+def check_api_base(api_base: str | None, missing: str = "--api-base is required") -> None:
+    """One line for an --api-base that is missing, not an http(s) URL, or holds credentials."""
+    if not api_base:
+        raise UserError(f"{missing} (e.g. http://localhost:8000/v1)")
+    url = urllib.parse.urlsplit(api_base)
     if url.scheme not in ("http", "https") or not url.hostname:
-        raise UserError(f"--api-base must be an http(s) URL such as http://localhost:8000/v1, not {opts.api_base!r}")
+        raise UserError(f"--api-base must be an http(s) URL such as http://localhost:8000/v1, not {api_base!r}")
     if url.username or url.password:
         raise UserError("--api-base must not hold credentials; the key goes in $OPENAI_API_KEY")
 
@@ -140,13 +153,9 @@ def run_caption(run: RunOptions, opts: CaptionOptions) -> JobSummary:
                                    tags={"domain": opts.domain, "task": opts.task, "stage": opts.stage}))
         return stages[-1]
 
-    fresh = not os.path.exists(os.path.join(run.output, RUN_FILE))
     try:
-        return execute("caption", run, config, make_stage)
-    except UserError:
-        if fresh and started:
-            _forget_failed_start(run.output, run.prefix)
-        raise
+        with forgetting_failed_start(run, started):
+            return execute("caption", run, config, make_stage)
     finally:
         for stage in stages:
             stage.close()

@@ -1,7 +1,8 @@
 """A small OpenAI-compatible chat-completions server on localhost.
 
 It serves any `respond(image, text) -> Reply` callable, by default a TransformersVLM (the tiny
-model in tests and demos), so the openai backend can be exercised offline end to end. Faults can
+model in tests and demos), so the openai backend can be exercised offline end to end, or
+TranslationResponder, a deterministic English-to-Chinese word table for `translate`. Faults can
 be queued (429, 500, timeout, malformed body, connection reset) to test the client's retries.
 Not a production server: use vLLM or SGLang for real models.
 """
@@ -14,19 +15,23 @@ import contextlib
 import io
 import json
 import logging
+import re
 import threading
 import time
+import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable
 
 from PIL import Image
+
+from ddaug.shards.schema import IMAGE_TAG
 
 from .replies import Reply
 from .vlm import Prompt
 
 log = logging.getLogger(__name__)
 
-Responder = Callable[[Image.Image, str, int], Reply]  # image, text, max_tokens
+Responder = Callable[[Image.Image | None, str, int], Reply]  # image (None: text only), text, max_tokens
 FAULTS = ("ok", "429", "500", "timeout", "malformed", "reset", "no-content")  # "ok": serve normally
 
 
@@ -37,14 +42,15 @@ def _image_from_url(url: str) -> Image.Image:
     return Image.open(io.BytesIO(data)).convert("RGB")
 
 
-def _parse_request(body: dict) -> tuple[Image.Image, str]:
+def _parse_request(body: dict) -> tuple[Image.Image | None, str]:
+    """The user's image (None for a text-only request) and text."""
     user = [m for m in body["messages"] if m.get("role") == "user"][-1]
     parts = user["content"] if isinstance(user["content"], list) else [{"type": "text", "text": user["content"]}]
     images = [_image_from_url(p["image_url"]["url"]) for p in parts if p.get("type") == "image_url"]
     text = "".join(p.get("text", "") for p in parts if p.get("type") == "text")
-    if len(images) != 1:
-        raise ValueError(f"expected one image, got {len(images)}")
-    return images[0], text
+    if len(images) > 1:
+        raise ValueError(f"expected one image at most, got {len(images)}")
+    return (images[0] if images else None), text
 
 
 class _QuietHTTPServer(ThreadingHTTPServer):
@@ -182,3 +188,91 @@ def vlm_responder(vlm) -> Responder:
     def respond(image: Image.Image, text: str, max_tokens: int) -> Reply:
         return vlm.generate([Prompt(image, text)], max_new_tokens=max_tokens)[0]
     return respond
+
+
+# -- a deterministic translator, for translate's tests, benchmark and demos ---------------------------
+_ZH_WORDS = {
+    "a": "一个", "an": "一个", "the": "", "is": "是", "are": "是", "this": "这", "that": "那", "what": "什么",
+    "image": "图片", "picture": "图片", "photo": "照片", "shows": "显示", "show": "显示", "describe": "描述",
+    "in": "在", "on": "在", "of": "的", "and": "和", "with": "和", "near": "靠近", "detail": "细节",
+    "cat": "猫", "cats": "猫", "dog": "狗", "sits": "坐", "red": "红色", "blue": "蓝色", "sofa": "沙发",
+    "window": "窗户", "rocket": "火箭", "sky": "天空", "coffee": "咖啡", "cup": "杯子", "table": "桌子",
+    "man": "男人", "woman": "女人", "there": "那里", "how": "怎么", "many": "多少", "see": "看见",
+    "code": "代码", "link": "链接", "visit": "访问", "email": "邮件", "write": "写", "yes": "是的", "no": "不",
+}
+_ZH_PUNCTUATION = {".": "。", ",": "，", "?": "？", "!": "！", ":": "：", ";": "；"}
+TRANSLATION_FAULTS = ("drop-placeholder", "duplicate-placeholder", "swap-placeholders", "source-language",
+                      "empty", "add-image-tag", "repeat", "full-width-placeholders")
+
+
+class TranslationResponder:
+    """A stand-in translator into Chinese: each English word through a small table (others to
+    two Han characters derived from the word, so the same input always gives the same output),
+    placeholders kept, punctuation made Chinese. `faults` maps a trigger word to one of
+    TRANSLATION_FAULTS: a request whose text holds the word gets that fault instead, whatever
+    the order requests arrive in (so each of translate's checks can be made to fire)."""
+
+    def __init__(self, faults: dict[str, str] | None = None, latency: float = 0.0):
+        unknown = set((faults or {}).values()) - set(TRANSLATION_FAULTS)
+        if unknown:
+            raise ValueError(f"unknown translation faults {unknown}; known: {TRANSLATION_FAULTS}")
+        self.faults = {word.lower(): fault for word, fault in (faults or {}).items()}
+        self.latency = latency  # seconds per request (a server's generation time, for benchmarks)
+
+    @staticmethod
+    def _word(word: str) -> str:
+        known = _ZH_WORDS.get(word.lower())
+        if known is not None:
+            return known
+        digest = zlib.crc32(word.lower().encode("utf-8"))
+        return chr(0x4E00 + digest % 0x5000) + chr(0x4E00 + (digest >> 16) % 0x5000)
+
+    def translate(self, text: str) -> str:
+        from ddaug.translate.mask import PLACEHOLDER_RE
+
+        out = []
+        for m in re.finditer(rf"(?P<ph>{PLACEHOLDER_RE.pattern})|(?P<word>[^\W\d_]+(?:'[^\W\d_]+)?)|(?P<nl>\n)|\s+|.",
+                             text):
+            if m.group("ph"):
+                out.append(m.group(0))
+            elif m.group("word"):
+                out.append(self._word(m.group("word")))
+            elif m.group("nl"):
+                out.append("\n")
+            elif not m.group(0).isspace():
+                out.append(_ZH_PUNCTUATION.get(m.group(0), m.group(0)))
+        return "".join(out)
+
+    def _fault(self, text: str, translated: str, fault: str) -> str:
+        from ddaug.translate.mask import PLACEHOLDER_RE
+
+        placeholders = [m.group(0) for m in PLACEHOLDER_RE.finditer(translated)]
+        if fault == "drop-placeholder" and placeholders:
+            return translated.replace(placeholders[-1], "", 1)
+        if fault == "duplicate-placeholder" and placeholders:
+            return translated + placeholders[0]
+        if fault == "swap-placeholders" and len(placeholders) >= 2:
+            a, b = placeholders[0], placeholders[1]
+            return translated.replace(a, "\0").replace(b, a).replace("\0", b)
+        if fault == "source-language":
+            return text
+        if fault == "empty":
+            return ""
+        if fault == "add-image-tag":
+            return translated + IMAGE_TAG
+        if fault == "full-width-placeholders":  # harmless: the brackets a Chinese reply may use
+            return PLACEHOLDER_RE.sub(lambda m: f"［［P{m.group(1)}］］", translated)
+        if fault == "repeat":  # a reply looping on its words
+            return translated + PLACEHOLDER_RE.sub("", translated) * 5
+        return translated
+
+    def __call__(self, image: Image.Image | None, text: str, max_tokens: int) -> Reply:
+        if self.latency:
+            time.sleep(self.latency)
+        translated = self.translate(text)
+        words = {w.lower() for w in re.findall(r"[^\W\d_]+", text)}
+        for trigger, fault in self.faults.items():
+            if trigger in words:
+                translated = self._fault(text, translated, fault)
+                break
+        return Reply(translated, "stop", prompt_tokens=len(text.split()), completion_tokens=len(translated))

@@ -30,10 +30,17 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
+CAPTION_CPU_ADVICE = "give it more cores, or --max-pixels 0 so images go as their original bytes"
+
+
 class CaptionTimes(StageTimes):
-    def __init__(self, concurrency: int) -> None:
+    """Also the breakdown of any job that sends requests to a server (translate); cpu_advice is
+    what its user can do when the client's CPU is the bound."""
+
+    def __init__(self, concurrency: int, cpu_advice: str = CAPTION_CPU_ADVICE) -> None:
         super().__init__()
         self.concurrency = concurrency
+        self.cpu_advice = cpu_advice
 
     @contextmanager
     def measure_cpu(self, part: str) -> Iterator[None]:
@@ -72,8 +79,7 @@ class CaptionTimes(StageTimes):
             return ("Bound by the server (as it should be): raise --concurrency if the server has "
                     "headroom.")
         if sh["client_cpu"] >= 0.7:
-            return ("Bound by the client's CPU: give it more cores, or --max-pixels 0 so images go as "
-                    "their original bytes.")
+            return f"Bound by the client's CPU: {self.cpu_advice}."
         if sh["tar"] >= 0.2:
             return "Bound by tar writing: use a faster output disk."
         return ("No single bound: fewer requests were in flight than --concurrency (few inputs, or "

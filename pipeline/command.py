@@ -13,7 +13,7 @@ from importlib import metadata
 from typing import Any, Callable
 
 from ddaug.shards.store import OutputFolder
-from ddaug.sources import read_sources
+from ddaug.sources import SourceItem, read_sources
 
 from .job import Job, JobAbort, JobSummary, Stage
 from .passthrough import drop_text_only
@@ -67,7 +67,11 @@ def package_versions() -> dict[str, str]:
 
 
 def execute(command: str, opts: RunOptions, config: dict[str, Any],
-            make_stage: Callable[[Placement], Stage]) -> JobSummary:
+            make_stage: Callable[[Placement], Stage],
+            derive_items: Callable[[list[SourceItem]], list[SourceItem]] | None = None) -> JobSummary:
+    """Run a stage over the inputs into opts.output. derive_items maps the inputs read to the
+    samples the job makes, for a command whose samples are not one per input (translate keys
+    its translations apart, and with --mix-original makes two samples of each input)."""
     if opts.retry_failures and opts.overwrite:
         raise UserError("--retry-failures and --overwrite contradict each other: pick one")
     try:
@@ -84,6 +88,8 @@ def execute(command: str, opts: RunOptions, config: dict[str, Any],
         log.info("left out %d text-only record(s) (--drop-text-only)", dropped)
     if not items:
         raise UserError(f"no input images found in {', '.join(opts.inputs)}")
+    if derive_items is not None:
+        items = derive_items(items)
     run_info = {"versions": package_versions(), "argv": sys.argv, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     folder = OutputFolder(opts.output, prefix=opts.prefix, command=command, config=config,
                           run_info=run_info, rank=placement.rank, overwrite=opts.overwrite)

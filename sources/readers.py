@@ -30,7 +30,7 @@ TAR_META_EXTENSIONS = ("json", "txt")
 # Files that mark a folder as a ddaug output folder (shards/store.py writes them).
 OUTPUT_MARKERS = ("run.json", "manifest.json")
 # Fields of a ddaug shard's json that describe how the previous run made it, not the sample.
-SHARD_PROVENANCE_FIELDS = ("key", "images", "source", "augment", "caption", "extra")
+SHARD_PROVENANCE_FIELDS = ("key", "images", "source", "augment", "caption", "translate", "extra")
 _COMPRESSED_MAGIC = {b"\x1f\x8b": "gzip", b"\x28\xb5\x2f\xfd": "zstd", b"BZh": "bzip2", b"\xfd7zXZ": "xz"}
 
 
