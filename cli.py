@@ -67,6 +67,7 @@ def cli(verbose: int) -> None:
     Remedies for a VLM that forgets general skills on diffusion-generated images:
       augment   give natural general data diffusion traits (SDXL/SSD-1B/LCM, one step)
       caption   recaption business images with a VLM (caption and instruct data)
+      score     the VLM's loss on each sample's answers (with and without the image)
       inspect   summarise, verify and preview shards
       plan      what a training recipe (sources, ratios, stages) will draw
       export    shards -> LLaMA-Factory, ms-swift, Megatron-Energon or HF datasets
@@ -247,6 +248,36 @@ def _dtype(requested: str | None, device: str | None) -> str:
     return "fp32" if (device or "").startswith("cpu") or not torch.cuda.is_available() else "bf16"
 
 
+def server_options(fn):
+    """Options of the commands that can call an OpenAI-compatible server (--backend openai)."""
+    options = [
+        click.option("--api-base", envvar="OPENAI_BASE_URL", default=None,
+                     help="openai backend: server URL ending in /v1 (default: $OPENAI_BASE_URL). Key: $OPENAI_API_KEY."),
+        click.option("--concurrency", type=click.IntRange(min=1), default=8, show_default=True,
+                     help="openai backend: requests in flight."),
+        click.option("--timeout", type=FiniteFloatRange(min=0, min_open=True), default=120.0, show_default=True,
+                     help="openai backend: seconds per request before it is retried."),
+        click.option("--max-retries", type=click.IntRange(min=0), default=5, show_default=True,
+                     help="openai backend: retries on 429/5xx/timeouts/resets, with exponential backoff."),
+        click.option("--retry-backoff", type=FiniteFloatRange(min=0), default=1.0, show_default=True,
+                     help="openai backend: first backoff in seconds (doubles per retry, capped at 30; Retry-After wins)."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _check_vlm(vlm: str, backend: str) -> str:
+    """A transformers model must be a preset, a folder or a hub id; a server names its own."""
+    from ddaug.captioning.vlm import VLM_PRESETS
+
+    if backend == "transformers" and not (vlm in VLM_PRESETS or os.path.isdir(os.path.expanduser(vlm))
+                                          or vlm.count("/") == 1):
+        raise click.BadParameter(f"{vlm!r} is not a preset ({', '.join(VLM_PRESETS)}), a folder, or a hub id",
+                                 param_hint="--vlm")
+    return vlm
+
+
 def _list_questions(ctx, param, value) -> None:
     if not value or ctx.resilient_parsing:
         return
@@ -305,16 +336,7 @@ Examples:
 @click.option("--domain", default="business", show_default=True, help="tags.domain of the output samples.")
 @click.option("--drop-truncated", is_flag=True,
               help="Send truncated or degenerate answers to failures.jsonl instead of writing them (flagged otherwise).")
-@click.option("--api-base", envvar="OPENAI_BASE_URL", default=None,
-              help="openai backend: server URL ending in /v1 (default: $OPENAI_BASE_URL). Key: $OPENAI_API_KEY.")
-@click.option("--concurrency", type=click.IntRange(min=1), default=8, show_default=True,
-              help="openai backend: requests in flight.")
-@click.option("--timeout", type=FiniteFloatRange(min=0, min_open=True), default=120.0, show_default=True,
-              help="openai backend: seconds per request before it is retried.")
-@click.option("--max-retries", type=click.IntRange(min=0), default=5, show_default=True,
-              help="openai backend: retries on 429/5xx/timeouts/resets, with exponential backoff.")
-@click.option("--retry-backoff", type=FiniteFloatRange(min=0), default=1.0, show_default=True,
-              help="openai backend: first backoff in seconds (doubles per retry, capped at 30; Retry-After wins).")
+@server_options
 @user_errors
 def caption(**kw) -> None:
     """Recaption images with a VLM into caption or instruct data.
@@ -326,14 +348,9 @@ def caption(**kw) -> None:
     """
     from ddaug.captioning import GenerationSettings
     from ddaug.captioning.run import CaptionOptions, run_caption
-    from ddaug.captioning.vlm import VLM_PRESETS
 
     run = _run_options(kw)
-    vlm = kw["vlm"]
-    if kw["backend"] == "transformers" and not (vlm in VLM_PRESETS or os.path.isdir(os.path.expanduser(vlm))
-                                                 or vlm.count("/") == 1):
-        raise click.BadParameter(f"{vlm!r} is not a preset ({', '.join(VLM_PRESETS)}), a folder, or a hub id",
-                                 param_hint="--vlm")
+    vlm = _check_vlm(kw["vlm"], kw["backend"])
     generation = GenerationSettings(max_new_tokens=kw["max_new_tokens"], temperature=kw["temperature"],
                                     top_p=kw["top_p"], seed=run.seed)
     opts = CaptionOptions(vlm=vlm, backend=kw["backend"], task=kw["task"], lang=kw["lang"], stage=kw["stage"],
@@ -345,6 +362,51 @@ def caption(**kw) -> None:
                           concurrency=kw["concurrency"], timeout=kw["timeout"], max_retries=kw["max_retries"],
                           retry_backoff=kw["retry_backoff"])
     _report("caption", run_caption(run, opts), run.output)
+
+
+@cli.command(epilog="""\b
+Examples:
+  ddaug score out/cap-s1 -o out/cap-s1-scored --vlm qwen2.5-vl-7b --image-gain   # loss with and without the image
+  ddaug score out/general-sdxl -o out/general-scored --vlm qwen2-vl-2b --batch-size 16
+  ddaug score out/cap-s1 -o out/scored --backend openai --api-base http://localhost:8000/v1 \\
+        --vlm Qwen/Qwen2.5-VL-7B-Instruct --concurrency 32     # vLLM: prompt logprobs; key: $OPENAI_API_KEY
+  ddaug inspect out/cap-s1-scored --scores-plot scores.png      # quantiles and histograms
+  ddaug score shards/ -o scored/ --vlm tiny-random --device cpu  # offline smoke test
+""")
+@click.argument("inputs", nargs=-1, required=True)
+@run_options
+@click.option("--vlm", default="qwen2.5-vl-7b", show_default=True,
+              help="transformers: a preset (see docs/score.md), hub id or local folder; openai: the served model name.")
+@click.option("--backend", type=click.Choice(["transformers", "openai"]), default="transformers", show_default=True,
+              help="transformers: run the VLM here; openai: a server that returns prompt logprobs (vLLM).")
+@click.option("--image-gain", is_flag=True,
+              help="Also score each conversation with its images blanked (mid-grey, same size); "
+                   "image_gain = loss_blank - loss.")
+@click.option("--max-pixels", type=click.IntRange(min=0), default=None,
+              help="Downsize what the VLM sees to at most this many pixels (0: no cap). The shard keeps the original. "
+                   "Default: 1048576 for transformers; none for openai (the server resizes to its own budget).")
+@click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default=None,
+              help="transformers backend compute dtype (default bf16 on GPU, fp32 on CPU).")
+@click.option("--trust-remote-code", is_flag=True, help="Allow the model repo's own Python code to run (off by default).")
+@server_options
+@user_errors
+def score(**kw) -> None:
+    """Score each sample's answers by the VLM's mean token loss (perplexity = exp(loss)).
+
+    The loss is the cross-entropy of the assistant turns' tokens (labels masked to the answers, as
+    a trainer sees them) given the image and everything before. Output: a scored copy of the
+    input shards, each sample's json with a `score` block, for `inspect --scores-plot` and the
+    recipe's `keep`. Reruns resume; failures go to failures.jsonl. See docs/score.md.
+    """
+    from ddaug.scoring.run import ScoreOptions, run_score
+
+    run = _run_options(kw)
+    opts = ScoreOptions(vlm=_check_vlm(kw["vlm"], kw["backend"]), backend=kw["backend"], image_gain=kw["image_gain"],
+                        max_pixels=kw["max_pixels"], dtype=_dtype(kw["dtype"], run.device),
+                        trust_remote_code=kw["trust_remote_code"], api_base=kw["api_base"],
+                        concurrency=kw["concurrency"], timeout=kw["timeout"], max_retries=kw["max_retries"],
+                        retry_backoff=kw["retry_backoff"])
+    _report("score", run_score(run, opts), run.output)
 
 
 @cli.command(epilog="""\b

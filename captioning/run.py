@@ -70,7 +70,7 @@ def max_pixels_for(opts: CaptionOptions) -> int | None:
     return opts.max_pixels or None
 
 
-def _forget_failed_start(output: str, prefix: str) -> None:
+def forget_failed_start(output: str, prefix: str) -> None:
     """A start that failed before any shard (model or server unusable) must not leave a run.json
     that refuses the corrected command as "made with a different config"."""
     if not glob.glob(os.path.join(glob.escape(output), f"{glob.escape(prefix)}-*")):
@@ -139,7 +139,7 @@ def run_caption(run: RunOptions, opts: CaptionOptions) -> JobSummary:
         return execute("caption", run, config, make_stage)
     except UserError:
         if fresh and started:
-            _forget_failed_start(run.output, run.prefix)
+            forget_failed_start(run.output, run.prefix)
         raise
     finally:
         for stage in stages:

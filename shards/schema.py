@@ -21,7 +21,7 @@ from typing import Any
 
 IMAGE_TAG = "<image>"
 IMAGE_SUFFIXES = ("png", "webp", "jpg", "jpeg", "bmp", "tif", "tiff", "gif")
-PROVENANCE_BLOCKS = ("augment", "caption")
+PROVENANCE_BLOCKS = ("augment", "caption", "score")
 ROLES = {"system", "user", "assistant", "observation", "function_call", "tool"}
 # tags.task of a record without images, passed through unchanged (a json member only).
 TEXT_ONLY_TASK = "text-only"
@@ -100,5 +100,5 @@ def validate_sample(key: str, meta: Any, member_suffixes: set[str]) -> list[str]
     if not isinstance(tags, dict) or not {"domain", "task", "stage"} <= set(tags):
         problems.append("tags must hold domain, task and stage")
     if not any(isinstance(meta.get(b), dict) for b in PROVENANCE_BLOCKS):
-        problems.append("no provenance block (augment or caption)")
+        problems.append("no provenance block (augment, caption or score)")
     return problems

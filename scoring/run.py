@@ -1,0 +1,82 @@
+"""`ddaug score` as a library call: options in, scored shards out."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+
+from ddaug.captioning.run import DEFAULT_MAX_PIXELS, forget_failed_start, check_options
+from ddaug.captioning.vlm import VLMLoadError
+from ddaug.pipeline.command import DEFAULT_BATCH_SIZE, RunOptions, UserError, execute
+from ddaug.pipeline.job import JobSummary
+from ddaug.shards.store import RUN_FILE
+
+from .stage import ScoreStage
+
+
+@dataclass
+class ScoreOptions:
+    vlm: str = "qwen2.5-vl-7b"
+    backend: str = "transformers"          # transformers | openai
+    image_gain: bool = False               # also score with every image blanked
+    max_pixels: int | None = None          # None: the backend's default; 0: no cap
+    dtype: str = "bf16"
+    trust_remote_code: bool = False
+    api_base: str | None = None
+    concurrency: int = 8
+    timeout: float = 120.0
+    max_retries: int = 5
+    retry_backoff: float = 1.0
+
+
+def _check(opts: ScoreOptions) -> None:
+    """The caption command's checks of the server options, with its one-line messages."""
+    from ddaug.captioning.run import CaptionOptions
+
+    check_options(CaptionOptions(backend=opts.backend, api_base=opts.api_base, timeout=opts.timeout,
+                                 retry_backoff=opts.retry_backoff))
+
+
+def run_score(run: RunOptions, opts: ScoreOptions) -> JobSummary:
+    _check(opts)
+    max_pixels = DEFAULT_MAX_PIXELS[opts.backend] if opts.max_pixels is None else (opts.max_pixels or None)
+    # Everything that changes what is written; a rerun into the folder must match it. Never the key.
+    config = {"vlm": opts.vlm, "backend": opts.backend, "image_gain": opts.image_gain, "max_pixels": max_pixels,
+              "dtype": opts.dtype if opts.backend == "transformers" else None,
+              "api_base": opts.api_base if opts.backend == "openai" else None,
+              "shard_size": run.shard_size, "prefix": run.prefix}
+    if opts.backend == "openai":
+        # Requests go out at load time, up to the job's look-ahead (2 batches): batches of 2C keep
+        # C conversations in flight while a shard is committed (as caption does).
+        run = replace(run, batch_size=max(run.batch_size or DEFAULT_BATCH_SIZE, 2 * opts.concurrency))
+    stages: list[ScoreStage] = []
+    started = []  # make_stage runs once the folder is open and locked by this run
+
+    def make_stage(placement) -> ScoreStage:
+        started.append(True)
+        if opts.backend == "openai":
+            from .openai_scorer import OpenAIScorer
+
+            backend = OpenAIScorer(opts.api_base, opts.vlm, concurrency=opts.concurrency, timeout=opts.timeout,
+                                   max_retries=opts.max_retries, backoff=opts.retry_backoff)
+        else:
+            from .transformers_scorer import TransformersScorer
+
+            try:
+                backend = TransformersScorer(opts.vlm, device=placement.device, dtype=opts.dtype,
+                                             trust_remote_code=opts.trust_remote_code)
+            except VLMLoadError as exc:
+                raise UserError(str(exc)) from None
+        stages.append(ScoreStage(backend, image_gain=opts.image_gain, max_pixels=max_pixels))
+        return stages[-1]
+
+    fresh = not os.path.exists(os.path.join(run.output, RUN_FILE))
+    try:
+        return execute("score", run, config, make_stage)
+    except UserError:
+        if fresh and started:
+            forget_failed_start(run.output, run.prefix)
+        raise
+    finally:
+        for stage in stages:
+            stage.close()
