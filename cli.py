@@ -416,6 +416,7 @@ Examples:
   ddaug inspect 'out/shard-000-{000000..000009}.tar' --json
   ddaug inspect out/ --show astronaut-1a2b3c4d5e6f --save-image a.png
   ddaug inspect out/ --preview sheet.png   # source | output thumbnails with PSNR
+  ddaug inspect scored/ --scores-plot scores.png   # histograms of `ddaug score` losses
 """)
 @click.argument("paths", nargs=-1, required=True)
 @click.option("--verify", is_flag=True, help="Decode every sample and check the schema; exit 1 on problems.")
@@ -423,9 +424,11 @@ Examples:
 @click.option("--save-image", type=click.Path(dir_okay=False), default=None, help="With --show: save its first image.")
 @click.option("--preview", type=click.Path(dir_okay=False), default=None, help="Write a contact sheet PNG.")
 @click.option("--limit", type=click.IntRange(min=1), default=12, show_default=True, help="Rows in the contact sheet.")
+@click.option("--scores-plot", type=click.Path(dir_okay=False), default=None,
+              help="Write histograms of the samples' scores (from `ddaug score`) as a PNG.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable summary.")
 @user_errors
-def inspect(paths, verify, show_key, save_image, preview, limit, as_json) -> None:
+def inspect(paths, verify, show_key, save_image, preview, limit, scores_plot, as_json) -> None:
     """Summarise, verify, show and preview shards."""
     from ddaug.shards import inspect as ins
 
@@ -442,6 +445,9 @@ def inspect(paths, verify, show_key, save_image, preview, limit, as_json) -> Non
     if preview:
         n = ins.contact_sheet(paths, preview, limit=limit)
         click.echo(f"wrote {preview} ({n} rows)", err=True)
+    if scores_plot:
+        n = ins.scores_plot(report, scores_plot)
+        click.echo(f"wrote {scores_plot} ({n} scored samples)", err=True)
     if as_json:
         click.echo(json.dumps(report.to_json(), ensure_ascii=False, indent=1))
     else:
@@ -451,6 +457,8 @@ def inspect(paths, verify, show_key, save_image, preview, limit, as_json) -> Non
 
 
 def _format_report(report) -> str:
+    from ddaug.scoring.summary import format_quantiles
+
     r = report.to_json()
     lines = [f"shards   {r['shards']}", f"samples  {r['samples']}", f"bytes    {r['bytes']:,}",
              f"formats  {r['formats']}", f"sizes    {r['sizes']} (longer side)"]
@@ -468,6 +476,8 @@ def _format_report(report) -> str:
         lines.append(f"questions {r['question_ids']}")
     if r["flags"]:
         lines.append(f"flags    {r['flags']}")
+    for name, q in r["scores"].items():
+        lines.append(format_quantiles(name, q))
     lines.append(f"failures {r['failures'] or 0} (failures.jsonl)")
     for p in r["problems"]:
         lines.append(f"PROBLEM  {p}")

@@ -22,7 +22,7 @@ from PIL import Image
 
 from ddaug.pipeline import SampleFailure
 from ddaug.pipeline.images import FORMAT_MEMBER_EXT, read_image
-from ddaug.shards.schema import build_sample, encode_sample_json, image_member_names
+from ddaug.shards.schema import TEXT_ONLY_TASK, build_sample, encode_sample_json, image_member_names
 from ddaug.sources import SourceItem
 from ddaug.sources.readers import _split_member_name, index_tar
 
@@ -212,6 +212,8 @@ class ScoreStage:
             sample = {**unit.original, "key": item.key, "images": names, "score": block}
         else:
             tags = {"domain": None, "task": "conversation", "stage": None, **item.tags}
+            if not names:
+                tags["task"] = TEXT_ONLY_TASK  # a conversation without images, as every command marks it
             sample = build_sample(item.key, messages=item.messages, image_names=names,
                                   source={"uri": item.uri, "images": unit.sources}, tags=tags,
                                   block_name="score", block=block, extra=item.extra)
