@@ -248,6 +248,31 @@ def _dtype(requested: str | None, device: str | None) -> str:
     return "fp32" if (device or "").startswith("cpu") or not torch.cuda.is_available() else "bf16"
 
 
+def vlm_options(openai_backend: str):
+    """--vlm, --backend and the options of how the model sees the images, for commands that run a
+    VLM here (transformers) or ask a server (openai: openai_backend says which kind)."""
+    def decorate(fn):
+        options = [
+            click.option("--vlm", default="qwen2.5-vl-7b", show_default=True,
+                         help="transformers: a preset (see README), hub id or local folder; openai: the served "
+                              "model name."),
+            click.option("--backend", type=click.Choice(["transformers", "openai"]), default="transformers",
+                         show_default=True, help=f"transformers: run the VLM here; openai: {openai_backend}."),
+            click.option("--max-pixels", type=click.IntRange(min=0), default=None,
+                         help="Downsize what the VLM sees to at most this many pixels (0: no cap). The shard keeps "
+                              "the original. Default: 1048576 for transformers; none for openai (the server "
+                              "resizes to its own budget)."),
+            click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default=None,
+                         help="transformers backend compute dtype (default bf16 on GPU, fp32 on CPU)."),
+            click.option("--trust-remote-code", is_flag=True,
+                         help="Allow the model repo's own Python code to run (off by default)."),
+        ]
+        for option in reversed(options):
+            fn = option(fn)
+        return fn
+    return decorate
+
+
 def server_options(fn):
     """Options of the commands that can call an OpenAI-compatible server (--backend openai)."""
     options = [
@@ -305,10 +330,7 @@ Examples:
 """)
 @click.argument("inputs", nargs=-1, required=True)
 @run_options
-@click.option("--vlm", default="qwen2.5-vl-7b", show_default=True,
-              help="transformers: a preset (see README), hub id or local folder; openai: the served model name.")
-@click.option("--backend", type=click.Choice(["transformers", "openai"]), default="transformers", show_default=True,
-              help="transformers: run the VLM here; openai: call an OpenAI-compatible chat-completions server.")
+@vlm_options("call an OpenAI-compatible chat-completions server")
 @click.option("--task", type=click.Choice(["caption", "instruct"]), default="caption", show_default=True,
               help="caption: ask a detailed-description question; instruct: the VLM writes a question and its answer.")
 @click.option("--lang", type=click.Choice(["en", "zh", "mix"]), default="en", show_default=True,
@@ -321,18 +343,12 @@ Examples:
               help="Print the question pools (or the --questions file) and exit.")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=512, show_default=True,
               help="Answer length limit; answers cut there are flagged 'truncated'.")
-@click.option("--max-pixels", type=click.IntRange(min=0), default=None,
-              help="Downsize what the VLM sees to at most this many pixels (0: no cap). The shard keeps the original. "
-                   "Default: 1048576 for transformers; none for openai (the server resizes to its own budget).")
 @click.option("--send-lossless", is_flag=True,
               help="openai backend: send images downsized for --max-pixels as PNG instead of JPEG q95 (slower, 5-8x bytes).")
 @click.option("--temperature", type=FiniteFloatRange(min=0), default=0.0, show_default=True,
               help="0: greedy decoding; > 0 samples (seeded by --seed).")
 @click.option("--top-p", type=FiniteFloatRange(0, 1, min_open=True), default=1.0, show_default=True,
               help="Nucleus sampling, with --temperature > 0.")
-@click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default=None,
-              help="transformers backend compute dtype (default bf16 on GPU, fp32 on CPU).")
-@click.option("--trust-remote-code", is_flag=True, help="Allow the model repo's own Python code to run (off by default).")
 @click.option("--domain", default="business", show_default=True, help="tags.domain of the output samples.")
 @click.option("--drop-truncated", is_flag=True,
               help="Send truncated or degenerate answers to failures.jsonl instead of writing them (flagged otherwise).")
@@ -375,19 +391,10 @@ Examples:
 """)
 @click.argument("inputs", nargs=-1, required=True)
 @run_options
-@click.option("--vlm", default="qwen2.5-vl-7b", show_default=True,
-              help="transformers: a preset (see docs/score.md), hub id or local folder; openai: the served model name.")
-@click.option("--backend", type=click.Choice(["transformers", "openai"]), default="transformers", show_default=True,
-              help="transformers: run the VLM here; openai: a server that returns prompt logprobs (vLLM).")
+@vlm_options("a server that returns prompt logprobs (vLLM)")
 @click.option("--image-gain", is_flag=True,
               help="Also score each conversation with its images blanked (mid-grey, same size); "
                    "image_gain = loss_blank - loss.")
-@click.option("--max-pixels", type=click.IntRange(min=0), default=None,
-              help="Downsize what the VLM sees to at most this many pixels (0: no cap). The shard keeps the original. "
-                   "Default: 1048576 for transformers; none for openai (the server resizes to its own budget).")
-@click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default=None,
-              help="transformers backend compute dtype (default bf16 on GPU, fp32 on CPU).")
-@click.option("--trust-remote-code", is_flag=True, help="Allow the model repo's own Python code to run (off by default).")
 @server_options
 @user_errors
 def score(**kw) -> None:

@@ -70,7 +70,7 @@ def max_pixels_for(opts: CaptionOptions) -> int | None:
     return opts.max_pixels or None
 
 
-def forget_failed_start(output: str, prefix: str) -> None:
+def _forget_failed_start(output: str, prefix: str) -> None:
     """A start that failed before any shard (model or server unusable) must not leave a run.json
     that refuses the corrected command as "made with a different config"."""
     if not glob.glob(os.path.join(glob.escape(output), f"{glob.escape(prefix)}-*")):
@@ -115,11 +115,7 @@ def run_caption(run: RunOptions, opts: CaptionOptions) -> JobSummary:
         # Requests go out at load time, up to the job's look-ahead (2 batches): batches of 2C keep
         # C in flight while a shard is drained, fsynced and committed (captioning/stage.py).
         run = replace(run, batch_size=max(run.batch_size or DEFAULT_BATCH_SIZE, 2 * opts.concurrency))
-    stages = []
-    started = []  # make_stage runs once the folder is open and locked by this run
-
     def make_stage(placement):
-        started.append(True)
         if opts.backend == "openai":
             vlm = OpenAIVLM(opts.api_base, opts.vlm, settings=opts.generation, concurrency=opts.concurrency,
                             timeout=opts.timeout, max_retries=opts.max_retries, backoff=opts.retry_backoff)
@@ -129,17 +125,31 @@ def run_caption(run: RunOptions, opts: CaptionOptions) -> JobSummary:
                                       settings=opts.generation, trust_remote_code=opts.trust_remote_code)
             except VLMLoadError as exc:
                 raise UserError(str(exc)) from None
-        stages.append(CaptionStage(vlm, picker, task=opts.task, seed=run.seed, max_pixels=max_pixels,
-                                   drop_truncated=opts.drop_truncated, lossless=opts.lossless,
-                                   tags={"domain": opts.domain, "task": opts.task, "stage": opts.stage}))
+        return CaptionStage(vlm, picker, task=opts.task, seed=run.seed, max_pixels=max_pixels,
+                            drop_truncated=opts.drop_truncated, lossless=opts.lossless,
+                            tags={"domain": opts.domain, "task": opts.task, "stage": opts.stage})
+
+    return execute_with_model("caption", run, config, make_stage)
+
+
+def execute_with_model(command: str, run: RunOptions, config: dict, make_stage) -> JobSummary:
+    """execute() for a stage that loads a model or connects to a server: a start that fails
+    before any shard leaves no run.json behind (_forget_failed_start), and the stage is closed
+    (its request threads stopped) however the run ends."""
+    stages = []
+    started = []  # make_stage runs once the folder is open and locked by this run
+
+    def make(placement):
+        started.append(True)
+        stages.append(make_stage(placement))
         return stages[-1]
 
     fresh = not os.path.exists(os.path.join(run.output, RUN_FILE))
     try:
-        return execute("caption", run, config, make_stage)
+        return execute(command, run, config, make)
     except UserError:
         if fresh and started:
-            forget_failed_start(run.output, run.prefix)
+            _forget_failed_start(run.output, run.prefix)
         raise
     finally:
         for stage in stages:

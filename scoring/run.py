@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, replace
 
-from ddaug.captioning.run import DEFAULT_MAX_PIXELS, forget_failed_start, check_options
+from ddaug.captioning.run import DEFAULT_MAX_PIXELS, check_options, execute_with_model
 from ddaug.captioning.vlm import VLMLoadError
-from ddaug.pipeline.command import DEFAULT_BATCH_SIZE, RunOptions, UserError, execute
+from ddaug.pipeline.command import DEFAULT_BATCH_SIZE, RunOptions, UserError
 from ddaug.pipeline.job import JobSummary
-from ddaug.shards.store import RUN_FILE
 
 from .stage import ScoreStage
 
@@ -43,17 +41,12 @@ def run_score(run: RunOptions, opts: ScoreOptions) -> JobSummary:
     # Everything that changes what is written; a rerun into the folder must match it. Never the key.
     config = {"vlm": opts.vlm, "backend": opts.backend, "image_gain": opts.image_gain, "max_pixels": max_pixels,
               "dtype": opts.dtype if opts.backend == "transformers" else None,
-              "api_base": opts.api_base if opts.backend == "openai" else None,
               "shard_size": run.shard_size, "prefix": run.prefix}
     if opts.backend == "openai":
         # Requests go out at load time, up to the job's look-ahead (2 batches): batches of 2C keep
         # C conversations in flight while a shard is committed (as caption does).
         run = replace(run, batch_size=max(run.batch_size or DEFAULT_BATCH_SIZE, 2 * opts.concurrency))
-    stages: list[ScoreStage] = []
-    started = []  # make_stage runs once the folder is open and locked by this run
-
     def make_stage(placement) -> ScoreStage:
-        started.append(True)
         if opts.backend == "openai":
             from .openai_scorer import OpenAIScorer
 
@@ -67,16 +60,6 @@ def run_score(run: RunOptions, opts: ScoreOptions) -> JobSummary:
                                              trust_remote_code=opts.trust_remote_code)
             except VLMLoadError as exc:
                 raise UserError(str(exc)) from None
-        stages.append(ScoreStage(backend, image_gain=opts.image_gain, max_pixels=max_pixels))
-        return stages[-1]
+        return ScoreStage(backend, image_gain=opts.image_gain, max_pixels=max_pixels)
 
-    fresh = not os.path.exists(os.path.join(run.output, RUN_FILE))
-    try:
-        return execute("score", run, config, make_stage)
-    except UserError:
-        if fresh and started:
-            forget_failed_start(run.output, run.prefix)
-        raise
-    finally:
-        for stage in stages:
-            stage.close()
+    return execute_with_model("score", run, config, make_stage)

@@ -320,6 +320,11 @@ class MixedShardDataset(IterableDataset):
             if st.samples is None and i != len(stages) - 1:
                 raise LoaderError(f"stage {st.name!r}: only the last stage may be open-ended")
         self.stages = stages
+        for st in stages:
+            for name in st.weights:
+                # Now, in the trainer's process: DataLoader workers get the kept sets with the
+                # dataset instead of each reading every score again.
+                self.sources[name].kept((st.keep or {}).get(name))
         self.seed = seed
         self.decode = decode
         self.resampled = resampled
