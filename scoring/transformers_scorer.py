@@ -82,8 +82,8 @@ class TransformersScorer:
         if not inside:
             raise SampleFailure("score", "the answers have no tokens")
         if ids[inside[0] + shift:] != plain["input_ids"][inside[0]:]:
-            raise SampleFailure("score", "an image comes after an answer; only answers after the last image "
-                                         "can be located in the model's tokens")
+            raise SampleFailure("score", "the answer tokens cannot be located in the processor's tokens (an image "
+                                         "after an answer? only answers after the last image can be)")
         return [j + shift for j in inside]
 
     @torch.inference_mode()
