@@ -3,6 +3,7 @@ hand computation; both backends; inspect's quantiles and plot; the recipe's keep
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 
@@ -57,16 +58,20 @@ def _scores(folder) -> dict[str, dict]:
     return {k: sample_meta(m) for k, m in read_samples(folder).items()}
 
 
+@functools.lru_cache(maxsize=1)
+def _plain_model(model_dir: str):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    return AutoProcessor.from_pretrained(model_dir), AutoModelForImageTextToText.from_pretrained(model_dir).eval()
+
+
 def _hand_loss(model_dir: str, meta: dict, images: list[Image.Image]) -> float:
     """Cross-entropy of the assistant tokens from the model's plain forward: the answer tokens of
     turn i are those between the conversation before it (with the generation prompt) and through it,
     counted by the processor itself."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
     from ddaug.scoring.conversation import template_messages
 
-    proc = AutoProcessor.from_pretrained(model_dir)
-    model = AutoModelForImageTextToText.from_pretrained(model_dir).eval()
+    proc, model = _plain_model(model_dir)
     chat = template_messages(meta["messages"])
 
     def count(msgs, gen):
@@ -210,3 +215,22 @@ def test_bad_options_are_one_line(tmp_path, chats):
     result = invoke("score", chats, "-o", tmp_path / "o", "--vlm", "no-such-model", expect_ok=False)
     assert result.exit_code == 2 and "--vlm" in result.output
     assert "Examples:" in invoke("score", "--help").output
+
+
+def test_killed_run_leaves_no_partial_shard_and_the_rerun_completes(tmp_path, chats):
+    """kill -9 between a finished tar's rename and its done marker (shards/writer.py's crash
+    points): the rerun redoes that shard and the folder equals an uninterrupted run's."""
+    import signal
+    import subprocess
+    import sys
+
+    args = ["score", chats, "-o", tmp_path / "out", "--vlm", "tiny-random", "--device", "cpu", "--shard-size", 2, "-q"]
+    killed = subprocess.run([sys.executable, "-m", "ddaug", *map(str, args)], capture_output=True, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1", "DDAUG_CRASH_AT": "tar-renamed:2"}, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert "skipped 2 (already done)" in invoke(*args).output  # the shard without its done marker is redone
+    invoke("score", chats, "-o", tmp_path / "ref", "--vlm", "tiny-random", "--device", "cpu", "--shard-size", 2, "-q")
+    got, ref = _scores(tmp_path / "out"), _scores(tmp_path / "ref")
+    assert {k: m["score"]["loss"] for k, m in got.items()} == {k: m["score"]["loss"] for k, m in ref.items()}
+    assert not [p for p in os.listdir(tmp_path / "out") if ".tmp" in p]
+    invoke("inspect", tmp_path / "out", "--verify")
