@@ -28,25 +28,31 @@ DEFAULT_MAX_PIXELS = {"transformers": 1024 * 1024, "openai": None}
 
 
 @dataclass
-class CaptionOptions:
+class ModelOptions:
+    """How a command reaches its VLM: in this process (transformers) or on a server (openai)."""
+
     vlm: str = "qwen2.5-vl-7b"
     backend: str = "transformers"          # transformers | openai
-    task: str = "caption"                  # caption | instruct
-    lang: str = "en"                       # en | zh | mix
-    stage: str = "stage1"
-    questions_file: str | None = None
     max_pixels: int | None = None          # None: the backend's default; 0: no cap
-    lossless: bool = False                 # openai: send downsized images as PNG, not JPEG q95
-    generation: GenerationSettings = field(default_factory=GenerationSettings)
     dtype: str = "bf16"
     trust_remote_code: bool = False
-    domain: str = "business"
-    drop_truncated: bool = False
     api_base: str | None = None
     concurrency: int = 8
     timeout: float = 120.0
     max_retries: int = 5
     retry_backoff: float = 1.0
+
+
+@dataclass
+class CaptionOptions(ModelOptions):
+    task: str = "caption"                  # caption | instruct
+    lang: str = "en"                       # en | zh | mix
+    stage: str = "stage1"
+    questions_file: str | None = None
+    lossless: bool = False                 # openai: send downsized images as PNG, not JPEG q95
+    generation: GenerationSettings = field(default_factory=GenerationSettings)
+    domain: str = "business"
+    drop_truncated: bool = False
 
 
 def _file_sha(path: str | None) -> str | None:
@@ -64,7 +70,7 @@ def make_picker(opts: CaptionOptions) -> QuestionPicker:
         raise UserError(str(exc)) from None
 
 
-def max_pixels_for(opts: CaptionOptions) -> int | None:
+def max_pixels_for(opts: ModelOptions) -> int | None:
     if opts.max_pixels is None:
         return DEFAULT_MAX_PIXELS[opts.backend]
     return opts.max_pixels or None
@@ -82,11 +88,19 @@ def _forget_failed_start(output: str, prefix: str) -> None:
 
 def check_options(opts: CaptionOptions) -> None:
     """One line per bad value, before anything is opened (NaN passes click's range checks)."""
-    numbers = {"--temperature": opts.generation.temperature, "--top-p": opts.generation.top_p,
-               "--timeout": opts.timeout, "--retry-backoff": opts.retry_backoff}
+    check_numbers({"--temperature": opts.generation.temperature, "--top-p": opts.generation.top_p})
+    check_model_options(opts)
+
+
+def check_numbers(numbers: dict[str, float]) -> None:
     for flag, value in numbers.items():
         if not math.isfinite(value):
             raise UserError(f"{flag} must be a finite number, not {value}")
+
+
+def check_model_options(opts: ModelOptions) -> None:
+    """The server options: finite numbers, and with --backend openai a usable --api-base."""
+    check_numbers({"--timeout": opts.timeout, "--retry-backoff": opts.retry_backoff})
     if opts.backend != "openai":
         return
     if not opts.api_base:

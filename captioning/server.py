@@ -3,6 +3,8 @@
 It serves any `respond(image, text) -> Reply` callable, by default a TransformersVLM (the tiny
 model in tests and demos), so the openai backend can be exercised offline end to end. Faults can
 be queued (429, 500, timeout, malformed body, connection reset) to test the client's retries.
+With a prompt_scorer it also answers vLLM's prompt-logprobs requests (`prompt_logprobs`,
+`add_generation_prompt`), which `ddaug score --backend openai` sends.
 Not a production server: use vLLM or SGLang for real models.
 """
 

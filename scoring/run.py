@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from ddaug.captioning.run import DEFAULT_MAX_PIXELS, check_options, execute_with_model
+from ddaug.captioning.run import ModelOptions, check_model_options, execute_with_model, max_pixels_for
 from ddaug.captioning.vlm import VLMLoadError
 from ddaug.pipeline.command import DEFAULT_BATCH_SIZE, RunOptions, UserError
 from ddaug.pipeline.job import JobSummary
@@ -13,31 +13,13 @@ from .stage import ScoreStage
 
 
 @dataclass
-class ScoreOptions:
-    vlm: str = "qwen2.5-vl-7b"
-    backend: str = "transformers"          # transformers | openai
+class ScoreOptions(ModelOptions):
     image_gain: bool = False               # also score with every image blanked
-    max_pixels: int | None = None          # None: the backend's default; 0: no cap
-    dtype: str = "bf16"
-    trust_remote_code: bool = False
-    api_base: str | None = None
-    concurrency: int = 8
-    timeout: float = 120.0
-    max_retries: int = 5
-    retry_backoff: float = 1.0
-
-
-def _check(opts: ScoreOptions) -> None:
-    """The caption command's checks of the server options, with its one-line messages."""
-    from ddaug.captioning.run import CaptionOptions
-
-    check_options(CaptionOptions(backend=opts.backend, api_base=opts.api_base, timeout=opts.timeout,
-                                 retry_backoff=opts.retry_backoff))
 
 
 def run_score(run: RunOptions, opts: ScoreOptions) -> JobSummary:
-    _check(opts)
-    max_pixels = DEFAULT_MAX_PIXELS[opts.backend] if opts.max_pixels is None else (opts.max_pixels or None)
+    check_model_options(opts)
+    max_pixels = max_pixels_for(opts)
     # Everything that changes what is written; a rerun into the folder must match it. Never the key.
     config = {"vlm": opts.vlm, "backend": opts.backend, "image_gain": opts.image_gain, "max_pixels": max_pixels,
               "dtype": opts.dtype if opts.backend == "transformers" else None,

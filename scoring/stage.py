@@ -52,6 +52,7 @@ class ScoreUnit:
     members: list[tuple[str, bytes]]        # (extension, bytes) of each image, as stored in the input
     sources: list[dict[str, Any]]           # source records of the images (fresh samples only)
     original: dict[str, Any] | None         # the input shard's sample json, when it has one
+    model_sizes: list[list[int]] = field(default_factory=list)  # what the model was shown, per image
     pending: dict[str, Any] = field(default_factory=dict)  # openai backend: requests sent at load time
 
 
@@ -144,7 +145,8 @@ class ScoreStage:
             source = dict(loaded.source)
             source.pop("resized_to", None)  # the stored image is the original; score.model_images says what was scored
             sources.append(source)
-        unit = ScoreUnit(Conversation(messages, images, originals), members, sources, original)
+        unit = ScoreUnit(Conversation(messages, images, originals), members, sources, original,
+                         [list(img.size) for img in images])
         if self.streaming:
             unit.pending["loss"] = self.backend.submit(unit.conversation)
             if self.image_gain and images:
@@ -194,7 +196,7 @@ class ScoreStage:
         block = {**self.backend.describe(), "loss": round(res.loss.loss, 6),
                  "perplexity": round(math.exp(min(res.loss.loss, 700.0)), 6), "tokens": res.loss.tokens,
                  "answers": len(answer_turns(unit.conversation.messages)), "max_pixels": self.max_pixels,
-                 "input": item.uri}
+                 "model_images": unit.model_sizes, "input": item.uri}
         if self.image_gain:
             if res.blank is None:  # no image to blank: a text-only sample
                 block.update(loss_blank=None, image_gain=None)
