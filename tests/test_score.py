@@ -134,6 +134,14 @@ def test_image_gain_keeps_the_input_sample_and_inspect_summarises(tmp_path, shar
         score = meta["score"]
         assert score["image_gain"] == pytest.approx(score["loss_blank"] - score["loss"], abs=2e-6)
         assert score["input"].endswith(f"#{in_key}")
+        source = original["source"]["images"][0]
+        assert score["model_images"] == [[source["width"], source["height"]]]  # under --max-pixels: as stored
+    from ddaug.shards import MixedShardDataset, ShardSource
+
+    gains = {k: sample_meta(m)["score"]["image_gain"] for k, m in scored.items()}
+    by_gain = ShardSource("biz", str(out), keep=0.25, keep_by="image_gain")
+    drawn = {s["key"] for s in MixedShardDataset([by_gain], decode=False, resampled=False)}
+    assert drawn == set(sorted(gains, key=lambda k: -gains[k])[:6])  # the answers that need their image most
     report = invoke("inspect", out, "--verify", "--scores-plot", tmp_path / "scores.png")
     assert "score.loss       n 24" in report.output and "score.image_gain" in report.output
     with Image.open(tmp_path / "scores.png") as img:
@@ -172,6 +180,9 @@ def test_recipe_keep_yields_only_the_kept_samples(tmp_path, shard_sets, tiny_vlm
                    "stages:\n  - {name: s, samples: 4, weights: {gen: 1}}\n")
     refused = invoke("plan", bad, expect_ok=False)
     assert refused.exit_code == 1 and "has no samples with a score.loss" in refused.output
+    bad.write_text(f"sources:\n  biz: {{paths: {out}, keep: 1.5}}\nstages:\n  - {{name: s, samples: 4, weights: {{biz: 1}}}}\n")
+    refused = invoke("plan", bad, expect_ok=False)
+    assert refused.exit_code == 1 and "keep must be a fraction in (0, 1], not 1.5" in refused.output
 
 
 @pytest.fixture
