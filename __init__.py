@@ -1,9 +1,10 @@
 """ddaug: diffusion-domain data for fine-tuning vision-language models.
 
-Four jobs, each a shell command (`ddaug --help`) and a Python entry point:
+The jobs, each a shell command (`ddaug --help`) and a Python entry point:
 
 - recaption diffusion-generated images with a VLM (`run_caption`),
 - translate the conversations of general data through an LLM server (`run_translate`),
+- score each sample by the VLM's loss on its answers, with and without the image (`run_score`),
 - give natural photos a diffusion model's traits at near-zero strength (`run_augment`),
 - mix and stage the resulting webdataset shards for a trainer (`MixedShardDataset`,
   `CheckpointableLoader`, `ChatCollator`, `load_recipe`), or export them to a trainer's own
@@ -51,6 +52,8 @@ _PUBLIC = {
     "GenerationSettings": "ddaug.captioning.vlm",
     "run_translate": "ddaug.translate.run",
     "TranslateOptions": "ddaug.translate.run",
+    "run_score": "ddaug.scoring.run",
+    "ScoreOptions": "ddaug.scoring.run",
 }
 
 __all__ = sorted(_PUBLIC) + ["__version__"]
@@ -81,4 +84,5 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazi
     from ddaug.shards.inspect import inspect_shards
     from ddaug.shards.loader import CheckpointableLoader, LoaderError, MixedShardDataset, ShardSource, TrainingStage
     from ddaug.shards.recipe import Recipe, load_recipe, plan
+    from ddaug.scoring.run import ScoreOptions, run_score
     from ddaug.translate.run import TranslateOptions, run_translate

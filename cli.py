@@ -68,6 +68,7 @@ def cli(verbose: int) -> None:
       augment   give natural general data diffusion traits (SDXL/SSD-1B/LCM, one step)
       caption   recaption business images with a VLM (caption and instruct data)
       translate translate conversations through an LLM server (bilingual data)
+      score     the VLM's loss on each sample's answers (with and without the image)
       inspect   summarise, verify and preview shards
       plan      what a training recipe (sources, ratios, stages) will draw
       export    shards -> LLaMA-Factory, ms-swift, Megatron-Energon or HF datasets
@@ -274,6 +275,42 @@ def _dtype(requested: str | None, device: str | None) -> str:
     return "fp32" if (device or "").startswith("cpu") or not torch.cuda.is_available() else "bf16"
 
 
+def vlm_options(openai_backend: str):
+    """--vlm, --backend and the options of how the model sees the images, for commands that run a
+    VLM here (transformers) or ask a server (openai: openai_backend says which kind)."""
+    def decorate(fn):
+        options = [
+            click.option("--vlm", default="qwen2.5-vl-7b", show_default=True,
+                         help="transformers: a preset (see README), hub id or local folder; openai: the served "
+                              "model name."),
+            click.option("--backend", type=click.Choice(["transformers", "openai"]), default="transformers",
+                         show_default=True, help=f"transformers: run the VLM here; openai: {openai_backend}."),
+            click.option("--max-pixels", type=click.IntRange(min=0), default=None,
+                         help="Downsize what the VLM sees to at most this many pixels (0: no cap). The shard keeps "
+                              "the original. Default: 1048576 for transformers; none for openai (the server "
+                              "resizes to its own budget)."),
+            click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default=None,
+                         help="transformers backend compute dtype (default bf16 on GPU, fp32 on CPU)."),
+            click.option("--trust-remote-code", is_flag=True,
+                         help="Allow the model repo's own Python code to run (off by default)."),
+        ]
+        for option in reversed(options):
+            fn = option(fn)
+        return fn
+    return decorate
+
+
+def _check_vlm(vlm: str, backend: str) -> str:
+    """A transformers model must be a preset, a folder or a hub id; a server names its own."""
+    from ddaug.captioning.vlm import VLM_PRESETS
+
+    if backend == "transformers" and not (vlm in VLM_PRESETS or os.path.isdir(os.path.expanduser(vlm))
+                                          or vlm.count("/") == 1):
+        raise click.BadParameter(f"{vlm!r} is not a preset ({', '.join(VLM_PRESETS)}), a folder, or a hub id",
+                                 param_hint="--vlm")
+    return vlm
+
+
 def _list_questions(ctx, param, value) -> None:
     if not value or ctx.resilient_parsing:
         return
@@ -301,10 +338,7 @@ Examples:
 """)
 @click.argument("inputs", nargs=-1, required=True)
 @run_options
-@click.option("--vlm", default="qwen2.5-vl-7b", show_default=True,
-              help="transformers: a preset (see README), hub id or local folder; openai: the served model name.")
-@click.option("--backend", type=click.Choice(["transformers", "openai"]), default="transformers", show_default=True,
-              help="transformers: run the VLM here; openai: call an OpenAI-compatible chat-completions server.")
+@vlm_options("call an OpenAI-compatible chat-completions server")
 @click.option("--task", type=click.Choice(["caption", "instruct"]), default="caption", show_default=True,
               help="caption: ask a detailed-description question; instruct: the VLM writes a question and its answer.")
 @click.option("--lang", type=click.Choice(["en", "zh", "mix"]), default="en", show_default=True,
@@ -317,18 +351,12 @@ Examples:
               help="Print the question pools (or the --questions file) and exit.")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=512, show_default=True,
               help="Answer length limit; answers cut there are flagged 'truncated'.")
-@click.option("--max-pixels", type=click.IntRange(min=0), default=None,
-              help="Downsize what the VLM sees to at most this many pixels (0: no cap). The shard keeps the original. "
-                   "Default: 1048576 for transformers; none for openai (the server resizes to its own budget).")
 @click.option("--send-lossless", is_flag=True,
               help="openai backend: send images downsized for --max-pixels as PNG instead of JPEG q95 (slower, 5-8x bytes).")
 @click.option("--temperature", type=FiniteFloatRange(min=0), default=0.0, show_default=True,
               help="0: greedy decoding; > 0 samples (seeded by --seed).")
 @click.option("--top-p", type=FiniteFloatRange(0, 1, min_open=True), default=1.0, show_default=True,
               help="Nucleus sampling, with --temperature > 0.")
-@click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default=None,
-              help="transformers backend compute dtype (default bf16 on GPU, fp32 on CPU).")
-@click.option("--trust-remote-code", is_flag=True, help="Allow the model repo's own Python code to run (off by default).")
 @click.option("--domain", default="business", show_default=True, help="tags.domain of the output samples.")
 @click.option("--drop-truncated", is_flag=True,
               help="Send truncated or degenerate answers to failures.jsonl instead of writing them (flagged otherwise).")
@@ -344,14 +372,9 @@ def caption(**kw) -> None:
     """
     from ddaug.captioning import GenerationSettings
     from ddaug.captioning.run import CaptionOptions, run_caption
-    from ddaug.captioning.vlm import VLM_PRESETS
 
     run = _run_options(kw)
-    vlm = kw["vlm"]
-    if kw["backend"] == "transformers" and not (vlm in VLM_PRESETS or os.path.isdir(os.path.expanduser(vlm))
-                                                 or vlm.count("/") == 1):
-        raise click.BadParameter(f"{vlm!r} is not a preset ({', '.join(VLM_PRESETS)}), a folder, or a hub id",
-                                 param_hint="--vlm")
+    vlm = _check_vlm(kw["vlm"], kw["backend"])
     generation = GenerationSettings(max_new_tokens=kw["max_new_tokens"], temperature=kw["temperature"],
                                     top_p=kw["top_p"], seed=run.seed)
     opts = CaptionOptions(vlm=vlm, backend=kw["backend"], task=kw["task"], lang=kw["lang"], stage=kw["stage"],
@@ -416,11 +439,48 @@ def translate(**kw) -> None:
 
 @cli.command(epilog="""\b
 Examples:
+  ddaug score out/cap-s1 -o out/cap-s1-scored --vlm qwen2.5-vl-7b --image-gain   # loss with and without the image
+  ddaug score out/general-sdxl -o out/general-scored --vlm qwen2-vl-2b --batch-size 16
+  ddaug score out/cap-s1 -o out/scored --backend openai --api-base http://localhost:8000/v1 \\
+        --vlm Qwen/Qwen2.5-VL-7B-Instruct --concurrency 32     # vLLM: prompt logprobs; key: $OPENAI_API_KEY
+  ddaug inspect out/cap-s1-scored --scores-plot scores.png      # quantiles and histograms
+  ddaug score shards/ -o scored/ --vlm tiny-random --device cpu  # offline smoke test
+""")
+@click.argument("inputs", nargs=-1, required=True)
+@run_options
+@vlm_options("a server that returns prompt logprobs (vLLM)")
+@click.option("--image-gain", is_flag=True,
+              help="Also score each conversation with its images blanked (mid-grey, same size); "
+                   "image_gain = loss_blank - loss.")
+@server_options(concurrency=8, scope="openai backend: ")
+@user_errors
+def score(**kw) -> None:
+    """Score each sample's answers by the VLM's mean token loss (perplexity = exp(loss)).
+
+    The loss is the cross-entropy of the assistant turns' tokens (labels masked to the answers, as
+    a trainer sees them) given the image and everything before. Output: a scored copy of the
+    input shards, each sample's json with a `score` block, for `inspect --scores-plot` and the
+    recipe's `keep`. Reruns resume; failures go to failures.jsonl. See docs/score.md.
+    """
+    from ddaug.scoring.run import ScoreOptions, run_score
+
+    run = _run_options(kw)
+    opts = ScoreOptions(vlm=_check_vlm(kw["vlm"], kw["backend"]), backend=kw["backend"], image_gain=kw["image_gain"],
+                        max_pixels=kw["max_pixels"], dtype=_dtype(kw["dtype"], run.device),
+                        trust_remote_code=kw["trust_remote_code"], api_base=kw["api_base"],
+                        concurrency=kw["concurrency"], timeout=kw["timeout"], max_retries=kw["max_retries"],
+                        retry_backoff=kw["retry_backoff"])
+    _report("score", run_score(run, opts), run.output)
+
+
+@cli.command(epilog="""\b
+Examples:
   ddaug inspect out/                       # summary of every shard in the folder
   ddaug inspect out/ --verify              # decode everything, check schema and manifest
   ddaug inspect 'out/shard-000-{000000..000009}.tar' --json
   ddaug inspect out/ --show astronaut-1a2b3c4d5e6f --save-image a.png
   ddaug inspect out/ --preview sheet.png   # source | output thumbnails with PSNR
+  ddaug inspect scored/ --scores-plot scores.png   # histograms of `ddaug score` losses
 """)
 @click.argument("paths", nargs=-1, required=True)
 @click.option("--verify", is_flag=True, help="Decode every sample and check the schema; exit 1 on problems.")
@@ -428,9 +488,11 @@ Examples:
 @click.option("--save-image", type=click.Path(dir_okay=False), default=None, help="With --show: save its first image.")
 @click.option("--preview", type=click.Path(dir_okay=False), default=None, help="Write a contact sheet PNG.")
 @click.option("--limit", type=click.IntRange(min=1), default=12, show_default=True, help="Rows in the contact sheet.")
+@click.option("--scores-plot", type=click.Path(dir_okay=False), default=None,
+              help="Write histograms of the samples' scores (from `ddaug score`) as a PNG.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable summary.")
 @user_errors
-def inspect(paths, verify, show_key, save_image, preview, limit, as_json) -> None:
+def inspect(paths, verify, show_key, save_image, preview, limit, scores_plot, as_json) -> None:
     """Summarise, verify, show and preview shards."""
     from ddaug.shards import inspect as ins
 
@@ -447,6 +509,9 @@ def inspect(paths, verify, show_key, save_image, preview, limit, as_json) -> Non
     if preview:
         n = ins.contact_sheet(paths, preview, limit=limit)
         click.echo(f"wrote {preview} ({n} rows)", err=True)
+    if scores_plot:
+        n = ins.scores_plot(report, scores_plot)
+        click.echo(f"wrote {scores_plot} ({n} scored samples)", err=True)
     if as_json:
         click.echo(json.dumps(report.to_json(), ensure_ascii=False, indent=1))
     else:
@@ -456,6 +521,8 @@ def inspect(paths, verify, show_key, save_image, preview, limit, as_json) -> Non
 
 
 def _format_report(report) -> str:
+    from ddaug.scoring.summary import format_quantiles
+
     r = report.to_json()
     lines = [f"shards   {r['shards']}", f"samples  {r['samples']}", f"bytes    {r['bytes']:,}",
              f"formats  {r['formats']}", f"sizes    {r['sizes']} (longer side)"]
@@ -473,6 +540,8 @@ def _format_report(report) -> str:
         lines.append(f"questions {r['question_ids']}")
     if r["flags"]:
         lines.append(f"flags    {r['flags']}")
+    for name, q in r["scores"].items():
+        lines.append(format_quantiles(name, q))
     lines.append(f"failures {r['failures'] or 0} (failures.jsonl)")
     for p in r["problems"]:
         lines.append(f"PROBLEM  {p}")

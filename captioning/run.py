@@ -30,29 +30,35 @@ DEFAULT_MAX_PIXELS = {"transformers": 1024 * 1024, "openai": None}
 
 
 @dataclass
-class CaptionOptions:
-    """What `ddaug caption` runs beyond the shared `RunOptions`: the VLM and its backend, the
-    question pool, generation, and the server client's limits. `run_caption(run, opts)` takes both.
+class ModelOptions:
+    """How a command reaches its VLM: in this process (transformers) or on a server (openai).
     The API key is never an option: the openai backend reads it from $OPENAI_API_KEY."""
 
     vlm: str = "qwen2.5-vl-7b"             # transformers: preset, hub id or folder; openai: the served model name
     backend: str = "transformers"          # transformers | openai
-    task: str = "caption"                  # caption | instruct
-    lang: str = "en"                       # en | zh | mix
-    stage: str = "stage1"                  # question wording set (stage1 | stage2), also tags.stage
-    questions_file: str | None = None      # .txt or .json that replaces the built-in pools
     max_pixels: int | None = None          # None: the backend's default; 0: no cap
-    lossless: bool = False                 # openai: send downsized images as PNG, not JPEG q95
-    generation: GenerationSettings = field(default_factory=GenerationSettings)
     dtype: str = "bf16"                    # transformers backend only
     trust_remote_code: bool = False        # let a model repo's own Python code run
-    domain: str = "business"               # tags.domain of the output samples
-    drop_truncated: bool = False           # truncated or degenerate answers go to the ledger, not the shards
     api_base: str | None = None            # openai: server URL ending in /v1
     concurrency: int = 8                   # openai: requests in flight
     timeout: float = 120.0                 # openai: seconds per request before it is retried
     max_retries: int = 5                   # openai: retries on 429/5xx/timeouts/resets
     retry_backoff: float = 1.0             # openai: first backoff in seconds, doubled per retry
+
+
+@dataclass
+class CaptionOptions(ModelOptions):
+    """What `ddaug caption` runs beyond the shared `RunOptions`: the VLM and its backend
+    (ModelOptions), the question pool and generation. `run_caption(run, opts)` takes both."""
+
+    task: str = "caption"                  # caption | instruct
+    lang: str = "en"                       # en | zh | mix
+    stage: str = "stage1"                  # question wording set (stage1 | stage2), also tags.stage
+    questions_file: str | None = None      # .txt or .json that replaces the built-in pools
+    lossless: bool = False                 # openai: send downsized images as PNG, not JPEG q95
+    generation: GenerationSettings = field(default_factory=GenerationSettings)
+    domain: str = "business"               # tags.domain of the output samples
+    drop_truncated: bool = False           # truncated or degenerate answers go to the ledger, not the shards
 
 
 def _file_sha(path: str | None) -> str | None:
@@ -70,7 +76,7 @@ def make_picker(opts: CaptionOptions) -> QuestionPicker:
         raise UserError(str(exc)) from None
 
 
-def max_pixels_for(opts: CaptionOptions) -> int | None:
+def max_pixels_for(opts: ModelOptions) -> int | None:
     if opts.max_pixels is None:
         return DEFAULT_MAX_PIXELS[opts.backend]
     return opts.max_pixels or None
@@ -95,11 +101,19 @@ def forgetting_failed_start(run: RunOptions, started: list) -> Iterator[None]:
 
 def check_options(opts: CaptionOptions) -> None:
     """One line per bad value, before anything is opened (NaN passes click's range checks)."""
-    numbers = {"--temperature": opts.generation.temperature, "--top-p": opts.generation.top_p,
-               "--timeout": opts.timeout, "--retry-backoff": opts.retry_backoff}
+    check_numbers({"--temperature": opts.generation.temperature, "--top-p": opts.generation.top_p})
+    check_model_options(opts)
+
+
+def check_numbers(numbers: dict[str, float]) -> None:
     for flag, value in numbers.items():
         if not math.isfinite(value):
             raise UserError(f"{flag} must be a finite number, not {value}")
+
+
+def check_model_options(opts: ModelOptions) -> None:
+    """The server options: finite numbers, and with --backend openai a usable --api-base."""
+    check_numbers({"--timeout": opts.timeout, "--retry-backoff": opts.retry_backoff})
     if opts.backend == "openai":
         check_api_base(opts.api_base, "--api-base is required with --backend openai")
 
@@ -134,11 +148,7 @@ def run_caption(run: RunOptions, opts: CaptionOptions) -> JobSummary:
         # Requests go out at load time, up to the job's look-ahead (2 batches): batches of 2C keep
         # C in flight while a shard is drained, fsynced and committed (captioning/stage.py).
         run = replace(run, batch_size=max(run.batch_size or DEFAULT_BATCH_SIZE, 2 * opts.concurrency))
-    stages = []
-    started = []  # make_stage runs once the folder is open and locked by this run
-
     def make_stage(placement):
-        started.append(True)
         if opts.backend == "openai":
             vlm = OpenAIVLM(opts.api_base, opts.vlm, settings=opts.generation, concurrency=opts.concurrency,
                             timeout=opts.timeout, max_retries=opts.max_retries, backoff=opts.retry_backoff)
@@ -148,14 +158,28 @@ def run_caption(run: RunOptions, opts: CaptionOptions) -> JobSummary:
                                       settings=opts.generation, trust_remote_code=opts.trust_remote_code)
             except VLMLoadError as exc:
                 raise UserError(str(exc)) from None
-        stages.append(CaptionStage(vlm, picker, task=opts.task, seed=run.seed, max_pixels=max_pixels,
-                                   drop_truncated=opts.drop_truncated, lossless=opts.lossless,
-                                   tags={"domain": opts.domain, "task": opts.task, "stage": opts.stage}))
+        return CaptionStage(vlm, picker, task=opts.task, seed=run.seed, max_pixels=max_pixels,
+                            drop_truncated=opts.drop_truncated, lossless=opts.lossless,
+                            tags={"domain": opts.domain, "task": opts.task, "stage": opts.stage})
+
+    return execute_with_model("caption", run, config, make_stage)
+
+
+def execute_with_model(command: str, run: RunOptions, config: dict, make_stage, **execute_kwargs) -> JobSummary:
+    """execute() for a stage that loads a model or connects to a server: a start that fails
+    before any shard leaves no run.json behind (forgetting_failed_start), and the stage is closed
+    (its request threads stopped) however the run ends."""
+    stages = []
+    started = []  # make_stage runs once the folder is open and locked by this run
+
+    def make(placement):
+        started.append(True)
+        stages.append(make_stage(placement))
         return stages[-1]
 
     try:
         with forgetting_failed_start(run, started):
-            return execute("caption", run, config, make_stage)
+            return execute(command, run, config, make, **execute_kwargs)
     finally:
         for stage in stages:
             stage.close()

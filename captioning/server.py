@@ -4,6 +4,8 @@ It serves any `respond(image, text) -> Reply` callable, by default a Transformer
 model in tests and demos), so the openai backend can be exercised offline end to end, or
 TranslationResponder, a deterministic English-to-Chinese word table for `translate`. Faults can
 be queued (429, 500, timeout, malformed body, connection reset) to test the client's retries.
+With a prompt_scorer it also answers vLLM's prompt-logprobs requests (`prompt_logprobs`,
+`add_generation_prompt`), which `ddaug score --backend openai` sends.
 Not a production server: use vLLM or SGLang for real models.
 """
 
@@ -32,6 +34,9 @@ from .vlm import Prompt
 log = logging.getLogger(__name__)
 
 Responder = Callable[[Image.Image | None, str, int], Reply]  # image (None: text only), text, max_tokens
+# messages ("<image>" tags inline), images, add_generation_prompt -> per prompt token (id, logprob or
+# None for the first, rank, text): what a server computes for vLLM's prompt_logprobs.
+PromptScorer = Callable[[list, list, bool], list]
 FAULTS = ("ok", "429", "500", "timeout", "malformed", "reset", "no-content")  # "ok": serve normally
 
 
@@ -53,6 +58,32 @@ def _parse_request(body: dict) -> tuple[Image.Image | None, str]:
     return (images[0] if images else None), text
 
 
+def _parse_conversation(body: dict) -> tuple[list[dict], list[Image.Image]]:
+    """Every message, content parts flattened to text with an "<image>" tag per image part."""
+    messages, images = [], []
+    for m in body["messages"]:
+        parts = m["content"] if isinstance(m["content"], list) else [{"type": "text", "text": m["content"]}]
+        text = ""
+        for p in parts:
+            if p.get("type") == "image_url":
+                images.append(_image_from_url(p["image_url"]["url"]))
+                text += "<image>"
+            elif p.get("type") == "text":
+                text += p.get("text", "")
+        messages.append({"role": m["role"], "content": text})
+    return messages, images
+
+
+def prompt_logprobs_body(tokens: list, requested: int | None) -> dict:
+    """vLLM's reply fields for a prompt: usage.prompt_tokens and, when asked, prompt_logprobs
+    (null for the first token, then {token id: {logprob, rank, decoded_token}} per token)."""
+    out: dict = {"usage": {"prompt_tokens": len(tokens), "completion_tokens": 0, "total_tokens": len(tokens)}}
+    if requested is not None:
+        out["prompt_logprobs"] = [None] + [{str(t): {"logprob": lp, "rank": rank, "decoded_token": text}}
+                                           for t, lp, rank, text in tokens[1:]]
+    return out
+
+
 class _QuietHTTPServer(ThreadingHTTPServer):
     def handle_error(self, request, client_address) -> None:
         # socketserver prints a traceback to stderr when a handler raises, typically a client
@@ -67,8 +98,12 @@ class ChatServer:
     default_max_tokens = 256
 
     def __init__(self, respond: Responder, model: str = "tiny-random", api_key: str | None = None,
-                 host: str = "127.0.0.1", port: int = 0, timeout_sleep: float = 5.0, parallel: bool = False):
+                 host: str = "127.0.0.1", port: int = 0, timeout_sleep: float = 5.0, parallel: bool = False,
+                 prompt_scorer: PromptScorer | None = None):
         self.respond = respond
+        # With a prompt scorer, a request that sets prompt_logprobs or add_generation_prompt (vLLM's
+        # extensions) is answered with the prompt's token count and logprobs, as vLLM does.
+        self.prompt_scorer = prompt_scorer
         self.model = model
         self.api_key = api_key
         self.timeout_sleep = timeout_sleep
@@ -130,6 +165,16 @@ class ChatServer:
                     return False
                 return True
 
+            def _prompt_logprobs(self, body: dict) -> None:
+                messages, images = _parse_conversation(body)
+                with server._lock:
+                    tokens = server.prompt_scorer(messages, images, bool(body.get("add_generation_prompt", True)))
+                self._json(200, {"id": f"chatcmpl-{len(server.requests)}", "object": "chat.completion",
+                                 "model": server.model,
+                                 "choices": [{"index": 0, "finish_reason": "length",
+                                              "message": {"role": "assistant", "content": ""}}],
+                                 **prompt_logprobs_body(tokens, body.get("prompt_logprobs"))})
+
             def do_GET(self):
                 if not self._authorized():
                     return
@@ -164,6 +209,8 @@ class ChatServer:
                     return None
                 try:
                     body = json.loads(raw)
+                    if server.prompt_scorer and ("prompt_logprobs" in body or "add_generation_prompt" in body):
+                        return self._prompt_logprobs(body)
                     image, text = _parse_request(body)
                     max_tokens = int(body.get("max_tokens") or body.get("max_completion_tokens")
                                      or server.default_max_tokens)

@@ -148,32 +148,43 @@ def missing_package(exc: ImportError) -> str:
     return m.group(1) if m else (exc.name or str(exc).splitlines()[0]).split(".")[0]
 
 
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def load_vlm(name: str, *, device: torch.device | str, dtype: str, trust_remote_code: bool = False):
+    """(processor, model) of a preset, hub id or folder, on device in eval mode; VLMLoadError
+    with one line when it cannot be loaded or has no chat template."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    path = resolve_vlm(name)
+    try:
+        processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+        model = AutoModelForImageTextToText.from_pretrained(
+            path, dtype=DTYPES[dtype], use_safetensors=True, trust_remote_code=trust_remote_code)
+    except ImportError as exc:  # a family's optional dependency (SmolVLM: num2words)
+        raise VLMLoadError(f"cannot load VLM {name!r}: it needs the Python package "
+                           f"{missing_package(exc)} (pip install {missing_package(exc)})") from None
+    except (OSError, ValueError, KeyError) as exc:
+        hint = "" if trust_remote_code else " (if the model needs its own code, pass --trust-remote-code)"
+        raise VLMLoadError(f"cannot load VLM {name!r}: {str(exc).splitlines()[0]}{hint}") from None
+    if not getattr(processor, "chat_template", None):
+        raise VLMLoadError(f"VLM {name!r} has no chat template; use an instruction-tuned model")
+    model.to(torch.device(device)).eval()
+    return processor, model
+
+
 # -- generation ------------------------------------------------------------------------------------
 class TransformersVLM:
     backend = "transformers"
 
     def __init__(self, name: str, *, device: str, dtype: str, settings: GenerationSettings,
                  trust_remote_code: bool = False):
-        from transformers import AutoModelForImageTextToText, AutoProcessor
-
         self.model_name = name
         self.settings = settings
         self.device = torch.device(device)
-        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
-        path = resolve_vlm(name)
-        try:
-            self.processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
-            self.model = AutoModelForImageTextToText.from_pretrained(
-                path, dtype=self.dtype, use_safetensors=True, trust_remote_code=trust_remote_code)
-        except ImportError as exc:  # a family's optional dependency (SmolVLM: num2words)
-            raise VLMLoadError(f"cannot load VLM {name!r}: it needs the Python package "
-                               f"{missing_package(exc)} (pip install {missing_package(exc)})") from None
-        except (OSError, ValueError, KeyError) as exc:
-            hint = "" if trust_remote_code else " (if the model needs its own code, pass --trust-remote-code)"
-            raise VLMLoadError(f"cannot load VLM {name!r}: {str(exc).splitlines()[0]}{hint}") from None
-        if not getattr(self.processor, "chat_template", None):
-            raise VLMLoadError(f"VLM {name!r} has no chat template; use an instruction-tuned model")
-        self.model.to(self.device).eval()
+        self.processor, self.model = load_vlm(name, device=self.device, dtype=dtype,
+                                              trust_remote_code=trust_remote_code)
+        self.dtype = self.model.dtype
         tokenizer = self.processor.tokenizer
         tokenizer.padding_side = "left"  # generation appends on the right: pad on the left
         if tokenizer.pad_token is None:

@@ -20,6 +20,8 @@ from PIL import Image, ImageDraw
 from ddaug.sources.items import MAX_INPUT_BYTES, open_regular, printable
 from ddaug.sources.readers import _split_member_name, expand_input, missing_tar_end
 
+from ddaug.scoring.summary import SUMMARY_FIELDS, plot_scores, sample_score, score_quantiles
+
 from .schema import IMAGE_SUFFIXES, validate_sample
 from .store import FAILURES, MANIFEST, RUN_FILE, STATS_SUFFIX
 
@@ -122,6 +124,7 @@ class Report:
     flags: collections.Counter = field(default_factory=collections.Counter)
     failures: collections.Counter = field(default_factory=collections.Counter)
     problems: list[str] = field(default_factory=list)
+    scores: dict[str, list[float]] = field(default_factory=lambda: collections.defaultdict(list))  # `score` blocks
 
     def to_json(self) -> dict[str, Any]:
         def stats(xs):
@@ -131,7 +134,8 @@ class Report:
                 "tags": {k: dict(v) for k, v in self.tags.items()}, "turns": stats(self.turns),
                 "answer_chars": stats(self.answer_chars), "question_ids": dict(self.questions),
                 "pools": dict(self.pools), "completion_tokens": stats(self.completion_tokens),
-                "flags": dict(self.flags), "failures": dict(self.failures), "problems": self.problems}
+                "flags": dict(self.flags), "failures": dict(self.failures), "problems": self.problems,
+                "scores": {k: score_quantiles(v) for k, v in self.scores.items() if v}}
 
 
 def _check_image(data: bytes) -> tuple[int, int]:
@@ -200,6 +204,10 @@ def _summarise(rep: Report, s: ShardSample, verify: bool, seen: set[str]) -> Non
                 rep.completion_tokens.append(cap["completion_tokens"])
             for flag in cap.get("flags", []):
                 rep.flags[flag] += 1
+        for name in SUMMARY_FIELDS:
+            value = sample_score(meta, name)
+            if value is not None:
+                rep.scores[name].append(value)
     if verify:
         for problem in validate_sample(s.key, meta, set(s.members)):
             rep.problems.append(f"{where}: {problem}")
@@ -315,6 +323,14 @@ def save_first_image(sample: ShardSample, path: str) -> None:
         with open(p, "wb") as f:
             f.write(sample.members[names[0]])
     _write_output(path, write)
+
+
+def scores_plot(report: Report, path: str) -> int:
+    """Histograms of the report's scores as a PNG; the number of scored samples."""
+    if not report.scores.get("loss"):
+        raise InspectError("no scored samples to plot (make them with `ddaug score`)")
+    _write_output(path, lambda p: plot_scores(report.scores, p))
+    return len(report.scores["loss"])
 
 
 # -- contact sheet ---------------------------------------------------------------------------------

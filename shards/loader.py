@@ -59,21 +59,77 @@ class LoaderError(Exception):
 # -- configuration ---------------------------------------------------------------------------------
 @dataclass
 class ShardSource:
-    """A named shard set: folders (their *.tar), tar paths or brace patterns."""
+    """A named shard set: folders (their *.tar), tar paths or brace patterns.
+
+    keep: only the best fraction of its scored samples (`ddaug score`), ranked by keep_by
+    ("loss": lowest first; "image_gain": highest first); stages may keep a fraction of that."""
 
     name: str
     paths: list[str]
     shards: list[str] = field(default_factory=list)
+    keep: float | None = None
+    keep_by: str = "loss"
 
     def __post_init__(self):
+        from ddaug.scoring.summary import RANK_FIELDS
+
         from .inspect import InspectError, find_shards
 
         if isinstance(self.paths, str):
             self.paths = [self.paths]
+        if self.keep is not None and not 0 < self.keep <= 1:
+            raise LoaderError(f"source {self.name!r}: keep must be a fraction in (0, 1], not {self.keep}")
+        if self.keep_by not in RANK_FIELDS:
+            raise LoaderError(f"source {self.name!r}: keep_by must be one of {', '.join(RANK_FIELDS)}, "
+                              f"not {self.keep_by!r}")
         try:
             self.shards = find_shards([str(p) for p in self.paths])
         except InspectError as exc:
             raise LoaderError(f"source {self.name!r}: {exc}") from None
+        self._scores: list[tuple[tuple[str, str], float]] | None = None
+        self._kept: dict[float, set] = {}
+
+    def scores(self) -> list[tuple[tuple[str, str], float]]:
+        """((shard, key), score) of every sample with a keep_by score, read from the sample jsons
+        once (one small read per sample). Samples without one are never kept."""
+        from ddaug.scoring.summary import sample_score
+
+        if self._scores is None:
+            found, unscored = [], 0
+            for shard in self.shards:
+                samples, _ = index_shard(shard)
+                with open(shard, "rb") as f:
+                    for sample in samples:
+                        json_only = SampleIndex(sample.key, tuple(m for m in sample.members if m[0] == "json"))
+                        try:
+                            value = sample_score(json.loads(read_members(f, json_only).get("json", b"null")),
+                                                 self.keep_by)
+                        except (OSError, ValueError):
+                            value = None
+                        if value is None:
+                            unscored += 1
+                        else:
+                            found.append(((shard, sample.key), value))
+            if not found:
+                raise LoaderError(f"source {self.name!r} has no samples with a score.{self.keep_by}, so `keep` "
+                                  f"cannot choose; score it first (`ddaug score`{' --image-gain' if self.keep_by == 'image_gain' else ''})")
+            if unscored:
+                log.warning("source %r: %d sample(s) without a score.%s are left out by keep", self.name,
+                            unscored, self.keep_by)
+            self._scores = found
+        return self._scores
+
+    def kept(self, stage_keep: float | None = None) -> set | None:
+        """(shard, key) of the samples kept by this source's keep times the stage's, or None
+        when neither filters (every sample)."""
+        if self.keep is None and stage_keep is None:
+            return None
+        from ddaug.scoring.summary import kept_keys
+
+        fraction = (self.keep or 1.0) * (stage_keep or 1.0)
+        if fraction not in self._kept:
+            self._kept[fraction] = kept_keys(self.scores(), fraction, self.keep_by)
+        return self._kept[fraction]
 
     def sample_count(self) -> int:
         """From manifest.json where the folder has one (cheap), else by reading tar headers."""
@@ -104,8 +160,12 @@ class TrainingStage:
     weights: dict[str, float]
     samples: int | None = None
     questions: str | None = None
+    keep: dict[str, float] | None = None  # per source: the fraction of its kept samples this stage draws from
 
     def __post_init__(self):
+        for source, fraction in (self.keep or {}).items():
+            if not 0 < fraction <= 1:
+                raise LoaderError(f"stage {self.name!r}: keep of {source} must be a fraction in (0, 1], not {fraction}")
         if not self.weights or not all(0 <= w < math.inf for w in self.weights.values()) or sum(self.weights.values()) <= 0:
             raise LoaderError(f"stage {self.name!r}: weights must be finite numbers >= 0 with a positive sum")
         if self.samples is not None and self.samples < 1:
@@ -182,9 +242,11 @@ class _SourceStream:
                         "all of them, so they repeat within an epoch", self.source.name, total, self.slots)
         return total >= self.slots
 
-    def next(self, stop_on_wrap: bool = False) -> tuple[str, SampleIndex, bool] | None:
+    def next(self, stop_on_wrap: bool = False, keep: set | None = None) -> tuple[str, SampleIndex, bool] | None:
         """(shard, sample, whether an epoch ended before it). With stop_on_wrap, None at the end
-        of the epoch instead. Raises LoaderError if this slot gets nothing, epoch after epoch."""
+        of the epoch instead. keep: only samples whose (shard, key) it holds (the others are
+        passed over where they fall, so positions stay those of the whole source). Raises
+        LoaderError if this slot gets nothing, epoch after epoch."""
         wrapped = False
         empty_epochs = 0
         offset = None
@@ -217,6 +279,8 @@ class _SourceStream:
                     offset = self._offset(epoch, si)
                 if (offset + ki) % self.slots != self.slot:
                     continue  # another slot's share
+            if keep is not None and (shard, samples[order[ki]].key) not in keep:
+                continue  # outside the score quantile the source or stage keeps
             return shard, samples[order[ki]], wrapped
 
 
@@ -256,6 +320,11 @@ class MixedShardDataset(IterableDataset):
             if st.samples is None and i != len(stages) - 1:
                 raise LoaderError(f"stage {st.name!r}: only the last stage may be open-ended")
         self.stages = stages
+        for st in stages:
+            for name in st.weights:
+                # Now, in the trainer's process: DataLoader workers get the kept sets with the
+                # dataset instead of each reading every score again.
+                self.sources[name].kept((st.keep or {}).get(name))
         self.seed = seed
         self.decode = decode
         self.resampled = resampled
@@ -331,7 +400,8 @@ class MixedShardDataset(IterableDataset):
             name = self._choose(stage, slot, epoch, draws)
             draws += 1
             # An open-ended stage is one pass: it ends when a drawn source runs out.
-            got = streams[name].next(stop_on_wrap=limit is None and not self.resampled)
+            keep = self.sources[name].kept((stage.keep or {}).get(name))
+            got = streams[name].next(stop_on_wrap=limit is None and not self.resampled, keep=keep)
             if got is None:
                 return
             shard, index, _ = got

@@ -13,6 +13,14 @@
         steps: 500
         weights: {business: 5, general: 1}
         questions: stage2          # rewrite caption questions from the stage2 pool
+
+A source scored by `ddaug score` can keep only its best samples, and a stage a fraction of those:
+
+    sources:
+      business: {paths: out/cap-s1-scored, keep: 0.9}      # drop the 10% highest-loss answers
+    stages:
+      - {name: bulk, samples: 200000, weights: {business: 10, general: 1}}
+      - {name: polish, steps: 500, weights: {business: 5, general: 1}, keep: {business: 0.3}}
 """
 
 from __future__ import annotations
@@ -44,7 +52,7 @@ def _stage(i: int, raw: Any, batch: int | None) -> TrainingStage:
     if not isinstance(raw, dict):
         raise LoaderError(f"recipe: stage {i + 1} must be a mapping")
     name = str(raw.get("name") or f"stage{i + 1}")
-    unknown = set(raw) - {"name", "samples", "steps", "weights", "questions"}
+    unknown = set(raw) - {"name", "samples", "steps", "weights", "questions", "keep"}
     if unknown:
         raise LoaderError(f"recipe: stage {name!r} has unknown keys: {', '.join(sorted(unknown))}")
     if "samples" in raw and "steps" in raw:
@@ -57,8 +65,32 @@ def _stage(i: int, raw: Any, batch: int | None) -> TrainingStage:
     weights = raw.get("weights")
     if not isinstance(weights, dict):
         raise LoaderError(f"recipe: stage {name!r} needs weights: {{source: weight}}")
+    keep = raw.get("keep")
+    if keep is not None:
+        # A number keeps that fraction of every source of the stage; a mapping names the sources.
+        keep = ({str(k): _fraction(v, f"stage {name!r}: keep of {k}") for k, v in keep.items()}
+                if isinstance(keep, dict) else {str(k): _fraction(keep, f"stage {name!r}: keep") for k in weights})
     return TrainingStage(name, {str(k): _number(v, f"stage {name!r}: weight of {k}") for k, v in weights.items()},
-                         samples, raw.get("questions"))
+                         samples, raw.get("questions"), keep)
+
+
+def _fraction(value: Any, what: str) -> float:
+    number = _number(value, what)
+    if not 0 < number <= 1:
+        raise LoaderError(f"recipe: {what} must be a fraction in (0, 1], not {value!r}")
+    return number
+
+
+def _source(name: str, raw: Any) -> ShardSource:
+    """`name: paths` or `name: {paths: ..., keep: 0.9, keep_by: loss}`."""
+    if not isinstance(raw, dict):
+        return ShardSource(name, raw)
+    unknown = set(raw) - {"paths", "keep", "keep_by"}
+    if unknown or "paths" not in raw:
+        raise LoaderError(f"recipe: source {name!r} takes paths (required), keep and keep_by"
+                          + (f"; unknown: {', '.join(sorted(map(str, unknown)))}" if unknown else ""))
+    keep = None if raw.get("keep") is None else _fraction(raw["keep"], f"source {name!r}: keep")
+    return ShardSource(name, raw["paths"], keep=keep, keep_by=str(raw.get("keep_by", "loss")))
 
 
 def _number(value: Any, what: str) -> float:
@@ -93,10 +125,10 @@ def load_recipe(path: str) -> Recipe:
     if batch is not None and _integer(batch, "global_batch_size") < 1:
         raise LoaderError("recipe: global_batch_size must be >= 1")
     seed = _integer(raw.get("seed", 0), "seed")
-    sources = {str(name): ShardSource(str(name), paths) for name, paths in raw["sources"].items()}
+    sources = {str(name): _source(str(name), paths) for name, paths in raw["sources"].items()}
     stages = [_stage(i, s, batch) for i, s in enumerate(raw["stages"])]
     for st in stages:
-        unknown = set(st.weights) - set(sources)
+        unknown = (set(st.weights) | set(st.keep or {})) - set(sources)
         if unknown:
             raise LoaderError(f"recipe: stage {st.name!r} names unknown sources: {', '.join(sorted(unknown))}")
         if st.questions:
@@ -120,19 +152,37 @@ def plan(recipe: Recipe) -> dict[str, Any]:
     used = {name: 0.0 for name in sizes}
     rows = []
     for st in recipe.stages:
+        # What each source offers in this stage: all its samples, or those its and the stage's keep leave.
+        pools = {}
+        for n in st.weights:
+            kept = recipe.sources[n].kept((st.keep or {}).get(n))
+            pools[n] = sizes[n] if kept is None else len(kept)
         total_w = sum(st.weights.values())
         length = st.samples
         if length is None:  # open-ended: ends when the first source runs out of its epoch
-            length = min(sizes[n] * total_w / w for n, w in st.weights.items() if w > 0)
+            length = min(pools[n] * total_w / w for n, w in st.weights.items() if w > 0)
         per = {n: length * w / total_w for n, w in st.weights.items() if w > 0}
         for n, c in per.items():
             used[n] += c
         rows.append({"stage": st.name, "samples": round(length), "open_ended": st.samples is None,
                      "questions": st.questions,
                      "sources": {n: {"samples": round(c), "share": round(c / length, 4),
-                                     "epochs_after": round(used[n] / sizes[n], 3) if sizes[n] else None}
+                                     "epochs_after": round(used[n] / sizes[n], 3) if sizes[n] else None,
+                                     **_keep_row(recipe.sources[n], (st.keep or {}).get(n), pools[n])}
                                  for n, c in per.items()}})
     return {"seed": recipe.seed, "source_sizes": sizes, "stages": rows}
+
+
+def _keep_row(source: ShardSource, stage_keep: float | None, pool: int) -> dict[str, Any]:
+    """For a stage that draws a score quantile of a source: the fraction, the samples in it and
+    the score bound it ends at (the highest loss kept, or the lowest image gain)."""
+    kept = source.kept(stage_keep)
+    if kept is None:
+        return {}
+    values = [v for k, v in source.scores() if k in kept]
+    bound = max(values) if source.keep_by == "loss" else min(values)
+    return {"keep": round((source.keep or 1.0) * (stage_keep or 1.0), 4), "keep_by": source.keep_by,
+            "pool": pool, "bound": round(bound, 4) if values else None}
 
 
 def format_plan(p: dict[str, Any]) -> str:
@@ -145,6 +195,11 @@ def format_plan(p: dict[str, Any]) -> str:
             head += f", caption questions from pool {row['questions']}"
         lines.append(head)
         for n, s in row["sources"].items():
-            lines.append(f"  {n:<16} {s['samples']:>10,}  {s['share'] * 100:5.1f}%   "
-                         f"epochs of {n} used so far: {s['epochs_after']}")
+            line = (f"  {n:<16} {s['samples']:>10,}  {s['share'] * 100:5.1f}%   "
+                    f"epochs of {n} used so far: {s['epochs_after']}")
+            if "keep" in s:
+                relation = "<=" if s["keep_by"] == "loss" else ">="
+                line += (f"   keep {s['keep']:g}: {s['pool']:,} samples with {s['keep_by']} "
+                         f"{relation} {s['bound']}")
+            lines.append(line)
     return "\n".join(lines)

@@ -21,7 +21,7 @@ from typing import Any
 
 IMAGE_TAG = "<image>"
 IMAGE_SUFFIXES = ("png", "webp", "jpg", "jpeg", "bmp", "tif", "tiff", "gif")
-PROVENANCE_BLOCKS = ("augment", "caption", "translate")
+PROVENANCE_BLOCKS = ("augment", "caption", "translate", "score")
 ROLES = {"system", "user", "assistant", "observation", "function_call", "tool"}
 # tags.task of a record without images, passed through unchanged (a json member only).
 TEXT_ONLY_TASK = "text-only"

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, replace
 
-from ddaug.captioning.run import check_api_base, forgetting_failed_start
+from ddaug.captioning.run import check_api_base, check_numbers, execute_with_model
 from ddaug.captioning.vlm import GenerationSettings
-from ddaug.pipeline.command import DEFAULT_BATCH_SIZE, RunOptions, UserError, execute
+from ddaug.pipeline.command import DEFAULT_BATCH_SIZE, RunOptions, UserError
 from ddaug.pipeline.job import JobSummary
 
 from .languages import identifier, language
@@ -53,9 +52,7 @@ def check_options(opts: TranslateOptions) -> None:
     numbers = {"--temperature": opts.generation.temperature, "--top-p": opts.generation.top_p,
                "--timeout": opts.timeout, "--retry-backoff": opts.retry_backoff,
                "--min-target-share": opts.min_target_share}
-    for flag, value in numbers.items():
-        if not math.isfinite(value):
-            raise UserError(f"{flag} must be a finite number, not {value}")
+    check_numbers(numbers)
     if not opts.model:
         raise UserError("--model is required: the name the server serves the model under")
     check_api_base(opts.api_base)
@@ -74,23 +71,15 @@ def run_translate(run: RunOptions, opts: TranslateOptions) -> JobSummary:
     # Requests go out at load time, up to the job's look-ahead (2 batches of turns): batches of 2C
     # keep C in flight while a shard is drained and committed (as caption's openai backend).
     run = replace(run, batch_size=max(run.batch_size or DEFAULT_BATCH_SIZE, 2 * opts.concurrency))
-    stages: list[TranslateStage] = []
-    started = []  # make_stage runs once the folder is open and locked by this run
 
     def make_stage(placement):
-        started.append(True)
         client = Translator(opts.api_base, opts.model, settings=opts.generation, concurrency=opts.concurrency,
                             timeout=opts.timeout, max_retries=opts.max_retries, backoff=opts.retry_backoff)
-        stages.append(TranslateStage(client, target, source=source, mix_original=opts.mix_original,
-                                     min_target_share=opts.min_target_share, seed=run.seed))
+        stage = TranslateStage(client, target, source=source, mix_original=opts.mix_original,
+                               min_target_share=opts.min_target_share, seed=run.seed)
         if source is None or source.scripts & target.scripts:  # detection, or a share by language id
             identifier()  # load py3langid's model (~2 s) once, here, rather than in a loader thread
-        return stages[-1]
+        return stage
 
-    try:
-        with forgetting_failed_start(run, started):
-            return execute("translate", run, config, make_stage,
-                           derive_items=lambda items: derive_items(items, target, opts.mix_original))
-    finally:
-        for stage in stages:
-            stage.close()
+    return execute_with_model("translate", run, config, make_stage,
+                              derive_items=lambda items: derive_items(items, target, opts.mix_original))
