@@ -1,0 +1,262 @@
+"""`ddaug leakage` as a library call: fingerprint the eval images, stream every training shard
+past them, write the report (and with --drop, the training shards without the matches)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import tarfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import numpy as np
+from tqdm import tqdm
+
+from ddaug.pipeline.command import DEFAULT_WORKERS, UserError
+from ddaug.pipeline.job import _ordered_prefetch
+from ddaug.shards.inspect import InspectError, find_shards, iter_shard
+from ddaug.shards.reading import index_shard
+from ddaug.shards.schema import IMAGE_SUFFIXES
+from ddaug.shards.store import Failure
+from ddaug.sources import ImageDecodeError, SourceError, read_sources
+from ddaug.sources.items import make_key, printable
+from ddaug.sources.readers import is_output_folder
+
+from .fingerprints import EMBED_SIDE, EMBEDDING, STAGES, EvalImage, EvalIndex, Match, Thresholds, fingerprint, preview
+
+log = logging.getLogger(__name__)
+
+EVAL_STAGE, TRAIN_STAGE = "leakage-eval", "leakage-train"
+
+
+@dataclass
+class LeakageOptions:
+    train: tuple[str, ...]
+    eval: tuple[str, ...]
+    report_dir: str
+    drop: str | None = None
+    overwrite: bool = False          # --drop: replace an earlier `leakage --drop` output
+    media_dir: str | None = None
+    thresholds: Thresholds = field(default_factory=Thresholds)
+    embed_model: str | None = None
+    device: str | None = None
+    batch_size: int = 32
+    workers: int = DEFAULT_WORKERS
+    sheet_rows: int = 50
+    quiet: bool = False
+
+
+@dataclass
+class TrainImage:
+    """Where one checked training image lives: shard, the sample's place in it, the member."""
+    shard: str
+    position: int            # the sample's place in the shard (keys may repeat in a foreign tar)
+    key: str
+    member: str
+
+
+@dataclass
+class Found:
+    train: TrainImage
+    match: Match
+    preview: Any             # PIL thumbnail of the training image, for the contact sheet
+
+
+@dataclass
+class Scan:
+    shards: list[str]
+    samples: int = 0
+    images: int = 0
+    found: list[Found] = field(default_factory=list)
+    failures: list[Failure] = field(default_factory=list)
+
+
+def _inside(a: str, b: str) -> bool:
+    a, b = os.path.realpath(a), os.path.realpath(b)
+    return os.path.commonpath([a, b]) == b
+
+
+def _check_folders(opts: LeakageOptions, shards: list[str]) -> None:
+    """The report and --drop folders may not hold, or sit in, what is read, nor each other."""
+    read = shards + [arg for arg in opts.eval if os.path.exists(arg)]
+    for flag, out in [("-o", opts.report_dir)] + ([("--drop", opts.drop)] if opts.drop else []):
+        for path in read:
+            if _inside(path, out) or _inside(out, path):
+                raise UserError(f"{flag} {out} and the input {path} hold one another; write to a folder of its own")
+    if opts.drop and (_inside(opts.drop, opts.report_dir) or _inside(opts.report_dir, opts.drop)):
+        raise UserError(f"-o {opts.report_dir} and --drop {opts.drop} hold one another; give two separate folders")
+    if os.path.isdir(opts.report_dir) and is_output_folder(opts.report_dir):
+        raise UserError(f"-o {opts.report_dir} holds a ddaug run's shards; the report goes to a folder of its own")
+
+
+# -- the eval side ----------------------------------------------------------------------------------
+def _fingerprint_ref(item_key: str, ref) -> EvalImage:
+    try:
+        data = ref.read()
+    except OSError as exc:
+        raise ImageDecodeError(f"unreadable: {exc.strerror or exc}") from None
+    fp, _ = fingerprint(data, crops=True)
+    return EvalImage(item_key, ref, fp)
+
+
+def load_eval(opts: LeakageOptions, failures: list[Failure]) -> list[EvalImage]:
+    try:
+        items = read_sources(opts.eval, opts.media_dir)
+    except SourceError as exc:
+        raise UserError(f"--eval: {exc}") from None
+    jobs = []
+    for item in items:
+        if item.error:
+            failures.append(Failure(item.key, item.uri, EVAL_STAGE, item.error))
+        jobs.extend((item.key, ref) for ref in item.images)
+    images: list[EvalImage] = []
+    with ThreadPoolExecutor(opts.workers, thread_name_prefix="eval") as pool:
+        futures = [pool.submit(_fingerprint_ref, key, ref) for key, ref in jobs]
+        for (key, ref), future in tqdm(zip(jobs, futures), total=len(jobs), unit="img", desc="leakage eval",
+                                       disable=opts.quiet, dynamic_ncols=True):
+            try:
+                images.append(future.result())
+            except ImageDecodeError as exc:
+                log.warning("eval image %s skipped: %s", ref.uri, exc)
+                failures.append(Failure(key, ref.uri, EVAL_STAGE, str(exc)))
+    if not images:
+        reasons = "; ".join(sorted({f.reason for f in failures})[:3]) or "no images"
+        raise UserError(f"--eval {' '.join(opts.eval)}: no usable eval image ({reasons})")
+    return images
+
+
+# -- the training side ------------------------------------------------------------------------------
+def _image_members(sample) -> list[str]:
+    return sorted(s for s in sample.members if s.rsplit(".", 1)[-1].lower() in IMAGE_SUFFIXES)
+
+
+def _count_images(shards: list[str]) -> int:
+    """Image members in the shards, from their headers alone: the progress bar's total."""
+    total = 0
+    for shard in shards:
+        samples, _ = index_shard(shard)
+        total += sum(1 for s in samples for suffix, _, _ in s.members
+                     if suffix.rsplit(".", 1)[-1].lower() in IMAGE_SUFFIXES)
+    return total
+
+
+def readable_samples(shard: str, failures: list[Failure], stage: str, lost: str) -> Iterator[tuple[int, Any]]:
+    """(place, sample) of a shard in order; an unreadable tail ends it as one failure, saying
+    what happens to the `lost` samples. Errors of whoever consumes the samples pass through."""
+    position = -1
+    try:
+        for position, sample in enumerate(iter_shard(shard)):
+            yield position, sample
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        reason = f"shard unreadable after {position + 1} samples ({exc}); {lost}"
+        log.warning("%s: %s", shard, reason)
+        failures.append(Failure(make_key("truncated", shard + "#truncated"), printable(shard), stage, reason))
+
+
+def _train_images(scan: Scan) -> Iterator[tuple[TrainImage, bytes]]:
+    """Every image member of every shard, in order."""
+    for shard in scan.shards:
+        for position, sample in readable_samples(shard, scan.failures, TRAIN_STAGE, "the rest was not checked"):
+            scan.samples += 1
+            for suffix in _image_members(sample):
+                yield TrainImage(shard, position, sample.key, f"{sample.key}.{suffix}"), sample.members[suffix]
+
+
+def _check_train(index: EvalIndex, want_pixels: bool, job: tuple[TrainImage, bytes]):
+    """(train image, matches, preview, picture for the embedding model, failure reason)."""
+    train, data = job
+    try:
+        fp, rgb = fingerprint(data, crops=False)
+    except ImageDecodeError as exc:
+        return train, [], None, None, str(exc)
+    matches = index.match(fp)
+    small = None
+    if not matches and want_pixels:
+        small = rgb.copy()
+        small.thumbnail((EMBED_SIDE, EMBED_SIDE))
+    return train, matches, preview(rgb) if matches else None, small, None
+
+
+def scan_train(shards: list[str], index: EvalIndex, embedder, opts: LeakageOptions) -> Scan:
+    scan = Scan(shards)
+    pending: list[tuple[TrainImage, Any]] = []   # waiting for the embedding model, one batch at most
+
+    def embed_pending() -> None:
+        pictures = [p for _, p in pending]
+        for (train, picture), matches in zip(pending, index.match_embeddings(embedder.embed(pictures))):
+            scan.found.extend(Found(train, m, preview(picture)) for m in matches)
+        pending.clear()
+
+    bar = tqdm(total=_count_images(shards), unit="img", desc="leakage train", disable=opts.quiet,
+               dynamic_ncols=True, smoothing=0.1)
+    check = lambda job: _check_train(index, embedder is not None, job)  # noqa: E731
+    with bar, ThreadPoolExecutor(opts.workers, thread_name_prefix="train") as pool:
+        for train, matches, small_preview, picture, problem in _ordered_prefetch(
+                pool, check, _train_images(scan), 4 * opts.workers):
+            bar.update()
+            scan.images += 1
+            if problem:
+                log.info("%s:%s not checked: %s", train.shard, train.member, problem)
+                scan.failures.append(Failure(train.key, printable(f"{train.shard}#{train.member}"), TRAIN_STAGE,
+                                             f"not checked: {problem}"))
+                continue
+            scan.found.extend(Found(train, m, small_preview) for m in matches)
+            if picture is not None:
+                pending.append((train, picture))
+                if len(pending) >= opts.batch_size:
+                    embed_pending()
+        if pending:
+            embed_pending()
+    return scan
+
+
+def _load_embedder(opts: LeakageOptions, images: list[EvalImage], index: EvalIndex):
+    if not opts.embed_model:
+        return None
+    from ddaug.pipeline.placement import DeviceError, resolve_placement
+
+    from .embed import ImageEmbedder
+
+    try:
+        device = resolve_placement(0, 1, opts.device).device
+    except DeviceError as exc:
+        raise UserError(f"--device {exc}") from None
+    embedder = ImageEmbedder(opts.embed_model, device, opts.batch_size)
+    pictures = []
+    for image in images:
+        from ddaug.sources import decode_image
+
+        picture, _ = decode_image(image.ref.read())
+        picture.thumbnail((EMBED_SIDE, EMBED_SIDE))
+        pictures.append(picture)
+    index.embeddings = embedder.embed(pictures)
+    return embedder
+
+
+def run_leakage(opts: LeakageOptions) -> dict[str, Any]:
+    """Check, write the report (and --drop's shards); returns the report as written."""
+    from .drop import write_filtered
+    from .report import write_report
+
+    start = time.perf_counter()
+    try:
+        shards = find_shards(opts.train)
+    except InspectError as exc:
+        raise UserError(f"--train: {exc}") from None
+    _check_folders(opts, shards)
+    failures: list[Failure] = []
+    images = load_eval(opts, failures)
+    index = EvalIndex(images, opts.thresholds)
+    embedder = _load_embedder(opts, images, index)
+    eval_done = time.perf_counter()
+    scan = scan_train(shards, index, embedder, opts)
+    scan_done = time.perf_counter()
+    drop = write_filtered(opts, scan) if opts.drop else None
+    seconds = {"eval": round(eval_done - start, 2), "train": round(scan_done - eval_done, 2),
+               "total": round(time.perf_counter() - start, 2)}
+    return write_report(opts, images, scan, failures + scan.failures, drop, seconds)
+
+
+__all__ = ["LeakageOptions", "Thresholds", "run_leakage", "STAGES", "EMBEDDING"]
