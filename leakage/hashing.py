@@ -29,7 +29,7 @@ def pixel_digest(rgb: Image.Image) -> str:
     """The decoded picture's digest: the same pixels in another container (a re-saved PNG, a
     PNG turned into lossless WebP) give the same digest."""
     h = hashlib.sha256(f"{rgb.width}x{rgb.height}:".encode())
-    h.update(np.asarray(rgb.convert("RGB")).tobytes())
+    h.update(rgb.convert("RGB").tobytes())
     return h.hexdigest()
 
 

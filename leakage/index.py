@@ -40,7 +40,7 @@ class HashIndex:
         self._order, self._starts = [], []
         for j in range(CHUNKS):
             values = _chunk(self.hashes, j)
-            self._order.append(np.argsort(values, kind="stable"))
+            self._order.append(np.argsort(values, kind="stable").astype(np.int32 if len(values) < 2**31 else np.int64))
             self._starts.append(np.concatenate([[0], np.cumsum(np.bincount(values, minlength=_CHUNK_VALUES))]))
 
     def __len__(self) -> int:

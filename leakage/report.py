@@ -72,7 +72,6 @@ def _write_sheet(path: str, scan: "Scan", entries: list[dict[str, Any]], images:
 
 def write_report(opts: "LeakageOptions", images: list[EvalImage], scan: "Scan", failures: list[Failure],
                  drop: dict[str, Any] | None, seconds: dict[str, float]) -> dict[str, Any]:
-    os.makedirs(opts.report_dir, exist_ok=True)
     entries = [_match_json(found, images) for found in scan.found]
     by_stage = collections.Counter(e["stage"] for e in entries)
     sheet = _write_sheet(os.path.join(opts.report_dir, SHEET), scan, entries, images, opts.sheet_rows)

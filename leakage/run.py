@@ -186,8 +186,12 @@ def scan_train(shards: list[str], index: EvalIndex, embedder, opts: LeakageOptio
     def embed_pending() -> None:
         pictures = [p for _, p in pending]
         for (train, picture), matches in zip(pending, index.match_embeddings(embedder.embed(pictures))):
-            scan.found.extend(Found(train, m, preview(picture)) for m in matches)
+            add(train, matches, preview(picture) if matches else None)
         pending.clear()
+
+    def add(train: TrainImage, matches: list[Match], small_preview) -> None:
+        for m in matches:  # pictures only for the rows the contact sheet draws: memory stays flat
+            scan.found.append(Found(train, m, small_preview if len(scan.found) < opts.sheet_rows else None))
 
     bar = tqdm(total=_count_images(shards), unit="img", desc="leakage train", disable=opts.quiet,
                dynamic_ncols=True, smoothing=0.1)
@@ -202,7 +206,7 @@ def scan_train(shards: list[str], index: EvalIndex, embedder, opts: LeakageOptio
                 scan.failures.append(Failure(train.key, printable(f"{train.shard}#{train.member}"), TRAIN_STAGE,
                                              f"not checked: {problem}"))
                 continue
-            scan.found.extend(Found(train, m, small_preview) for m in matches)
+            add(train, matches, small_preview)
             if picture is not None:
                 pending.append((train, picture))
                 if len(pending) >= opts.batch_size:
@@ -246,6 +250,10 @@ def run_leakage(opts: LeakageOptions) -> dict[str, Any]:
     except InspectError as exc:
         raise UserError(f"--train: {exc}") from None
     _check_folders(opts, shards)
+    try:
+        os.makedirs(opts.report_dir, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"-o {opts.report_dir}: cannot create it ({exc.strerror or exc})") from None
     failures: list[Failure] = []
     images = load_eval(opts, failures)
     index = EvalIndex(images, opts.thresholds)
@@ -256,7 +264,10 @@ def run_leakage(opts: LeakageOptions) -> dict[str, Any]:
     drop = write_filtered(opts, scan) if opts.drop else None
     seconds = {"eval": round(eval_done - start, 2), "train": round(scan_done - eval_done, 2),
                "total": round(time.perf_counter() - start, 2)}
-    return write_report(opts, images, scan, failures + scan.failures, drop, seconds)
+    try:
+        return write_report(opts, images, scan, failures + scan.failures, drop, seconds)
+    except OSError as exc:
+        raise UserError(f"-o {opts.report_dir}: writing the report failed ({exc.strerror or exc})") from None
 
 
 __all__ = ["LeakageOptions", "Thresholds", "run_leakage", "STAGES", "EMBEDDING"]
