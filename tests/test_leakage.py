@@ -123,7 +123,8 @@ def leak_set(tmp_path_factory):
 def _matches(report: dict) -> dict[str, set[tuple[str, str]]]:
     out: dict[str, set[tuple[str, str]]] = {}
     for m in report["matches"]:
-        out.setdefault(m["train_key"], set()).add((os.path.splitext(os.path.basename(m["eval"]))[0], m["stage"]))
+        eval_name = os.path.splitext(os.path.basename(m["eval"].split("#")[-1]))[0]  # a file, or tar#member
+        out.setdefault(m["train_key"], set()).add((eval_name, m["stage"]))
     return out
 
 
@@ -180,6 +181,15 @@ def test_thresholds_and_folder_mistakes_are_one_line(leak_set, tmp_path):
     strict = invoke(*base, "-o", tmp_path / "strict", "--phash-distance", 0, "--min-correlation", 0.99, "-q")
     stages = {m["stage"] for m in json.loads((tmp_path / "strict" / "leakage.json").read_text())["matches"]}
     assert "exact-bytes" in stages and "exact-pixels" in stages, strict.output
+
+    # Eval images from a shard instead of a folder: the same copies are found.
+    _write_tar(tmp_path / "eval.tar", [(name, {"png": (root / "eval" / f"{name}.png").read_bytes()}) for name in EVAL])
+    invoke(*base[:3], "--eval", tmp_path / "eval.tar", "-o", tmp_path / "from-tar", "-q")
+    from_tar = json.loads((tmp_path / "from-tar" / "leakage.json").read_text())
+    from_folder = invoke(*base, "-o", tmp_path / "from-folder", "-q")
+    assert _matches(from_tar) == _matches(json.loads((tmp_path / "from-folder" / "leakage.json").read_text())), \
+        from_folder.output
+    assert from_tar["eval"]["images"] == len(EVAL) and from_tar["leaked_eval_images"] == len(EVAL)
 
     for args, text in (
             (["-o", tmp_path / "r", "--drop", root / "train" / "web"], "hold one another"),
