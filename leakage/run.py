@@ -24,7 +24,7 @@ from ddaug.sources import ImageDecodeError, SourceError, read_sources
 from ddaug.sources.items import make_key, printable
 from ddaug.sources.readers import is_output_folder
 
-from .fingerprints import EMBED_SIDE, EMBEDDING, STAGES, EvalImage, EvalIndex, Match, Thresholds, fingerprint, preview
+from .fingerprints import EMBED_SIDE, EvalImage, EvalIndex, Match, Thresholds, fingerprint, preview
 
 log = logging.getLogger(__name__)
 
@@ -92,16 +92,24 @@ def _check_folders(opts: LeakageOptions, shards: list[str]) -> None:
 
 
 # -- the eval side ----------------------------------------------------------------------------------
-def _fingerprint_ref(item_key: str, ref) -> EvalImage:
+def _embedding_copy(rgb):
+    small = rgb.copy()
+    small.thumbnail((EMBED_SIDE, EMBED_SIDE))
+    return small
+
+
+def _fingerprint_ref(item_key: str, ref, for_embedding: bool):
+    """(the eval image, its picture for the embedding model or None)."""
     try:
         data = ref.read()
     except OSError as exc:
         raise ImageDecodeError(f"unreadable: {exc.strerror or exc}") from None
-    fp, _ = fingerprint(data, crops=True)
-    return EvalImage(item_key, ref, fp)
+    fp, rgb = fingerprint(data, crops=True)
+    return EvalImage(item_key, ref, fp), _embedding_copy(rgb) if for_embedding else None
 
 
-def load_eval(opts: LeakageOptions, failures: list[Failure]) -> list[EvalImage]:
+def load_eval(opts: LeakageOptions, failures: list[Failure], embedder=None) -> tuple[list[EvalImage], np.ndarray | None]:
+    """The usable eval images (the others go to failures), and with an embedder their embeddings."""
     try:
         items = read_sources(opts.eval, opts.media_dir)
     except SourceError as exc:
@@ -110,21 +118,40 @@ def load_eval(opts: LeakageOptions, failures: list[Failure]) -> list[EvalImage]:
     for item in items:
         if item.error:
             failures.append(Failure(item.key, item.uri, EVAL_STAGE, item.error))
-        jobs.extend((item.key, ref) for ref in item.images)
+        else:
+            jobs.extend((item.key, ref) for ref in item.images)
     images: list[EvalImage] = []
+    pictures, embeddings = [], []   # pictures wait for the model one batch at a time
     with ThreadPoolExecutor(opts.workers, thread_name_prefix="eval") as pool:
-        futures = [pool.submit(_fingerprint_ref, key, ref) for key, ref in jobs]
-        for (key, ref), future in tqdm(zip(jobs, futures), total=len(jobs), unit="img", desc="leakage eval",
-                                       disable=opts.quiet, dynamic_ncols=True):
-            try:
-                images.append(future.result())
-            except ImageDecodeError as exc:
-                log.warning("eval image %s skipped: %s", ref.uri, exc)
-                failures.append(Failure(key, ref.uri, EVAL_STAGE, str(exc)))
+        fingerprinted = _ordered_prefetch(pool, lambda job: _attempt(_fingerprint_ref, *job, embedder is not None),
+                                          jobs, 4 * opts.workers)
+        for (key, ref), (result, problem) in tqdm(zip(jobs, fingerprinted), total=len(jobs), unit="img",
+                                                  desc="leakage eval", disable=opts.quiet, dynamic_ncols=True):
+            if problem:
+                log.warning("eval image %s skipped: %s", ref.uri, problem)
+                failures.append(Failure(key, ref.uri, EVAL_STAGE, problem))
+                continue
+            image, picture = result
+            images.append(image)
+            if picture is not None:
+                pictures.append(picture)
+                if len(pictures) == opts.batch_size:
+                    embeddings.append(embedder.embed(pictures))
+                    pictures = []
+    if pictures:
+        embeddings.append(embedder.embed(pictures))
     if not images:
         reasons = "; ".join(sorted({f.reason for f in failures})[:3]) or "no images"
         raise UserError(f"--eval {' '.join(opts.eval)}: no usable eval image ({reasons})")
-    return images
+    return images, np.concatenate(embeddings) if embeddings else None
+
+
+def _attempt(fn, *args):
+    """(fn's result, None), or (None, the reason) when the picture cannot be used."""
+    try:
+        return fn(*args), None
+    except ImageDecodeError as exc:
+        return None, str(exc)
 
 
 # -- the training side ------------------------------------------------------------------------------
@@ -164,19 +191,13 @@ def _train_images(scan: Scan) -> Iterator[tuple[TrainImage, bytes]]:
                 yield TrainImage(shard, position, sample.key, f"{sample.key}.{suffix}"), sample.members[suffix]
 
 
-def _check_train(index: EvalIndex, want_pixels: bool, job: tuple[TrainImage, bytes]):
-    """(train image, matches, preview, picture for the embedding model, failure reason)."""
-    train, data = job
-    try:
-        fp, rgb = fingerprint(data, crops=False)
-    except ImageDecodeError as exc:
-        return train, [], None, None, str(exc)
+def _check_train(index: EvalIndex, for_embedding: bool, data: bytes):
+    """(matches, preview when matched, picture for the embedding model when not)."""
+    fp, rgb = fingerprint(data, crops=False)
     matches = index.match(fp)
-    small = None
-    if not matches and want_pixels:
-        small = rgb.copy()
-        small.thumbnail((EMBED_SIDE, EMBED_SIDE))
-    return train, matches, preview(rgb) if matches else None, small, None
+    if matches:
+        return matches, preview(rgb), None
+    return matches, None, _embedding_copy(rgb) if for_embedding else None
 
 
 def scan_train(shards: list[str], index: EvalIndex, embedder, opts: LeakageOptions) -> Scan:
@@ -195,10 +216,12 @@ def scan_train(shards: list[str], index: EvalIndex, embedder, opts: LeakageOptio
 
     bar = tqdm(total=_count_images(shards), unit="img", desc="leakage train", disable=opts.quiet,
                dynamic_ncols=True, smoothing=0.1)
-    check = lambda job: _check_train(index, embedder is not None, job)  # noqa: E731
+
+    def check(job: tuple[TrainImage, bytes]):
+        return job[0], _attempt(_check_train, index, embedder is not None, job[1])
+
     with bar, ThreadPoolExecutor(opts.workers, thread_name_prefix="train") as pool:
-        for train, matches, small_preview, picture, problem in _ordered_prefetch(
-                pool, check, _train_images(scan), 4 * opts.workers):
+        for train, (result, problem) in _ordered_prefetch(pool, check, _train_images(scan), 4 * opts.workers):
             bar.update()
             scan.images += 1
             if problem:
@@ -206,6 +229,7 @@ def scan_train(shards: list[str], index: EvalIndex, embedder, opts: LeakageOptio
                 scan.failures.append(Failure(train.key, printable(f"{train.shard}#{train.member}"), TRAIN_STAGE,
                                              f"not checked: {problem}"))
                 continue
+            matches, small_preview, picture = result
             add(train, matches, small_preview)
             if picture is not None:
                 pending.append((train, picture))
@@ -216,7 +240,7 @@ def scan_train(shards: list[str], index: EvalIndex, embedder, opts: LeakageOptio
     return scan
 
 
-def _load_embedder(opts: LeakageOptions, images: list[EvalImage], index: EvalIndex):
+def _load_embedder(opts: LeakageOptions):
     if not opts.embed_model:
         return None
     from ddaug.pipeline.placement import DeviceError, resolve_placement
@@ -227,16 +251,7 @@ def _load_embedder(opts: LeakageOptions, images: list[EvalImage], index: EvalInd
         device = resolve_placement(0, 1, opts.device).device
     except DeviceError as exc:
         raise UserError(f"--device {exc}") from None
-    embedder = ImageEmbedder(opts.embed_model, device, opts.batch_size)
-    pictures = []
-    for image in images:
-        from ddaug.sources import decode_image
-
-        picture, _ = decode_image(image.ref.read())
-        picture.thumbnail((EMBED_SIDE, EMBED_SIDE))
-        pictures.append(picture)
-    index.embeddings = embedder.embed(pictures)
-    return embedder
+    return ImageEmbedder(opts.embed_model, device, opts.batch_size)
 
 
 def run_leakage(opts: LeakageOptions) -> dict[str, Any]:
@@ -254,10 +269,11 @@ def run_leakage(opts: LeakageOptions) -> dict[str, Any]:
         os.makedirs(opts.report_dir, exist_ok=True)
     except OSError as exc:
         raise UserError(f"-o {opts.report_dir}: cannot create it ({exc.strerror or exc})") from None
+    embedder = _load_embedder(opts)  # a model that does not load stops the run before any work
     failures: list[Failure] = []
-    images = load_eval(opts, failures)
+    images, embeddings = load_eval(opts, failures, embedder)
     index = EvalIndex(images, opts.thresholds)
-    embedder = _load_embedder(opts, images, index)
+    index.embeddings = embeddings
     eval_done = time.perf_counter()
     scan = scan_train(shards, index, embedder, opts)
     scan_done = time.perf_counter()
@@ -269,5 +285,3 @@ def run_leakage(opts: LeakageOptions) -> dict[str, Any]:
     except OSError as exc:
         raise UserError(f"-o {opts.report_dir}: writing the report failed ({exc.strerror or exc})") from None
 
-
-__all__ = ["LeakageOptions", "Thresholds", "run_leakage", "STAGES", "EMBEDDING"]
