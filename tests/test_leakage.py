@@ -191,6 +191,13 @@ def test_thresholds_and_folder_mistakes_are_one_line(leak_set, tmp_path):
         from_folder.output
     assert from_tar["eval"]["images"] == len(EVAL) and from_tar["leaked_eval_images"] == len(EVAL)
 
+    # --drop into a folder made by another check is refused, naming what changed; --overwrite redoes it.
+    invoke(*base, "-o", tmp_path / "r1", "--drop", tmp_path / "clean", "-q")
+    changed = invoke(*base, "-o", tmp_path / "r2", "--drop", tmp_path / "clean", "--phash-distance", 4,
+                     expect_ok=False)
+    assert changed.exit_code == 1 and "different config" in changed.output and "phash_distance" in changed.output
+    invoke(*base, "-o", tmp_path / "r2", "--drop", tmp_path / "clean", "--phash-distance", 4, "--overwrite", "-q")
+
     for args, text in (
             (["-o", tmp_path / "r", "--drop", root / "train" / "web"], "hold one another"),
             (["-o", root / "eval" / "report"], "hold one another"),
