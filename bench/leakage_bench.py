@@ -79,13 +79,15 @@ def write_eval(folder: str, n: int = 50) -> None:
         _random_crop(pool, rng, 384).save(os.path.join(folder, f"e{i:03d}.png"))
 
 
-def bench_checking(root: str, workers: int, quiet: bool = True) -> tuple[float, int, dict]:
+def bench_checking(root: str, workers: int, quiet: bool = True) -> tuple[float, float, int, dict]:
+    """(wall seconds of the training pass, CPU seconds of the whole run, images, report)."""
     from ddaug.leakage import LeakageOptions, run_leakage
 
+    cpu = time.process_time()
     report = run_leakage(LeakageOptions(train=(os.path.join(root, "train"),), eval=(os.path.join(root, "eval"),),
                                         report_dir=os.path.join(root, f"report-{workers}"), workers=workers,
                                         quiet=quiet))
-    return report["seconds"]["train"], report["train"]["images"], report
+    return report["seconds"]["train"], time.process_time() - cpu, report["train"]["images"], report
 
 
 def bench_index(n: int, rng: np.random.Generator, queries: int = 1000, radius: int = 10) -> dict:
@@ -133,9 +135,9 @@ def main() -> None:
     rows = []
     for workers in args.workers:
         bench_checking(root, workers)  # page cache and imports warm
-        secs, n, report = bench_checking(root, workers)
-        rows.append((workers, n / secs, len(report["matches"])))
-        print(f"workers={workers}: {n} images in {secs:.2f}s = {n / secs:,.0f} img/s; "
+        secs, cpu, n, report = bench_checking(root, workers)
+        rows.append((workers, n / secs, cpu / n * 1e3, len(report["matches"])))
+        print(f"workers={workers}: {n} images in {secs:.2f}s = {n / secs:,.0f} img/s, {cpu / n * 1e3:.1f} ms CPU each; "
               f"{len(report['matches'])} matches", flush=True)
     rng = np.random.default_rng(0)
     index_rows = []
@@ -146,16 +148,19 @@ def main() -> None:
               flush=True)
 
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    load = " ".join(f"{x:.1f}" for x in os.getloadavg())
     lines = [f"\n## `ddaug leakage` speed ({time.strftime('%Y-%m-%d')})",
-             f"- machine: {platform.processor() or platform.machine()}, {cpus} CPUs usable; python "
+             f"- machine: {platform.processor() or platform.machine()}, {cpus} CPUs usable, load average {load} "
+             f"(1/5/15 min) at the end; python "
              f"{platform.python_version()}, numpy {np.__version__}, scipy {scipy.__version__}, pillow {PIL.__version__}",
              f"- command: `python bench/leakage_bench.py --images {args.images} --size {args.size} --workers "
              f"{' '.join(map(str, args.workers))} --index {' '.join(map(str, args.index))}`",
              f"- training images: random crops of scikit-image photos, JPEG q90, {args.size} px on the longer side, "
              f"500 per tar; checked against 50 eval images of other photos (PNG, 384 px, each with its 10 crops hashed) "
              f"by `run_leakage` without --drop: read, decode, digests, pHash, index query; second of two runs",
-             "", "| threads (--workers) | training images/s | matches (all false) |", "|---|---|---|"]
-    lines += [f"| {w} | {rate:,.0f} | {matches} |" for w, rate, matches in rows]
+             "", "| threads (--workers) | training images/s (wall) | CPU ms per image, all threads | matches (all false) |",
+             "|---|---|---|---|"]
+    lines += [f"| {w} | {rate:,.0f} | {cpu_ms:.1f} | {matches} |" for w, rate, cpu_ms, matches in rows]
     lines += ["", "Hash index (multi-index, 4 bands of 16 bits), 1,000 queries at radius 10, half of them near an "
               "indexed hash; every answer checked against a brute-force scan:", "",
               "| indexed hashes | build | query (per hash) | brute-force scan (per hash) | hits |", "|---|---|---|---|---|"]

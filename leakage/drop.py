@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import sys
 import time
 from typing import TYPE_CHECKING, Any
@@ -41,8 +42,11 @@ def _dropped(scan: "Scan") -> dict[str, set[int]]:
 def _config(opts: "LeakageOptions", scan: "Scan", dropped: dict[str, set[int]]) -> dict[str, Any]:
     """What makes OUT's content: the shards read and the samples left out (by digest, so a rerun
     whose matches differ is refused instead of mixing two answers in one folder)."""
-    listing = "\n".join(f"{shard}\t{pos}" for shard in scan.shards for pos in sorted(dropped.get(shard, ())))
-    return {"train": [printable(s) for s in scan.shards], "eval": list(opts.eval),
+    shards = [os.path.abspath(shard) for shard in scan.shards]   # the same check from another folder is the same
+    listing = "\n".join(f"{shard}\t{pos}" for shard, given in zip(shards, scan.shards)
+                        for pos in sorted(dropped.get(given, ())))
+    return {"train": [printable(shard) for shard in shards],
+            "eval": [os.path.abspath(arg) if os.path.exists(arg) else arg for arg in opts.eval],
             "thresholds": vars(opts.thresholds), "embed_model": opts.embed_model,
             "dropped": sum(len(v) for v in dropped.values()),
             "dropped_sha256": hashlib.sha256(listing.encode("utf-8", "surrogateescape")).hexdigest()}

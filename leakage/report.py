@@ -124,6 +124,7 @@ def summary_paragraph(report: dict[str, Any], report_dir: str) -> str:
                  f"checked; the reasons are in {os.path.join(report_dir, FAILURES)}.")
     drop = report["drop"]
     if drop:
-        text += (f" Filtered shards without the {drop['dropped']} matched sample(s), {drop['kept']:,} kept: "
-                 f"{drop['folder']}.")
+        resumed = f", {drop['resumed']} of them finished before" if drop["resumed"] else ""
+        text += (f" --drop: {drop['kept']:,} sample(s) kept and the {drop['dropped']} matched left out, in "
+                 f"{len(drop['shards'])} filtered shard(s){resumed} under {drop['folder']}.")
     return text
