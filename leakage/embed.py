@@ -40,7 +40,7 @@ class ImageEmbedder:
         with torch.inference_mode():
             for start in range(0, len(images), self.batch_size):
                 inputs = self.processor(images=images[start: start + self.batch_size], return_tensors="pt")
-                features = self.model.get_image_features(pixel_values=inputs["pixel_values"].to(self.device))
+                features = self.model.get_image_features(**{k: v.to(self.device) for k, v in inputs.items()})
                 if not isinstance(features, torch.Tensor):  # some models return an output object
                     features = features.pooler_output
                 rows.append(torch.nn.functional.normalize(features.float(), dim=-1).cpu().numpy())
