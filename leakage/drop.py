@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 COMMAND = "leakage --drop"
+DROP_STAGE = "leakage-drop"   # the ledger's stage for what a filtered shard lost
 
 
 def _dropped(scan: "Scan") -> dict[str, set[int]]:
@@ -68,11 +69,9 @@ def write_filtered(opts: "LeakageOptions", scan: "Scan") -> dict[str, Any]:
             if index in done:
                 stats = done[index]
                 summary["resumed"] += 1
-                kept = stats["samples"]
             else:
                 stats = _filter_shard(folder, index, shard, dropped.get(shard, set()))
-                kept = stats["samples"]
-            gone = len(dropped.get(shard, ()))
+            kept, gone = stats["samples"], len(dropped.get(shard, ()))
             summary["shards"].append({"train": printable(shard), "filtered": stats["shard"], "kept": kept,
                                       "dropped": gone})
             summary["kept"] += kept
@@ -92,7 +91,7 @@ def _filter_shard(folder: OutputFolder, index: int, shard: str, leave_out: set[i
     covered: list[str] = []
     failures: list[Failure] = []
     try:
-        for position, sample in readable_samples(shard, failures, "leakage",
+        for position, sample in readable_samples(shard, failures, DROP_STAGE,
                                                  "the rest is not in the filtered shard"):
             covered.append(sample.key)
             if position not in leave_out:
