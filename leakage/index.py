@@ -15,7 +15,7 @@ import itertools
 import numpy as np
 
 # Four bands probe few values (137 per band at radius 10) but hold N / 65,536 hashes each;
-# three probe more (1,562 per band) but hold N / 2 million. Measured on random hashes, three
+# three probe more (1,562-1,794 per band) but hold N / 2-4 million. Measured on random hashes, three
 # bands win from about half a million indexed hashes (bench/RESULTS.md).
 FOUR_BANDS = ((0, 16), (16, 16), (32, 16), (48, 16))
 THREE_BANDS = ((0, 21), (21, 21), (42, 22))
@@ -38,9 +38,10 @@ class HashIndex:
     """Per band: the hashes' positions sorted by band value, and where each value's run starts
     (CSR)."""
 
-    def __init__(self, hashes: np.ndarray):
+    def __init__(self, hashes: np.ndarray, bands: tuple[tuple[int, int], ...] | None = None):
+        """bands: (shift, width) of each band, covering the 64 bits; None chooses by size."""
         self.hashes = np.ascontiguousarray(hashes, dtype=np.uint64)
-        self.bands = THREE_BANDS if len(self.hashes) >= THREE_BANDS_FROM else FOUR_BANDS
+        self.bands = bands or (THREE_BANDS if len(self.hashes) >= THREE_BANDS_FROM else FOUR_BANDS)
         self._order, self._starts = [], []
         for shift, width in self.bands:
             values = _band(self.hashes, shift, width)

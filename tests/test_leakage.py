@@ -244,3 +244,25 @@ def test_embedding_stage_runs_with_a_tiny_random_clip(leak_set, tmp_path):
     bad = invoke("leakage", "--train", tmp_path / "mirror.tar", "--eval", root / "eval" / "astronaut.png",
                  "-o", tmp_path / "bad", "--embed-model", pickled, expect_ok=False)
     assert bad.exit_code == 1 and "--embed-model" in bad.output and "Traceback" not in bad.output, bad.output
+
+
+@pytest.mark.parametrize("bands", ["four", "three"])
+def test_the_hash_index_finds_exactly_what_a_scan_finds(bands):
+    """The band search behind the perceptual stage misses no pair within the radius and adds none."""
+    from ddaug.leakage.index import FOUR_BANDS, THREE_BANDS, HashIndex
+
+    rng = np.random.default_rng(0)
+    hashes = rng.integers(0, 2**64, 10_000, dtype=np.uint64)
+    queries = hashes[:300].copy()
+    flips = rng.integers(0, 13, len(queries))  # 0 to 12 bits flipped: inside and outside each radius
+    for round_ in range(12):
+        queries ^= np.where(flips > round_, np.uint64(1) << rng.integers(0, 64, len(queries)).astype(np.uint64),
+                            np.uint64(0))
+    queries = np.concatenate([queries, rng.integers(0, 2**64, 100, dtype=np.uint64)])
+    index = HashIndex(hashes, bands=FOUR_BANDS if bands == "four" else THREE_BANDS)
+    for radius in (0, 4, 10):
+        q, i, d = index.query(queries, radius)
+        got = set(zip(q.tolist(), i.tolist(), d.tolist()))
+        distances = np.bitwise_count(queries[:, None] ^ hashes[None, :])
+        want = {(a, b, int(distances[a, b])) for a, b in zip(*np.nonzero(distances <= radius))}
+        assert got == want and len(got) > 0
