@@ -15,8 +15,8 @@ import itertools
 import numpy as np
 
 # Four bands probe few values (137 per band at radius 10) but hold N / 65,536 hashes each;
-# three probe more (1,562-1,794 per band) but hold N / 2-4 million. Measured on random hashes, three
-# bands win from about half a million indexed hashes (bench/RESULTS.md).
+# three probe more (1,562-1,794 per band) but hold N / 2-4 million. Measured on random
+# hashes, three bands win from about half a million indexed hashes (bench/RESULTS.md).
 FOUR_BANDS = ((0, 16), (16, 16), (32, 16), (48, 16))
 THREE_BANDS = ((0, 21), (21, 21), (42, 22))
 THREE_BANDS_FROM = 1 << 19
