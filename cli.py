@@ -610,10 +610,10 @@ def leakage(**kw) -> None:
     and distance; a paragraph sums it up. Unreadable inputs are skipped and listed in
     failures.jsonl. --drop writes the shards again without the matched samples.
     """
-    from ddaug.leakage import LeakageOptions, Thresholds, run_leakage
+    from ddaug.leakage import LeakageOptions, LeakageThresholds, run_leakage
     from ddaug.leakage.report import summary_paragraph
 
-    thresholds = Thresholds(phash_distance=kw["phash_distance"], min_correlation=kw["min_correlation"],
+    thresholds = LeakageThresholds(phash_distance=kw["phash_distance"], min_correlation=kw["min_correlation"],
                             embed_similarity=kw["embed_similarity"])
     extra = {"workers": kw["workers"]} if kw["workers"] else {}
     opts = LeakageOptions(train=kw["train"], eval=kw["eval_"], report_dir=kw["output"], drop=kw["drop"],

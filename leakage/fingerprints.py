@@ -54,14 +54,14 @@ class Match:
 
 
 @dataclass(frozen=True)
-class Thresholds:
+class LeakageThresholds:
     phash_distance: int = 10
     min_correlation: float = 0.5
     embed_similarity: float = 0.95
 
 
 class EvalIndex:
-    def __init__(self, images: list[EvalImage], thresholds: Thresholds):
+    def __init__(self, images: list[EvalImage], thresholds: LeakageThresholds):
         self.images = images
         self.thresholds = thresholds
         self.by_bytes: dict[str, list[int]] = collections.defaultdict(list)

@@ -24,7 +24,7 @@ from ddaug.sources import ImageDecodeError, SourceError, read_sources
 from ddaug.sources.items import make_key, printable
 from ddaug.sources.readers import is_output_folder
 
-from .fingerprints import EMBED_SIDE, EvalImage, EvalIndex, Match, Thresholds, fingerprint, preview
+from .fingerprints import EMBED_SIDE, EvalImage, EvalIndex, LeakageThresholds, Match, fingerprint, preview
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ class LeakageOptions:
     drop: str | None = None
     overwrite: bool = False          # --drop: replace an earlier `leakage --drop` output
     media_dir: str | None = None
-    thresholds: Thresholds = field(default_factory=Thresholds)
+    thresholds: LeakageThresholds = field(default_factory=LeakageThresholds)
     embed_model: str | None = None
     device: str | None = None
     batch_size: int = 32
