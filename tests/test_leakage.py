@@ -1,6 +1,6 @@
 """`ddaug leakage` on a known answer: eval photos from scikit-image, training shards holding
 copies of some of them (ddaug-augmented with the tiny model, resized, JPEG q70, cropped ~5%,
-re-wrapped, byte-identical) among 15 other photos (one of them augmented too). Every copy must be found, at the expected
+re-wrapped, byte-identical) among 14 other photos (and an augmented copy of one of those). Every copy must be found, at the expected
 stage; no other photo may be."""
 
 from __future__ import annotations
