@@ -266,3 +266,26 @@ def test_the_hash_index_finds_exactly_what_a_scan_finds(bands):
         distances = np.bitwise_count(queries[:, None] ^ hashes[None, :])
         want = {(a, b, int(distances[a, b])) for a, b in zip(*np.nonzero(distances <= radius))}
         assert got == want and len(got) > 0
+
+
+def test_drop_killed_mid_shard_leaves_no_partial_shard_and_resumes(leak_set, tmp_path):
+    """kill -9 as the second filtered shard is renamed into place: nothing half-written carries
+    a final name, and the same command finishes the job with the finished shard kept."""
+    import subprocess
+    import sys
+
+    root, expected, _ = leak_set
+    cmd = [sys.executable, "-m", "ddaug", "leakage", "--train", str(root / "train" / "web"), "--train",
+           str(root / "train" / "augmented"), "--eval", str(root / "eval"), "-o", str(tmp_path / "report"),
+           "--drop", str(tmp_path / "clean"), "-q"]
+    killed = subprocess.run(cmd, env={**os.environ, "DDAUG_CRASH_AT": "tar-rename:2"}, capture_output=True, text=True)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    names = sorted(os.listdir(tmp_path / "clean"))
+    assert "shard-000-000001.tar" not in names and "shard-000-000001.tar.tmp" in names, names
+    resumed = subprocess.run(cmd, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "1 of them finished before" in resumed.stdout
+    assert not [n for n in os.listdir(tmp_path / "clean") if ".tmp" in n]
+    original = {**read_samples(root / "train" / "web"), **read_samples(root / "train" / "augmented")}
+    kept = read_samples(tmp_path / "clean")
+    assert set(kept) == set(original) - set(expected) and all(kept[k] == original[k] for k in kept)
