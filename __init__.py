@@ -54,6 +54,10 @@ _PUBLIC = {
     "TranslateOptions": "ddaug.translate.run",
     "run_score": "ddaug.scoring.run",
     "ScoreOptions": "ddaug.scoring.run",
+    # checking for eval images in training data
+    "run_leakage": "ddaug.leakage.run",
+    "LeakageOptions": "ddaug.leakage.run",
+    "LeakageThresholds": "ddaug.leakage.fingerprints",
 }
 
 __all__ = sorted(_PUBLIC) + ["__version__"]
@@ -77,6 +81,8 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazi
     from ddaug.augment.run import AugmentOptions, run_augment
     from ddaug.captioning.run import CaptionOptions, run_caption
     from ddaug.captioning.vlm import GenerationSettings
+    from ddaug.leakage.fingerprints import LeakageThresholds
+    from ddaug.leakage.run import LeakageOptions, run_leakage
     from ddaug.pipeline.command import RunOptions, UserError
     from ddaug.pipeline.job import JobSummary
     from ddaug.shards.collate import ChatCollator

@@ -74,6 +74,7 @@ def cli(verbose: int) -> None:
       export    shards -> LLaMA-Factory, ms-swift, Megatron-Energon or HF datasets
       demo      offline end-to-end run on bundled photos with tiny models
       gap       how far general (and augmented) images are from business, and which dose closes it
+      leakage   find eval images (or near copies) inside training shards; drop them
     """
     _setup_logging(verbose)
 
@@ -696,6 +697,66 @@ def gap(**kw) -> None:
     opts = GapOptions(**kw, dose_dtype=_dtype(None, kw["device"]) if kw["doses"] else "fp32")
     report, _ = run_gap(opts)
     click.echo(json.dumps(report, ensure_ascii=False, indent=1) if as_json else format_report(report))
+
+
+@cli.command(epilog="""\b
+Examples:
+  ddaug leakage --train out/general --train out/cap-s1 --eval bench-images/ -o leak/
+  ddaug leakage --train 'out/shard-000-{000000..000099}.tar' --eval eval.json --media-dir imgs/ -o leak/
+  ddaug leakage --train out/general --eval bench-images/ -o leak/ --drop out/general-clean
+  ddaug leakage --train out/general --eval bench-images/ -o leak/ --phash-distance 6 --min-correlation 0.8
+  ddaug leakage --train out/general --eval bench-images/ -o leak/ --embed-model openai/clip-vit-base-patch32 \\
+        --embed-similarity 0.95 --device cuda      # also semantic near copies (a CLIP/SigLIP folder or hub id)
+""")
+@click.option("--train", multiple=True, required=True,
+              help="Training shards: a shard folder, a .tar or a {000..009} pattern (repeat to add).")
+@click.option("--eval", "eval_", multiple=True, required=True,
+              help="Eval images: any ddaug input (folders, images, tars, .json/.jsonl datasets; repeat to add).")
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False),
+              help="Report folder: leakage.json, matches.png, failures.jsonl.")
+@click.option("--drop", type=click.Path(file_okay=False), default=None,
+              help="Write the training shards without the matched samples to this folder (the rest byte for byte).")
+@click.option("--overwrite", is_flag=True, help="With --drop: replace an earlier output in that folder.")
+@click.option("--media-dir", type=click.Path(file_okay=False), default=None,
+              help="Base folder for image paths in --eval .json/.jsonl datasets.")
+@click.option("--phash-distance", type=click.IntRange(0, 32), default=10, show_default=True,
+              help="Near copy: perceptual hash within this many of 64 bits of the eval image or one of its crops.")
+@click.option("--min-correlation", type=FiniteFloatRange(-1, 1), default=0.5, show_default=True,
+              help="...and their 32x32 grey thumbnails correlate at least this much (rules out look-alike layouts).")
+@click.option("--embed-model", default=None,
+              help="Also compare image embeddings: a CLIP/SigLIP folder or hub id (safetensors only).")
+@click.option("--embed-similarity", type=FiniteFloatRange(-1, 1), default=0.95, show_default=True,
+              help="With --embed-model: a match at this cosine similarity or above.")
+@click.option("--device", default=None, help="With --embed-model: torch device (default: cuda if available, else cpu).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
+              help="With --embed-model: images per model call.")
+@click.option("--workers", type=click.IntRange(min=1), default=None, show_default="4 to 8, by CPU count",
+              help="Threads decoding and hashing images.")
+@click.option("--sheet-rows", type=click.IntRange(min=1), default=50, show_default=True,
+              help="Matches drawn in matches.png (leakage.json has them all).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+@user_errors
+def leakage(**kw) -> None:
+    """Find eval images, or near copies of them, inside training shards.
+
+    Each training image is checked against every eval image, cheapest test first: the same
+    bytes, the same decoded pixels, a DCT perceptual hash near the eval image's (or one of ten
+    crops of it: resized, re-encoded, slightly cropped or augmented copies), and with
+    --embed-model the cosine of image embeddings. The report lists each match with its stage
+    and distance; a paragraph sums it up. Unreadable inputs are skipped and listed in
+    failures.jsonl. --drop writes the shards again without the matched samples.
+    """
+    from ddaug.leakage import LeakageOptions, LeakageThresholds, run_leakage
+    from ddaug.leakage.report import summary_paragraph
+
+    thresholds = LeakageThresholds(phash_distance=kw["phash_distance"], min_correlation=kw["min_correlation"],
+                            embed_similarity=kw["embed_similarity"])
+    extra = {"workers": kw["workers"]} if kw["workers"] else {}
+    opts = LeakageOptions(train=kw["train"], eval=kw["eval_"], report_dir=kw["output"], drop=kw["drop"],
+                          overwrite=kw["overwrite"], media_dir=kw["media_dir"], thresholds=thresholds,
+                          embed_model=kw["embed_model"], device=kw["device"], batch_size=kw["batch_size"],
+                          sheet_rows=kw["sheet_rows"], quiet=kw["quiet"], **extra)
+    click.echo(summary_paragraph(run_leakage(opts), kw["output"]))
 
 
 def main() -> None:

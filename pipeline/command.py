@@ -39,6 +39,10 @@ DEFAULT_WORKERS = max(4, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sch
 
 @dataclass
 class RunOptions:
+    """What every shard-writing command shares: its inputs, the output folder, and how the work
+    is placed, batched, seeded and resumed. run_augment, run_caption, run_translate and
+    run_score take it with their own options."""
+
     inputs: tuple[str, ...]
     output: str
     media_dir: str | None = None

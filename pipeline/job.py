@@ -134,6 +134,9 @@ class Stage(Protocol):
 
 @dataclass
 class JobSummary:
+    """What a run did: its counts (done, skipped, failed), the shards it wrote, and where the
+    time went."""
+
     total: int = 0          # inputs owned by this process
     skipped: int = 0        # already done by an earlier run
     done: int = 0

@@ -14,10 +14,16 @@ from .stage import ScoreStage
 
 @dataclass
 class ScoreOptions(ModelOptions):
+    """What `ddaug score` runs beyond the shared `RunOptions`: the VLM and its backend
+    (ModelOptions), and whether to score again with the images blanked."""
+
     image_gain: bool = False               # also score with every image blanked
 
 
 def run_score(run: RunOptions, opts: ScoreOptions) -> JobSummary:
+    """`ddaug score` as a call: a scored copy of `run.inputs` in `run.output`, each sample's json
+    with a `score` block (mean answer loss, perplexity, and with image_gain the loss with the
+    images blanked); resumes what is there. Raises `UserError` for what the user can fix."""
     check_model_options(opts)
     max_pixels = max_pixels_for(opts)
     # Everything that changes what is written; a rerun into the folder must match it. Never the key.

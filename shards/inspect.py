@@ -404,13 +404,20 @@ def contact_sheet(paths, out_path: str, limit: int = 12, thumb: int = 256) -> in
             break
     if not rows:
         raise InspectError("no samples to preview")
+    _write_output(out_path, pair_sheet(rows, "source | ddaug output", thumb).save)
+    return len(rows)
+
+
+def pair_sheet(rows: list[tuple[Image.Image | None, Image.Image, str]], title: str, thumb: int = 256) -> Image.Image:
+    """A contact sheet: one row per (left, right, label), the two pictures side by side as
+    thumbnails under the label; a missing left picture is drawn as an empty frame."""
     pad, label_h = 8, 18
     sheet = Image.new("RGB", (2 * thumb + 3 * pad, len(rows) * (thumb + label_h + pad) + pad), "white")
     draw = ImageDraw.Draw(sheet)
-    draw.text((pad, 0), "source | ddaug output", fill="black")
-    for r, (src, out_img, label) in enumerate(rows):
+    draw.text((pad, 0), title, fill="black")
+    for r, (left, right, label) in enumerate(rows):
         y = pad + r * (thumb + label_h + pad) + label_h // 2
-        for c, img in enumerate((src, out_img)):
+        for c, img in enumerate((left, right)):
             x = pad + c * (thumb + pad)
             if img is None:
                 draw.rectangle([x, y + label_h, x + thumb, y + label_h + thumb], outline="gray")
@@ -420,5 +427,4 @@ def contact_sheet(paths, out_path: str, limit: int = 12, thumb: int = 256) -> in
             t.thumbnail((thumb, thumb))
             sheet.paste(t, (x, y + label_h))
         draw.text((pad, y + 2), label, fill="black")
-    _write_output(out_path, sheet.save)
-    return len(rows)
+    return sheet

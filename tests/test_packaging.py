@@ -102,3 +102,16 @@ def test_the_editable_install_imports_past_decoys(tmp_path):
     r = subprocess.run([sys.executable, "-m", "ddaug", "--help"], cwd=work, capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0 and "augment" in r.stdout, r.stderr[-2000:]
+
+
+def test_the_public_face_names_documented_objects():
+    """Every name in ddaug.__all__ loads and says what it is (a dataclass's generated signature
+    is not a docstring)."""
+    import ddaug
+
+    for name in ddaug.__all__:
+        if name == "__version__":
+            continue
+        obj = getattr(ddaug, name)
+        doc = (obj.__doc__ or "").strip()
+        assert doc and not doc.startswith(f"{name}("), f"ddaug.{name} has no docstring"
