@@ -21,7 +21,8 @@ from ddaug.sources.items import MAX_INPUT_BYTES, open_regular, printable
 from ddaug.sources.readers import _split_member_name, expand_input, missing_tar_end
 
 from .schema import IMAGE_SUFFIXES, validate_sample
-from .store import FAILURES, MANIFEST, RUN_FILE, STATS_SUFFIX
+from .store import FAILURES, MANIFEST, RUN_FILE, STATS_SUFFIX, shard_stem
+from .units import progress as units_progress
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +123,7 @@ class Report:
     flags: collections.Counter = field(default_factory=collections.Counter)
     failures: collections.Counter = field(default_factory=collections.Counter)
     problems: list[str] = field(default_factory=list)
+    progress: dict[str, Any] = field(default_factory=dict)  # folder -> its job's units and workers
 
     def to_json(self) -> dict[str, Any]:
         def stats(xs):
@@ -131,7 +133,8 @@ class Report:
                 "tags": {k: dict(v) for k, v in self.tags.items()}, "turns": stats(self.turns),
                 "answer_chars": stats(self.answer_chars), "question_ids": dict(self.questions),
                 "pools": dict(self.pools), "completion_tokens": stats(self.completion_tokens),
-                "flags": dict(self.flags), "failures": dict(self.failures), "problems": self.problems}
+                "flags": dict(self.flags), "failures": dict(self.failures), "problems": self.problems,
+                "progress": self.progress}
 
 
 def _check_image(data: bytes) -> tuple[int, int]:
@@ -140,9 +143,33 @@ def _check_image(data: bytes) -> tuple[int, int]:
         return img.size
 
 
+def job_progress(paths) -> dict[str, Any]:
+    """For each named folder that holds a plan: its units (committed, leased by whom, expired,
+    pending) and its workers (host, pid, units committed, current unit, last heartbeat)."""
+    out = {}
+    for arg in paths:
+        if not os.path.isdir(arg):
+            continue
+        try:
+            config = json.loads(open(os.path.join(arg, RUN_FILE), "rb").read()).get("config") or {}
+        except (OSError, ValueError, AttributeError):
+            config = {}
+        prefix = config.get("prefix", "shard") if isinstance(config, dict) else "shard"
+        got = units_progress(arg, lambda unit: shard_stem(prefix, unit) + STATS_SUFFIX)
+        if got is not None:
+            out[arg] = got
+    return out
+
+
 def inspect_shards(paths, verify: bool = False) -> Report:
     rep = Report()
-    shard_paths = find_shards(paths)
+    rep.progress = job_progress(paths)
+    try:
+        shard_paths = find_shards(paths)
+    except InspectError:
+        if not rep.progress:  # a job that has committed no shard yet still has progress to show
+            raise
+        shard_paths = []
     folders = {os.path.dirname(os.path.abspath(p)) for p in shard_paths}
     for shard in shard_paths:
         rep.shards += 1
