@@ -142,16 +142,19 @@ def test_a_frozen_worker_is_taken_over_and_its_late_commit_discarded(tmp_path, m
     # The first worker freezes itself (SIGSTOP) after writing its first sample, holding that unit.
     frozen = _start(*args, log=tmp_path / "frozen.log", env_extra={"DDAUG_STOP_AT": "tar-write:1"})
     assert _wait(lambda: _stopped(frozen.pid)), (tmp_path / "frozen.log").read_text()
-    (unit,) = _leases_of(out, frozen.pid)
+    units = _leases_of(out, frozen.pid)  # its unit, and the next one it leased ahead
+    assert units
     helper = _start("-v", *args, log=tmp_path / "helper.log")
     assert helper.wait(timeout=600) == 0, (tmp_path / "helper.log").read_text()
-    assert f"took over unit {unit}" in (tmp_path / "helper.log").read_text()
-    assert os.path.exists(out / f"shard-{unit}.stats.json")
+    for unit in units:
+        assert f"took over unit {unit}" in (tmp_path / "helper.log").read_text()
+        assert os.path.exists(out / f"shard-{unit}.stats.json")
     before = _tars(out)
-    frozen.send_signal(signal.SIGCONT)  # it comes back, finishes its copy, finds the unit committed
+    frozen.send_signal(signal.SIGCONT)  # it comes back, finishes its copies, finds the units committed
     assert frozen.wait(timeout=600) == 0
     log = (tmp_path / "frozen.log").read_text()
-    assert "augment: done 0" in log and "units discarded (another worker committed them) 1" in log, log
+    assert "augment: done 0" in log, log
+    assert f"units discarded (another worker committed them) {len(units)}" in log, log
     assert _tars(out) == before  # nothing written twice, nothing replaced
     _assert_like_one_worker(out, ref)
 
