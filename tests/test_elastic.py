@@ -86,8 +86,11 @@ def _assert_like_one_worker(out, ref, same_bytes=True) -> None:
         assert _tars(out) == _tars(ref)                              # and the same bytes
     left = [n for n in os.listdir(out) if ".tmp" in n or n.startswith((".lease-", ".clock-"))]
     assert not left, left
-    manifest = json.load(open(os.path.join(out, "manifest.json")))
-    assert manifest == json.load(open(os.path.join(ref, "manifest.json")))
+    manifest, want = (json.load(open(os.path.join(f, "manifest.json"))) for f in (out, ref))
+    if not same_bytes:  # the tars' digests differ with their bytes
+        for m in (manifest, want):
+            m["shards"] = [{k: v for k, v in s.items() if k not in ("bytes", "sha256")} for s in m["shards"]]
+    assert manifest == want
     assert "PROBLEM" not in invoke("inspect", out, "--verify").output
 
 
