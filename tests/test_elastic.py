@@ -297,3 +297,21 @@ def test_plan_rounds_retry_overwrite(tmp_path, photo_dir):
     r = invoke("augment", photo_dir, "-o", out, *FAST, "--overwrite", "--plan-only")
     assert "plan of 3 unit(s) for 6 inputs, 3 to do" in r.output
     assert not glob.glob(str(out / "*.tar")) and not os.path.exists(out / "plan-001.json")
+
+
+def test_ray_tasks_are_workers(tmp_path, mixed):
+    """ddaug.pipeline.ray_workers on a local Ray instance: two tasks join and write one worker's shards."""
+    ray = pytest.importorskip("ray")
+    from ddaug.pipeline.ray_workers import run_workers
+
+    inp, ref = mixed
+    out = tmp_path / "out"
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        results = run_workers(["augment", inp, "-o", out, *ARGS], workers=2,
+                              env={**ENV, "PYTHONPATH": os.environ.get("PYTHONPATH", "")})
+    finally:
+        ray.shutdown()
+    assert [r.returncode for r in results] == [0, 0], results
+    assert all(r.summary.startswith("augment: done") for r in results), results
+    _assert_like_one_worker(out, ref)
