@@ -40,7 +40,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
-from .writer import TMP_SUFFIX, TOKEN_PATTERN, atomic_write_json, crash_point, process_token
+from .writer import TOKEN_PATTERN, atomic_write_json, crash_point, process_token, write_temporary
 
 log = logging.getLogger(__name__)
 
@@ -88,11 +88,7 @@ def is_own_file(name: str) -> bool:
 
 def link_exclusive(path: str, data: bytes) -> bool:
     """Create path with data, complete or not at all; False when the name is taken."""
-    tmp = f"{path}{TMP_SUFFIX}-{process_token()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    tmp = write_temporary(path, data)
     try:
         os.link(tmp, path)
         return True
@@ -498,11 +494,7 @@ def commit(folder: str, marker_name: str, stats: dict[str, Any], tar_tmp: str | 
     """Commit a unit (the module's protocol): True if this call committed it, False if another
     worker did (this worker's temporary files are then removed)."""
     marker = os.path.join(folder, marker_name)
-    marker_tmp = f"{marker}{TMP_SUFFIX}-{process_token()}"
-    with open(marker_tmp, "wb") as f:
-        f.write((json.dumps(stats, ensure_ascii=False, indent=1) + "\n").encode("utf-8"))
-        f.flush()
-        os.fsync(f.fileno())
+    marker_tmp = write_temporary(marker, (json.dumps(stats, ensure_ascii=False, indent=1) + "\n").encode("utf-8"))
     committed = False
     if still_mine():
         final = os.path.join(folder, stats["shard"] or "")

@@ -75,13 +75,19 @@ def check_plain_name(name: str, what: str) -> str:
     return name
 
 
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    """Write a small file so readers see either the old or the complete new content."""
+def write_temporary(path: str, data: bytes) -> str:
+    """data in this process's temporary name for path (`path.tmp-{token}`), on disk; that name."""
     tmp = f"{path}{TMP_SUFFIX}-{process_token()}"
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
+    return tmp
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    """Write a small file so readers see either the old or the complete new content."""
+    tmp = write_temporary(path, data)
     name = os.path.basename(path)
     crash_point("stats-replace" if name.endswith(".stats.json") else name.split(".")[0] + "-replace")
     os.replace(tmp, path)

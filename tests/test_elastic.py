@@ -14,7 +14,6 @@ import random
 import signal
 import subprocess
 import sys
-import tarfile
 import time
 
 import pytest
@@ -23,6 +22,7 @@ from PIL import Image
 from ddaug.captioning.replies import Reply
 from ddaug.captioning.server import ChatServer
 from conftest import invoke, read_samples
+from test_reliability import _members_per_key
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARGS = ["--model", "tiny-random", "--device", "cpu", "-q", "--shard-size", "1", "--batch-size", "4",
@@ -61,16 +61,6 @@ def _leases_of(out, pid: int) -> list[str]:
 def _stopped(pid: int) -> bool:
     with open(f"/proc/{pid}/stat") as f:
         return f.read().rsplit(")", 1)[1].split()[0] == "T"
-
-
-def _members_per_key(folder) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for shard in glob.glob(os.path.join(str(folder), "*.tar")):
-        with tarfile.open(shard) as tf:
-            for m in tf.getmembers():
-                if m.name.endswith(".json"):
-                    counts[m.name[:-5]] = counts.get(m.name[:-5], 0) + 1
-    return counts
 
 
 def _tars(folder) -> dict[str, bytes]:
