@@ -122,14 +122,20 @@ def execute(command: str, opts: RunOptions, config: dict[str, Any],
         if len(work.units) and placement.world_size > len(work.units):
             log.warning("%d unit(s) left for %d processes: some will have nothing to do; a smaller "
                         "--shard-size spreads the work", len(work.units), placement.world_size)
-        stage = make_stage(placement)
-        batch_size = opts.batch_size or getattr(stage, "batch_size", None) or DEFAULT_BATCH_SIZE
-        job = Job(stage, folder, batch_size=batch_size, workers=opts.workers, show_progress=not opts.quiet)
         if opts.retry_failures:
             log.info("retrying %d failed input(s) from %s/failures.jsonl", sum(u.count for u in work.units),
                      opts.output)
-        queue = UnitQueue(worker, work.units, folder.marker_name)
-        summary = job.run(queue, work)
+        if work.units:  # models load only when there is something to do
+            stage = make_stage(placement)
+            batch_size = opts.batch_size or getattr(stage, "batch_size", None) or DEFAULT_BATCH_SIZE
+            job = Job(stage, folder, batch_size=batch_size, workers=opts.workers, show_progress=not opts.quiet)
+            summary = job.run(UnitQueue(worker, work.units, folder.marker_name), work)
+        else:
+            summary = JobSummary(total=work.total, skipped=work.skipped)
+        if work.pending:
+            log.warning("%d input(s) were never processed; --retry-failures retries only failures: "
+                        "rerun without it to process them", work.pending)
+            summary.counts["new inputs left for a plain rerun"] = work.pending
         if dropped:
             summary.counts["text-only dropped"] = dropped
         folder.sweep()

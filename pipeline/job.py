@@ -316,10 +316,6 @@ class Job:
         worker or others, and process the ones this worker holds."""
         t0 = time.monotonic()
         summary = JobSummary(batch_size=self.batch_size, total=work.total, skipped=work.skipped)
-        if work.pending:
-            log.warning("%d input(s) were never processed; --retry-failures retries only failures: "
-                        "rerun without it to process them", work.pending)
-            summary.counts["new inputs left for a plain rerun"] = work.pending
         self._budget = LaunchBudget()
         self._tickets = 0  # batches formed so far: their turns for the budget
         todo = sum(u.count for u in work.units)

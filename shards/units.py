@@ -400,8 +400,8 @@ class Worker:
         body = (json.dumps({"worker": self.id, "host": HOST, "pid": os.getpid(), "token": token,
                             "timeout": self.timeout, "taken": time.time()}) + "\n").encode()
         if not link_exclusive(path, body):
-            got = _lease_info(path)
-            if got is None or not _stale(got[0], got[1], now, self.timeout):
+            got = _lease_info(path)  # aged by its holder's timeout, which sets its heartbeat
+            if got is None or not _stale(got[0], got[1], now, got[0].get("timeout", self.timeout)):
                 return False
             stale = f"{path}.stale-{self.id}"
             try:
