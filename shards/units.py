@@ -330,6 +330,7 @@ class Worker:
         self.committed = 0
         self.started = time.time()
         self._lock = threading.Lock()
+        self._file_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -337,9 +338,10 @@ class Worker:
     def _write_file(self, state: str = "running") -> None:
         with self._lock:
             current = sorted(self.held)
-        atomic_write_json(self.path, {"worker": self.id, "host": HOST, "pid": os.getpid(), "label": self.label,
-                                      "state": state, "started": self.started, "timeout": self.timeout,
-                                      "committed": self.committed, "current": current})
+        record = {"worker": self.id, "host": HOST, "pid": os.getpid(), "label": self.label, "state": state,
+                  "started": self.started, "timeout": self.timeout, "committed": self.committed, "current": current}
+        with self._file_lock:  # the heartbeat thread and the main thread share the temporary name
+            atomic_write_json(self.path, record)
 
     def start(self) -> None:
         self._write_file()
@@ -423,6 +425,7 @@ class Worker:
                 return False
         with self._lock:
             self.held[name] = token
+        self._write_file()  # `inspect` shows what each worker is on
         return True
 
     def release(self, name: str) -> None:
@@ -433,6 +436,8 @@ class Worker:
                 pass
         with self._lock:
             self.held.pop(name, None)
+        if not self._stop.is_set():
+            self._write_file()
 
 
 class UnitQueue:

@@ -305,3 +305,27 @@ def test_ray_tasks_are_workers(tmp_path, mixed):
     assert [r.returncode for r in results] == [0, 0], results
     assert all(r.summary.startswith("augment: done") for r in results), results
     _assert_like_one_worker(out, ref)
+
+
+def test_inspect_shows_progress_per_unit_and_per_worker(tmp_path, photo_dir):
+    from ddaug.shards.units import Worker
+
+    out = tmp_path / "out"
+    invoke("augment", photo_dir, "-o", out, *FAST, "--shard-size", "1", "--plan-only")
+    worker = Worker(str(out), timeout=30, label="rank 3")
+    worker.start()
+    try:
+        assert worker.try_take("000-000001", worker.now())
+        # A lease of a worker on another host that stopped beating five minutes ago: expired.
+        (out / ".lease-000-000002").write_text(json.dumps({"worker": "77.0badc0de", "host": "elsewhere",
+                                                           "pid": 77, "token": "t", "timeout": 30}))
+        old = time.time() - 300
+        os.utime(out / ".lease-000-000002", (old, old))
+        r = invoke("inspect", out)
+    finally:
+        worker.stop()
+    assert "4 unit(s) in 1 plan round(s): 0 committed, 1 leased, 1 expired, 2 pending" in r.output, r.output
+    assert f"leased   unit 000-000001 by worker {worker.id} (host" in r.output
+    assert "expired  unit 000-000002 by worker 77.0badc0de (host elsewhere, pid 77), heartbeat 30" in r.output
+    assert "pending  000-000000, 000-000003" in r.output
+    assert f"worker   {worker.id} host" in r.output and "running: 0 unit(s) committed, current 000-000001" in r.output
