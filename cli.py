@@ -281,6 +281,7 @@ Examples:
   ddaug caption business/ -o out/qa --task instruct --lang mix
   ddaug caption business/ -o out/cap --backend openai --api-base http://localhost:8000/v1 \\
         --vlm Qwen/Qwen2.5-VL-7B-Instruct --concurrency 32   # a vLLM/SGLang server; key: $OPENAI_API_KEY
+  ddaug caption business/ -o /shared/cap --vlm qwen2-vl-2b --join  # one more worker on a running job
   ddaug caption --list-questions                              # the built-in question pools
   ddaug caption imgs/ -o out/ --vlm tiny-random --device cpu  # offline smoke test
 """)
