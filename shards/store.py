@@ -283,6 +283,8 @@ class OutputFolder:
             stats = _read_json(path)
         except (ValueError, UnicodeDecodeError) as exc:
             stats = str(exc)
+        if isinstance(stats, dict) and "round" not in stats and stats.get("rank") == 0:
+            stats["round"] = 0  # an older one-process folder: its rank-0 shards are round 0's units
         if not isinstance(stats, dict) or not all(k in stats for k in _STATS_FIELDS):
             raise StoreError(f"{path} is not a ddaug done marker; remove it (its shard is redone) "
                              f"or use --overwrite")
