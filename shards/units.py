@@ -222,24 +222,18 @@ def plan_work(folder, items: list, shard_size: int, config_digest: str, *, retry
     def incomplete(doc: dict) -> list[int]:
         return [i for i in range(len(doc["units"])) if unit_name(doc["round"], i) not in committed]
 
-    if all(not incomplete(doc) for doc in rounds):
-        if retry:
-            failed = folder.failed_keys()
-            extra = [k for k in keys if k in failed]
-            kind = "retry"
-        else:
-            done = folder.done_keys()
-            extra = [k for k in keys if k not in done]
-            kind = "new"
+    def add_round(kind: str, extra: list[str]) -> None:
         if extra:
             rounds.append(write_round(path, make_round(len(rounds), kind, chunk(extra, shard_size), None)))
-            log.info("plan round %d: %d %s input(s) in %d unit(s)", len(rounds) - 1, len(extra),
-                     "failed" if retry else "new", -(-len(extra) // shard_size))
-    elif retry and not (rounds[-1]["kind"] == "retry" and incomplete(rounds[-1])):
+            log.info("plan round %d: %d %s input(s) in %d unit(s)", len(rounds) - 1, len(extra), kind,
+                     len(rounds[-1]["units"]))
+
+    if retry and not (rounds[-1]["kind"] == "retry" and incomplete(rounds[-1])):
         failed = folder.failed_keys()
-        extra = [k for k in keys if k in failed]
-        if extra:
-            rounds.append(write_round(path, make_round(len(rounds), "retry", chunk(extra, shard_size), None)))
+        add_round("retry", [k for k in keys if k in failed])
+    elif not retry and all(not incomplete(doc) for doc in rounds):
+        done = folder.done_keys()
+        add_round("new", [k for k in keys if k not in done])  # inputs added since the job finished
     selected = [rounds[-1]] if retry and rounds[-1]["kind"] == "retry" else ([] if retry else rounds)
     by_key = {it.key: it for it in items}
     units: list[Unit] = []
