@@ -150,7 +150,7 @@ class JobSummary:
     def line(self) -> str:
         if self.plan is not None:
             return (f"plan of {self.plan.unit_count} unit(s) for {self.total} inputs, {len(self.plan.units)} "
-                    f"to do; start the workers with --join")
+                    f"to do ({self.plan.rounds} plan round(s)); start the workers with --join")
         text = (f"done {self.done}, skipped {self.skipped} (already done), failed {self.failed}, "
                 f"{len(self.shards)} new shard(s) in {self.seconds:.1f}s")
         if self.counts:

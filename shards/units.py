@@ -196,7 +196,6 @@ class Work:
     skipped: int     # already done when this worker started
     pending: int     # with --retry-failures: inputs no run has done yet, left for a plain run
     rounds: int      # plan rounds on disk
-    committed: int   # units committed when this worker started
     unit_count: int  # units of the selected rounds
 
 
@@ -262,7 +261,7 @@ def plan_work(folder, items: list, shard_size: int, config_digest: str, *, retry
         pending = sum(1 for k in keys if k not in done)
     unit_count = sum(len(d["units"]) for d in selected)
     return Work(units=units, total=len(items), skipped=len(items) - todo_inputs - pending, pending=pending,
-                rounds=len(rounds), committed=unit_count - len(units), unit_count=unit_count)
+                rounds=len(rounds), unit_count=unit_count)
 
 
 # -- leases and workers ------------------------------------------------------------------------------------
