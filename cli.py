@@ -138,10 +138,20 @@ def run_options(fn):
                      help="Shard file name prefix (a plain file name)."),
         click.option("--workers", type=click.IntRange(min=1), default=None, show_default="4 to 8, by CPU count",
                      help="Threads for reading/decoding and for encoding output."),
+        click.option("--join", is_flag=True,
+                     help="Work beside the workers already on -o (any number, any host): take the plan's units "
+                          "by lease. Implied under torchrun/accelerate (WORLD_SIZE > 1) and in Slurm arrays."),
+        click.option("--plan-only", is_flag=True,
+                     help="Write the plan (the job's units) into -o and exit, e.g. before submitting a Slurm array."),
+        click.option("--lease-timeout", type=FiniteFloatRange(min=0, min_open=True), default=120.0,
+                     show_default=True,
+                     help="Seconds a worker's unit lease lives without a heartbeat (renewed every timeout/4); "
+                          "then another worker takes the unit over."),
         click.option("--rank", type=click.IntRange(min=0), default=None,
-                     help="This process's part of the input (default: $RANK from accelerate/torchrun, else 0)."),
+                     help="Names this worker (default: $RANK from accelerate/torchrun). Work is taken by lease, "
+                          "not split by rank."),
         click.option("--world-size", type=click.IntRange(min=1), default=None,
-                     help="Number of processes sharing the input (default: $WORLD_SIZE, else 1)."),
+                     help="Workers started together (default: $WORLD_SIZE); more than 1 implies --join."),
         click.option("--overwrite", is_flag=True, help="Delete earlier output in the folder and start fresh."),
         click.option("--retry-failures", is_flag=True,
                      help="Retry only the inputs listed in OUT/failures.jsonl (same inputs and options as the run)."),
@@ -184,7 +194,8 @@ def _run_options(kw: dict):
     from ddaug.pipeline.command import RunOptions
 
     keys = ("output", "media_dir", "device", "batch_size", "shard_size", "seed", "prefix", "workers",
-            "rank", "world_size", "overwrite", "quiet", "retry_failures", "drop_text_only")
+            "rank", "world_size", "overwrite", "quiet", "retry_failures", "drop_text_only", "join",
+            "plan_only", "lease_timeout")
     given = {k: kw.pop(k) for k in keys}
     if given["workers"] is None:
         del given["workers"]  # RunOptions' default follows the CPU count
@@ -207,7 +218,8 @@ Examples:
   ddaug augment llava.json --media-dir imgs/ -o out/ --model ssd-1b
   ddaug augment 'gen-{000..009}.tar' -o out/ --model lcm-sdxl --image-format webp
   ddaug augment photos/ -o out/ --compile always --compile-cache ~/.cache/ddaug-compile  # compiled VAE
-  accelerate launch --multi_gpu --num_processes 8 cli.py augment photos/ -o out/  # per GPU
+  accelerate launch --multi_gpu --num_processes 8 -m ddaug augment photos/ -o out/  # 8 workers
+  ddaug augment photos/ -o out/ --join                             # one more worker, e.g. on another host
   ddaug augment photos/ -o out/ --model tiny --device cpu          # offline: the tiny model trained here
 """)
 @click.argument("inputs", nargs=-1, required=True)
@@ -334,6 +346,7 @@ Examples:
   ddaug caption business/ -o out/qa --task instruct --lang mix
   ddaug caption business/ -o out/cap --backend openai --api-base http://localhost:8000/v1 \\
         --vlm Qwen/Qwen2.5-VL-7B-Instruct --concurrency 32   # a vLLM/SGLang server; key: $OPENAI_API_KEY
+  ddaug caption business/ -o /shared/cap --vlm qwen2-vl-2b --join  # one more worker on a running job
   ddaug caption --list-questions                              # the built-in question pools
   ddaug caption imgs/ -o out/ --vlm tiny-random --device cpu  # offline smoke test
 """)
@@ -482,6 +495,7 @@ Examples:
   ddaug inspect out/ --show astronaut-1a2b3c4d5e6f --save-image a.png
   ddaug inspect out/ --preview sheet.png   # source | output thumbnails with PSNR
   ddaug inspect scored/ --scores-plot scores.png   # histograms of `ddaug score` losses
+  watch ddaug inspect out/                 # a running job: units per state, workers and their heartbeats
 """)
 @click.argument("paths", nargs=-1, required=True)
 @click.option("--verify", is_flag=True, help="Decode every sample and check the schema; exit 1 on problems.")
@@ -494,7 +508,8 @@ Examples:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable summary.")
 @user_errors
 def inspect(paths, verify, show_key, save_image, preview, limit, scores_plot, as_json) -> None:
-    """Summarise, verify, show and preview shards."""
+    """Summarise, verify, show and preview shards; for a job's folder, also its progress per unit
+    and per worker."""
     from ddaug.shards import inspect as ins
 
     if show_key:
@@ -521,11 +536,29 @@ def inspect(paths, verify, show_key, save_image, preview, limit, scores_plot, as
         raise click.ClickException(f"{len(report.problems)} problem(s) found")
 
 
+def _format_progress(folder: str, p: dict) -> list[str]:
+    lines = [f"job      {folder}: {p['units']} unit(s) in {p['rounds']} plan round(s): {p['committed']} committed, "
+             f"{len(p['leased'])} leased, {len(p['expired'])} expired, {len(p['pending'])} pending"]
+    for state in ("leased", "expired"):
+        for u in p[state]:
+            lines.append(f"  {state:<8} unit {u['unit']} by worker {u['worker']} (host {u['host']}, pid {u['pid']}), "
+                         f"heartbeat {u['heartbeat_age']}s ago")
+    if p["pending"]:
+        more = f" (+{len(p['pending']) - 8} more)" if len(p["pending"]) > 8 else ""
+        lines.append(f"  pending  {', '.join(p['pending'][:8])}{more}")
+    for w in p["workers"]:
+        current = ", ".join(w["current"]) or "-"
+        lines.append(f"  worker   {w['worker']} host {w['host']} pid {w['pid']} {w['state']}: {w['committed']} "
+                     f"unit(s) committed, current {current}, heartbeat {w['heartbeat_age']}s ago")
+    return lines
+
+
 def _format_report(report) -> str:
     from ddaug.scoring.summary import format_quantiles
 
     r = report.to_json()
-    lines = [f"shards   {r['shards']}", f"samples  {r['samples']}", f"bytes    {r['bytes']:,}",
+    progress = [line for folder, p in r["progress"].items() for line in _format_progress(folder, p)]
+    lines = progress + [f"shards   {r['shards']}", f"samples  {r['samples']}", f"bytes    {r['bytes']:,}",
              f"formats  {r['formats']}", f"sizes    {r['sizes']} (longer side)"]
     for k, v in r["tags"].items():
         lines.append(f"tags.{k:<6} {v}")

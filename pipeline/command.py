@@ -1,8 +1,11 @@
 """What every shard-writing command does around its stage: read sources, place this process,
-open the output folder, build the stage (models load last, after the cheap checks), run."""
+open the output folder, read or write the plan, build the stage (models load last, after the
+cheap checks), then take the plan's units by lease until all are committed (shards/units.py)."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import platform
@@ -13,11 +16,12 @@ from importlib import metadata
 from typing import Any, Callable
 
 from ddaug.shards.store import OutputFolder
+from ddaug.shards.units import DEFAULT_LEASE_TIMEOUT, PlanError, UnitQueue, Worker, plan_work
 from ddaug.sources import SourceItem, read_sources
 
 from .job import Job, JobAbort, JobSummary, Stage
 from .passthrough import drop_text_only
-from .placement import DeviceError, Placement, resolve_placement
+from .placement import DeviceError, Placement, launcher_joins, resolve_placement
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +62,9 @@ class RunOptions:
     quiet: bool = False
     retry_failures: bool = False
     drop_text_only: bool = False   # leave out records without images instead of passing them through
+    join: bool = False             # help workers already on the folder (a launcher's WORLD_SIZE > 1 implies it)
+    plan_only: bool = False        # write the plan and exit (a submit step before the workers start)
+    lease_timeout: float = DEFAULT_LEASE_TIMEOUT  # seconds without a heartbeat before a unit is taken over
 
 
 def package_versions() -> dict[str, str]:
@@ -68,6 +75,12 @@ def package_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             pass
     return out
+
+
+def _config_digest(command: str, config: dict[str, Any]) -> str:
+    """What the plan records of the config: workers that start together must agree on it."""
+    text = json.dumps({"command": command, "config": config}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def execute(command: str, opts: RunOptions, config: dict[str, Any],
@@ -84,6 +97,13 @@ def execute(command: str, opts: RunOptions, config: dict[str, Any],
         raise UserError(f"--device {exc}") from None
     except ValueError as exc:
         raise UserError(f"--rank/--world-size: {exc}") from None
+    join = opts.join or launcher_joins(placement)
+    if opts.overwrite and join and not opts.plan_only:
+        raise UserError("--overwrite cannot be given to workers that join each other (--join, or a launcher's "
+                        "WORLD_SIZE > 1, or a Slurm array): start fresh once with --overwrite --plan-only, "
+                        "then start the workers")
+    if not (opts.lease_timeout > 0):
+        raise UserError(f"--lease-timeout must be a positive number of seconds, not {opts.lease_timeout}")
     items = read_sources(opts.inputs, opts.media_dir, exclude=[opts.output])  # never our own output
     dropped = 0
     if opts.drop_text_only:
@@ -96,32 +116,58 @@ def execute(command: str, opts: RunOptions, config: dict[str, Any],
         items = derive_items(items)
     run_info = {"versions": package_versions(), "argv": sys.argv, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     folder = OutputFolder(opts.output, prefix=opts.prefix, command=command, config=config,
-                          run_info=run_info, rank=placement.rank, overwrite=opts.overwrite)
+                          run_info=run_info, overwrite=opts.overwrite, join=join)
     if dropped:
         folder.run_counts["text_only_dropped"] = dropped
+    digest = _config_digest(command, config)
+    worker = None
     try:
-        stage = make_stage(placement)
-        batch_size = opts.batch_size or getattr(stage, "batch_size", None) or DEFAULT_BATCH_SIZE
-        job = Job(stage, folder, shard_size=opts.shard_size, batch_size=batch_size,
-                  rank=placement.rank, world_size=placement.world_size, workers=opts.workers,
-                  show_progress=not opts.quiet)
-        retry = folder.failed_keys() if opts.retry_failures else None
-        if retry is not None:
-            log.info("retrying %d failed input(s) from %s/failures.jsonl", len(retry), opts.output)
-        summary = job.run(items, retry_keys=retry)
+        work = plan_work(folder, items, opts.shard_size, digest, retry=opts.retry_failures)
+        if opts.plan_only:
+            summary = JobSummary(total=work.total, skipped=work.skipped, plan=work)
+            return summary
+        worker = Worker(opts.output, timeout=opts.lease_timeout,
+                        label=f"rank {placement.rank}" if opts.rank is not None or placement.world_size > 1 else None)
+        worker.start()
+        if len(work.units) and placement.world_size > len(work.units):
+            log.warning("%d unit(s) left for %d processes: some will have nothing to do; a smaller "
+                        "--shard-size spreads the work", len(work.units), placement.world_size)
+        if opts.retry_failures:
+            log.info("retrying %d failed input(s) from %s/failures.jsonl", sum(u.count for u in work.units),
+                     opts.output)
+        if work.units:  # models load only when there is something to do
+            stage = make_stage(placement)
+            batch_size = opts.batch_size or getattr(stage, "batch_size", None) or DEFAULT_BATCH_SIZE
+            job = Job(stage, folder, batch_size=batch_size, workers=opts.workers, show_progress=not opts.quiet)
+            summary = job.run(UnitQueue(worker, work.units, folder.marker_name), work)
+        else:
+            summary = JobSummary(total=work.total, skipped=work.skipped)
+        if work.pending:
+            log.warning("%d input(s) were never processed; --retry-failures retries only failures: "
+                        "rerun without it to process them", work.pending)
+            summary.counts["new inputs left for a plain rerun"] = work.pending
         if dropped:
             summary.counts["text-only dropped"] = dropped
-        folder.refresh_summary()
+        folder.sweep()
+        folder.refresh_summary()  # after seeing every unit committed: the complete summary
+        worker.stop()  # last: an exited worker's temporary files are anyone's to remove
+    except PlanError as exc:
+        raise UserError(str(exc)) from None
     except JobAbort as exc:
         raise UserError(str(exc)) from None
     except OSError as exc:
         # Disk full, folder removed, permissions changed mid-run: finished shards are complete
-        # (atomic renames), the unfinished one was discarded, and a rerun resumes.
-        raise UserError(f"writing to {opts.output} failed ({exc.strerror or exc}); finished shards "
+        # (atomic links), the unfinished one was discarded, and a rerun resumes.
+        where = f": {exc.filename}" if exc.filename else ""
+        raise UserError(f"writing to {opts.output} failed ({exc.strerror or exc}{where}); finished shards "
                         f"are intact, rerun the same command to resume") from None
     finally:
+        if worker is not None:
+            worker.stop()
         folder.close()
-    if summary.total and summary.done == 0 and summary.skipped == 0 and not opts.retry_failures:
-        raise UserError(f"nothing could be processed: all {summary.failed} inputs failed "
+    manifest = folder.manifest_counts()
+    if (summary.total and manifest["samples"] == 0 and manifest["failed"] and summary.skipped == 0
+            and not opts.retry_failures):
+        raise UserError(f"nothing could be processed: all {manifest['failed']} inputs failed "
                         f"(see {opts.output}/failures.jsonl)")
     return summary

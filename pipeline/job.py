@@ -4,12 +4,11 @@
             -> [builder threads: encode members] -> shard writer (in completion order) -> done marker
 
 A Stage says how to load one item into work units, how to batch units, what to run on a batch,
-and how to build the output sample. The job owns everything else: which items this process
-owns, what is already done, shard boundaries, failures, progress. Inputs are cut into blocks of
-shard_size in input order; block j belongs to rank j % world_size and becomes one shard, batched
-within itself, and its samples are written in the order their batches complete, which the
-block's inputs alone decide. So a rerun after a crash, or a run with another process count,
-rebuilds the same shards byte for byte.
+and how to build the output sample. The job owns everything else: taking the plan's units
+(blocks of shard_size inputs in input order, shards/units.py) by lease, shard boundaries,
+failures, progress. Each plan unit becomes one shard, batched within itself, and its samples are
+written in the order their batches complete, which the unit's inputs alone decide. So a rerun
+after a crash, or a run with any number of workers, rebuilds the same shards byte for byte.
 """
 
 from __future__ import annotations
@@ -25,6 +24,7 @@ from typing import Any, Callable, Hashable, Iterator, Protocol
 from tqdm import tqdm
 
 from ddaug.shards.store import Failure, OutputFolder
+from ddaug.shards.units import Unit, UnitQueue, Work
 from ddaug.sources import SourceItem
 
 from .timing import GpuBusySampler, StageTimes
@@ -137,8 +137,8 @@ class JobSummary:
     """What a run did: its counts (done, skipped, failed), the shards it wrote, and where the
     time went."""
 
-    total: int = 0          # inputs owned by this process
-    skipped: int = 0        # already done by an earlier run
+    total: int = 0          # inputs of the job
+    skipped: int = 0        # already done when this worker started
     done: int = 0
     failed: int = 0
     shards: list[str] = field(default_factory=list)
@@ -148,20 +148,17 @@ class JobSummary:
     times: dict[str, float] = field(default_factory=dict)  # seconds per part (pipeline/timing.py)
     time_line: str = ""
     batch_size: int = 0     # images per model call (augment: at 1024²; what --batch-size auto chose)
+    plan: Work | None = None  # --plan-only: the plan written, nothing run
 
     def line(self) -> str:
+        if self.plan is not None:
+            return (f"plan of {self.plan.unit_count} unit(s) for {self.total} inputs, {len(self.plan.units)} "
+                    f"to do ({self.plan.rounds} plan round(s)); start the workers with --join")
         text = (f"done {self.done}, skipped {self.skipped} (already done), failed {self.failed}, "
                 f"{len(self.shards)} new shard(s) in {self.seconds:.1f}s")
         if self.counts:
             text += "; " + ", ".join(f"{k} {v}" for k, v in sorted(self.counts.items()))
         return text
-
-
-def owned_blocks(items: list, shard_size: int, rank: int, world_size: int) -> list[list]:
-    """This rank's blocks of inputs: block j (shard_size inputs, in input order) is rank
-    j % world_size's, and becomes one shard."""
-    blocks = [items[i:i + shard_size] for i in range(0, len(items), shard_size)]
-    return blocks[rank::world_size]
 
 
 def tail_order(sizes: dict[Hashable, int]) -> list[Hashable]:
@@ -174,19 +171,36 @@ def tail_order(sizes: dict[Hashable, int]) -> list[Hashable]:
     return [by_size[i // 2] if i % 2 == 0 else by_size[-(i // 2) - 1] for i in range(len(by_size))]
 
 
-def _ordered_prefetch(pool: ThreadPoolExecutor, fn: Callable, items: list, window: int) -> Iterator:
-    """pool.map with a bounded look-ahead, so memory holds at most `window` loaded items."""
-    queue: collections.deque[Future] = collections.deque()
-    it = iter(items)
-    for item in it:
-        queue.append(pool.submit(fn, item))
-        if len(queue) >= window:
-            break
-    while queue:
-        yield queue.popleft().result()
-        nxt = next(it, None)
-        if nxt is not None:
-            queue.append(pool.submit(fn, nxt))
+class _Prefetch:
+    """pool.map over the items of the units added so far, in order, with a bounded look-ahead:
+    memory holds at most `window` loaded items, and the next unit's first items load while the
+    current unit's last batches run."""
+
+    def __init__(self, pool: ThreadPoolExecutor, fn: Callable, window: int):
+        self._pool, self._fn, self._window = pool, fn, window
+        self._queue: collections.deque[Future] = collections.deque()
+        self._sources: collections.deque[Iterator] = collections.deque()
+
+    def add(self, items: list) -> None:
+        self._sources.append(iter(items))
+        self._fill()
+
+    def _fill(self) -> None:
+        while len(self._queue) < self._window and self._sources:
+            item = next(self._sources[0], None)
+            if item is None:
+                self._sources.popleft()
+            else:
+                self._queue.append(self._pool.submit(self._fn, item))
+
+    def __next__(self):
+        future = self._queue.popleft()
+        self._fill()
+        return future.result()
+
+    def cancel(self) -> None:
+        for future in self._queue:
+            future.cancel()
 
 
 class _ItemState:
@@ -201,14 +215,11 @@ class _ItemState:
 
 
 class Job:
-    def __init__(self, stage: Stage, folder: OutputFolder, *, shard_size: int, batch_size: int,
-                 rank: int = 0, world_size: int = 1, workers: int = 4, show_progress: bool = True):
+    def __init__(self, stage: Stage, folder: OutputFolder, *, batch_size: int, workers: int = 4,
+                 show_progress: bool = True):
         self.stage = stage
         self.folder = folder
-        self.shard_size = shard_size
         self.batch_size = batch_size
-        self.rank = rank
-        self.world_size = world_size
         self.workers = max(1, workers)
         self.show_progress = show_progress
         self.depth = LAUNCH_DEPTH
@@ -303,51 +314,48 @@ class Job:
             log.warning("batch of %d failed (%s); retrying one by one", len(units), exc)
             return [r for u in units for r in self._run_batch_untimed([u])]
 
-    def run(self, items: list[SourceItem], retry_keys: set[str] | None = None) -> JobSummary:
-        """Process this rank's inputs that no finished shard covers; with retry_keys, only those
-        (the failures of earlier runs, retried into new shards)."""
+    def run(self, queue: UnitQueue, work: Work) -> JobSummary:
+        """Take the plan's units from the queue (by lease) until every one is committed, by this
+        worker or others, and process the ones this worker holds."""
         t0 = time.monotonic()
-        summary = JobSummary(batch_size=self.batch_size)
+        summary = JobSummary(batch_size=self.batch_size, total=work.total, skipped=work.skipped)
         self._budget = LaunchBudget()
         self._tickets = 0  # batches formed so far: their turns for the budget
-        # Inputs go to processes in blocks of shard_size, block j to rank j % world_size, and
-        # batches are formed within a block. A block is thus batched the same way whatever the
-        # process count, or after a crash: GPU kernels give an image the same bits only in the
-        # same batch position and shape, so this keeps outputs identical across process counts.
-        n_blocks = -(-len(items) // self.shard_size)
-        if n_blocks < self.world_size:
-            log.warning("%d input(s) make %d block(s) of --shard-size %d for %d processes: ranks %d+ have "
-                        "nothing to do; a smaller --shard-size spreads the work", len(items), n_blocks,
-                        self.shard_size, self.world_size, n_blocks)
-        mine_blocks = owned_blocks(items, self.shard_size, self.rank, self.world_size)
-        mine = [it for block in mine_blocks for it in block]
-        pending = 0  # with retry_keys: inputs no run has done yet (added since), left for a plain rerun
-        if retry_keys is not None:
-            todo = [it for it in mine if it.key in retry_keys]
-            chunks = [todo[i:i + self.shard_size] for i in range(0, len(todo), self.shard_size)]
-            done = self.folder.done_keys()
-            pending = sum(1 for it in mine if it.key not in done)
-            if pending:
-                log.warning("%d input(s) were never processed; --retry-failures retries only failures: "
-                            "rerun without it to process them", pending)
-                summary.counts["new inputs left for a plain rerun"] = pending
-        else:
-            done = self.folder.done_keys()
-            chunks = [c for c in ([it for it in block if it.key not in done] for block in mine_blocks) if c]
-            todo = [it for c in chunks for it in c]
-        summary.total, summary.skipped = len(mine), len(mine) - len(todo) - pending
-        first_index = self.folder.next_index()
-        bar = tqdm(total=len(todo), unit="img", desc=self.stage.command, dynamic_ncols=True,
+        todo = sum(u.count for u in work.units)
+        bar = tqdm(total=todo, unit="img", desc=self.stage.command, dynamic_ncols=True,
                    disable=not self.show_progress, smoothing=0.1)
         window = max(2 * self.batch_size, 4 * self.workers)
+        mine = 0  # inputs of the units this worker committed
         with ThreadPoolExecutor(self.workers, thread_name_prefix="load") as loaders, \
                 ThreadPoolExecutor(self.workers, thread_name_prefix="build") as builders, \
                 ThreadPoolExecutor(self.model_threads, thread_name_prefix="model") as self._model_thread, \
                 GpuBusySampler(getattr(self.stage, "device", None), self.times):
-            loaded = _ordered_prefetch(loaders, self._load, todo, window)
-            for j, chunk in enumerate(chunks):
-                self._run_chunk(first_index + j, chunk, loaded, builders, bar, summary)
+            prefetch = _Prefetch(loaders, self._load, window)
+            unit = queue.take(wait=True)
+            if unit is not None:
+                prefetch.add(unit.items)
+            while unit is not None:
+                ahead: list[Unit] = []
+
+                def look_ahead() -> None:
+                    # The unit's inputs are all read: lease the next one now, so its inputs load
+                    # while this unit's last batches run (at most one unit ahead: others stay free).
+                    nxt = queue.take(wait=False)
+                    if nxt is not None:
+                        prefetch.add(nxt.items)
+                        ahead.append(nxt)
+
+                if self._run_chunk(unit, prefetch, builders, bar, summary, look_ahead, queue):
+                    mine += unit.count
+                unit = ahead[0] if ahead else queue.take(wait=True)
+                if unit is not None and not ahead:
+                    prefetch.add(unit.items)
         bar.close()
+        others = todo - mine
+        if others:
+            summary.counts["done by other workers"] = others
+        if queue.waited >= 0.05:
+            log.info("waited %.1fs for units leased by other workers", queue.waited)
         summary.counts.update(getattr(self.stage, "counts", {}))
         summary.seconds = time.monotonic() - t0
         summary.times = self.times.as_dict()
@@ -356,10 +364,14 @@ class Job:
             log.info("where the time went: %s", summary.time_line)
         return summary
 
-    def _run_chunk(self, index: int, chunk: list[SourceItem], loaded: Iterator,
-                   builders: ThreadPoolExecutor, bar: tqdm, summary: JobSummary) -> None:
+    def _run_chunk(self, planned: Unit, loaded: _Prefetch, builders: ThreadPoolExecutor, bar: tqdm,
+                   job_summary: JobSummary, look_ahead: Callable[[], None], queue: UnitQueue) -> bool:
+        """Process one leased unit into its shard and commit it; False when another worker
+        committed it first (this worker's copy is discarded, its counts too)."""
         t0 = time.monotonic()
-        writer = self.folder.new_shard(index)
+        chunk = planned.items
+        summary = JobSummary()  # this unit's outcome, added to the job's once committed
+        writer = self.folder.new_shard(planned.name)
         failures: list[Failure] = []
         states: list[_ItemState] = []
         buckets: dict[Hashable, list[tuple[_ItemState, int, Any]]] = {}
@@ -479,13 +491,14 @@ class Job:
                     buckets.setdefault(bkey, []).append((st, ui, unit))
                     if len(buckets[bkey]) >= self._batch_limit(bkey):
                         flush(bkey)
+            look_ahead()
             for bkey in tail_order({k: len(v) for k, v in buckets.items()}):
                 flush(bkey)
             while inflight:
                 collect(block=True)
             finish_ready(block=True)
             if after_batch or written != len(states):  # a bug, not bad input: never commit a short shard
-                raise RuntimeError(f"{len(states) - written} sample(s) of shard {index} were never written")
+                raise RuntimeError(f"{len(states) - written} sample(s) of unit {planned.name} were never written")
         except BaseException:
             for _, future in inflight:
                 future.cancel()
@@ -493,7 +506,20 @@ class Job:
             writer.abort()
             raise
         with self.times.measure("commit shard"):
-            stats = self.folder.commit_shard(index, writer, covered_keys=[it.key for it in chunk],
-                                             failures=failures, seconds=time.monotonic() - t0)
+            stats = self.folder.commit_shard(planned.name, writer, covered_keys=[it.key for it in chunk],
+                                             failures=failures, seconds=time.monotonic() - t0,
+                                             still_mine=lambda: queue.worker.still_mine(planned.name))
+        queue.worker.release(planned.name)
+        if stats is None:
+            log.warning("unit %s was committed by another worker (this worker's lease had expired); "
+                        "its copy here is discarded", planned.name)
+            job_summary.counts["units discarded (another worker committed them)"] += 1
+            queue.giveup(planned)  # wait for its commit, or take it again if that worker dies too
+            return False
+        queue.worker.committed += 1
+        job_summary.done += summary.done
+        job_summary.failed += summary.failed
+        job_summary.failure_reasons.update(summary.failure_reasons)
         if stats["shard"]:
-            summary.shards.append(stats["shard"])
+            job_summary.shards.append(stats["shard"])
+        return True

@@ -1,9 +1,9 @@
-"""Which part of the input this process owns and which device it uses.
+"""Which device this process uses, and whether a launcher started it beside other workers.
 
-Under `accelerate launch` (or torchrun) the launcher sets RANK / WORLD_SIZE / LOCAL_RANK; for
-Slurm arrays and other schedulers pass --rank/--world-size. No process group is needed: each
-rank takes every world_size-th block of --shard-size inputs (pipeline/job.py), so processes
-never talk to each other.
+Work is not split by rank: every worker takes the plan's units by lease (shards/units.py), so
+processes never talk to each other and any number may run. Under `accelerate launch` or
+torchrun, LOCAL_RANK picks the GPU, and RANK/WORLD_SIZE (or --rank/--world-size) only name the
+worker; WORLD_SIZE > 1, a Slurm array task or a multi-task Slurm step imply --join.
 """
 
 from __future__ import annotations
@@ -54,9 +54,12 @@ def check_device(device: str) -> str:
 
 def resolve_placement(rank: int | None, world_size: int | None, device: str | None) -> Placement:
     env_rank, env_world = _env_int("RANK"), _env_int("WORLD_SIZE")
+    known_world = world_size is not None or env_world is not None
     rank = rank if rank is not None else (env_rank or 0)
     world_size = world_size if world_size is not None else (env_world or 1)
-    if world_size < 1 or not 0 <= rank < world_size:
+    # The rank only names the worker now (e.g. a Slurm array index): it must fit a world size
+    # only where one was given.
+    if world_size < 1 or rank < 0 or (known_world and rank >= world_size):
         raise ValueError(f"rank {rank} is outside world size {world_size}")
     if device is None:
         import torch
@@ -69,3 +72,9 @@ def resolve_placement(rank: int | None, world_size: int | None, device: str | No
     else:
         device = check_device(device)
     return Placement(rank=rank, world_size=world_size, device=device)
+
+
+def launcher_joins(placement: Placement) -> bool:
+    """Started as one of several workers (so it joins the others without --join)."""
+    return (placement.world_size > 1 or bool(os.environ.get("SLURM_ARRAY_TASK_ID"))
+            or (_env_int("SLURM_NTASKS") or 1) > 1)

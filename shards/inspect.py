@@ -23,7 +23,8 @@ from ddaug.sources.readers import _split_member_name, expand_input, missing_tar_
 from ddaug.scoring.summary import SUMMARY_FIELDS, plot_scores, sample_score, score_quantiles
 
 from .schema import IMAGE_SUFFIXES, validate_sample
-from .store import FAILURES, MANIFEST, RUN_FILE, STATS_SUFFIX
+from .store import FAILURES, MANIFEST, RUN_FILE, STATS_SUFFIX, shard_stem
+from .units import progress as units_progress
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +126,7 @@ class Report:
     failures: collections.Counter = field(default_factory=collections.Counter)
     problems: list[str] = field(default_factory=list)
     scores: dict[str, list[float]] = field(default_factory=lambda: collections.defaultdict(list))  # `score` blocks
+    progress: dict[str, Any] = field(default_factory=dict)  # folder -> its job's units and workers
 
     def to_json(self) -> dict[str, Any]:
         def stats(xs):
@@ -135,7 +137,8 @@ class Report:
                 "answer_chars": stats(self.answer_chars), "question_ids": dict(self.questions),
                 "pools": dict(self.pools), "completion_tokens": stats(self.completion_tokens),
                 "flags": dict(self.flags), "failures": dict(self.failures), "problems": self.problems,
-                "scores": {k: score_quantiles(v) for k, v in self.scores.items() if v}}
+                "scores": {k: score_quantiles(v) for k, v in self.scores.items() if v},
+                "progress": self.progress}
 
 
 def _check_image(data: bytes) -> tuple[int, int]:
@@ -144,11 +147,35 @@ def _check_image(data: bytes) -> tuple[int, int]:
         return img.size
 
 
+def job_progress(paths) -> dict[str, Any]:
+    """For each named folder that holds a plan: its units (committed, leased by whom, expired,
+    pending) and its workers (host, pid, units committed, current unit, last heartbeat)."""
+    out = {}
+    for arg in paths:
+        if not os.path.isdir(arg):
+            continue
+        try:
+            config = json.loads(open(os.path.join(arg, RUN_FILE), "rb").read()).get("config") or {}
+        except (OSError, ValueError, AttributeError):
+            config = {}
+        prefix = config.get("prefix", "shard") if isinstance(config, dict) else "shard"
+        got = units_progress(arg, lambda unit: shard_stem(prefix, unit) + STATS_SUFFIX)
+        if got is not None:
+            out[arg] = got
+    return out
+
+
 def inspect_shards(paths, verify: bool = False) -> Report:
     """`ddaug inspect`: count the shards, samples, formats, sizes, tags and failures under
     `paths`; with `verify`, decode every sample and check it and the manifest (`problems`)."""
     rep = Report()
-    shard_paths = find_shards(paths)
+    rep.progress = job_progress(paths)
+    try:
+        shard_paths = find_shards(paths)
+    except InspectError:
+        if not rep.progress:  # a job that has committed no shard yet still has progress to show
+            raise
+        shard_paths = []
     folders = {os.path.dirname(os.path.abspath(p)) for p in shard_paths}
     for shard in shard_paths:
         rep.shards += 1

@@ -1,38 +1,40 @@
 """The output folder of a run: shards, their done markers, manifest, failure ledger, run.json.
 
-Layout (see README "Output folder"):
-  {prefix}-{rank:03d}-{index:06d}.tar          finished shard (renamed into place when complete)
-  {prefix}-{rank:03d}-{index:06d}.stats.json   written last: the shard's done marker
-  manifest.json, failures.jsonl                 derived from the stats files, rewritten atomically
-  run.json                                      the run's config and package versions
-  .lock-{rank:03d}                              held while a process of that rank runs
+Layout (see docs/elastic.md):
+  plan-000.json                                  the job's units (shards/units.py); plan-001.json... later rounds
+  {prefix}-{round:03d}-{unit:06d}.tar            a unit's shard, linked into place complete
+  {prefix}-{round:03d}-{unit:06d}.stats.json     the unit's done marker: its link commits the unit
+  manifest.json, failures.jsonl                  derived from the done markers, rewritten atomically
+  run.json                                       the run's config and package versions
+  .lease-{round}-{unit}, .worker-{id}.json       who works on what (shards/units.py)
 
-Every stats file records the input keys its chunk covered (written and failed), so a rerun
-skips them; manifest and ledger are rebuilt from stats, so they always agree with the disk.
+Every done marker records the input keys its unit covered (written and failed), so a rerun
+skips them; manifest and ledger are rebuilt from the markers, so they always agree with the disk.
 """
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import json
 import os
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
-from .writer import TMP_SUFFIX, ShardWriter, atomic_write_bytes, atomic_write_json, check_plain_name
+from . import units as work
+from .writer import (TMP_SUFFIX, TOKEN_PATTERN, ShardWriter, atomic_write_bytes, atomic_write_json,
+                     check_plain_name, process_token)
 
 STATS_SUFFIX = ".stats.json"
 MANIFEST = "manifest.json"
 FAILURES = "failures.jsonl"
 RUN_FILE = "run.json"
-# The only names a run makes (and so the only ones it may delete): {prefix}-{rank}-{index} plus
-# .tar, .tar.tmp (a shard being written), .stats.json, .stats.json.tmp-{pid}; and the summary
-# files with their .tmp-{pid} copies. Anything else in the folder is the user's.
-_SHARD_FILE = r"-(?P<rank>\d{3})-(?P<index>\d{6})(?P<ext>\.tar|\.tar\.tmp|\.stats\.json|\.stats\.json\.tmp-\d+)"
+# The only names a run makes (and so the only ones it may delete): {prefix}-{round}-{unit} plus
+# .tar, .stats.json and their .tmp-{token} copies; the summary files with theirs; and the plan,
+# lease and worker files (shards/units.py). Anything else in the folder is the user's.
+_SHARD_FILE = (rf"-(?P<round>\d{{3}})-(?P<index>\d{{6}})"
+               rf"(?P<ext>\.tar|\.stats\.json|(?:\.tar|\.stats\.json){re.escape(TMP_SUFFIX)}-(?P<token>{TOKEN_PATTERN}))")
 _SUMMARY_TMP_RE = re.compile(rf"^(?:{re.escape(MANIFEST)}|{re.escape(FAILURES)}|{re.escape(RUN_FILE)})"
-                             rf"{re.escape(TMP_SUFFIX)}-(?P<pid>\d+)$")
+                             rf"{re.escape(TMP_SUFFIX)}-(?P<token>{TOKEN_PATTERN})$")
 
 
 _ANY_STATS_RE = re.compile(r"^.+-\d{3}-\d{6}" + re.escape(STATS_SUFFIX) + "$")
@@ -57,18 +59,9 @@ class Failure:
         return {"key": self.key, "source": self.source, "stage": self.stage, "reason": self.reason}
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def shard_stem(prefix: str, rank: int, index: int) -> str:
-    return f"{prefix}-{rank:03d}-{index:06d}"
+def shard_stem(prefix: str, unit: str) -> str:
+    """A unit's file stem: a function of the unit alone (`{round:03d}-{index:06d}`), whoever makes it."""
+    return f"{prefix}-{unit}"
 
 
 def _config_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
@@ -76,7 +69,7 @@ def _config_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
 
 
-_STATS_FIELDS = ("shard", "rank", "index", "samples", "bytes", "sha256", "failures")
+_STATS_FIELDS = ("shard", "round", "index", "samples", "bytes", "sha256", "failures")
 
 
 def _read_json(path: str) -> Any:
@@ -89,19 +82,19 @@ class _Summary:
 
     Rebuilding them from every done marker at every shard commit made a run quadratic in its
     number of shards; here each marker is read once (a changed or vanished one restarts from
-    scratch). Each key's latest outcome, in (rank, index) order, wins: a failure retried later
+    scratch). Each key's latest outcome, in (round, index) order, wins: a failure retried later
     (--retry-failures) and written is no longer a failure."""
 
     def __init__(self) -> None:
         self.seen: dict[str, int] = {}                       # stats file name -> inode
-        self.shards: dict[tuple[int, int], dict[str, Any]] = {}  # (rank, index) -> manifest entry
+        self.shards: dict[tuple[int, int], dict[str, Any]] = {}  # (round, index) -> manifest entry
         self.samples = 0
         self.text_only = 0                                     # of the samples, those with no image
-        self.latest: dict[str, tuple[int, int]] = {}         # key -> (rank, index) of its last outcome
+        self.latest: dict[str, tuple[int, int]] = {}         # key -> (round, index) of its last outcome
         self.failing: dict[str, tuple[tuple[int, int], int, dict[str, Any]]] = {}
 
     def add(self, stats: dict[str, Any]) -> None:
-        order = (stats["rank"], stats["index"])
+        order = (stats["round"], stats["index"])
         self.shards[order] = {"name": stats["shard"], "samples": stats["samples"], "bytes": stats["bytes"],
                               "sha256": stats["sha256"]}
         self.samples += stats["samples"]
@@ -126,15 +119,16 @@ class _Summary:
 
 
 class OutputFolder:
+    """One run's output folder, shared by every worker of the job (shards/units.py)."""
+
     def __init__(self, path: str, *, prefix: str, command: str, config: dict[str, Any],
-                 run_info: dict[str, Any], rank: int = 0, overwrite: bool = False):
+                 run_info: dict[str, Any], overwrite: bool = False, join: bool = False):
         try:
             check_plain_name(prefix, "--prefix")
         except ValueError as exc:
             raise StoreError(str(exc)) from None
         self.path = path
         self.prefix = prefix
-        self.rank = rank
         self.command = command
         self.config = config
         # Counts of this run that no done marker holds (e.g. text-only records dropped before the
@@ -142,35 +136,40 @@ class OutputFolder:
         self.run_counts: dict[str, int] = {}
         self._own = _shard_file_re(prefix)
         self._summary = _Summary()
-        self._lock_file = None
         try:
-            self._open(run_info, overwrite)
+            self._open(run_info, overwrite, join)
         except OSError as exc:  # disk full or permissions while setting up: nothing was done yet
-            self.close()
             raise StoreError(f"cannot use output folder {path}: {exc.strerror or exc}") from None
-        except BaseException:
-            self.close()  # a refused folder must not stay locked
-            raise
 
     # -- setup ---------------------------------------------------------------------------------
-    def _open(self, run_info: dict[str, Any], overwrite: bool) -> None:
+    def _open(self, run_info: dict[str, Any], overwrite: bool, join: bool) -> None:
         try:
             os.makedirs(self.path, exist_ok=True)
         except OSError as exc:
             raise StoreError(f"cannot create output folder {self.path}: {exc.strerror}") from None
         if not os.access(self.path, os.W_OK | os.X_OK):
             raise StoreError(f"output folder {self.path} is not writable")
-        self._lock()
+        live = work.live_workers(self.path)
+        if live and overwrite:
+            raise StoreError(f"--overwrite: {len(live)} worker(s) are still writing to {self.path}; "
+                             f"stop them first")
+        if live and not join:
+            raise StoreError(f"{self.path} is being written by {len(live)} other worker(s); add --join to "
+                             f"help them (or wait for them, or use another folder)")
         run_path = os.path.join(self.path, RUN_FILE)
         if overwrite:
             self._remove_outputs()
-        elif self._holds_work():
-            # Only finished work must stay consistent: a run that did nothing (say its model
-            # failed to load) leaves a run.json that the next command simply replaces.
+        has_plan = any(work.PLAN_RE.match(n) for n in self._names())
+        keep = not overwrite and (self._holds_work() or live or (join and has_plan))
+        if keep:
+            # Only finished work (or a job others are on) must stay consistent: a run that did
+            # nothing (say its model failed to load) leaves a run.json the next command replaces.
             self._check_previous_run(run_path)
-        if overwrite or not self._holds_work():
+        elif has_plan and not overwrite:
+            self._remove_plan()  # a start that never committed a unit: plan afresh
+        if not keep or not os.path.exists(run_path):
             atomic_write_json(run_path, {"command": self.command, "config": self.config, **run_info})
-        self._clean_leftovers()
+        self.sweep()
 
     def _previous_run(self, run_path: str) -> dict[str, Any] | None:
         if not os.path.exists(run_path):
@@ -186,7 +185,9 @@ class OutputFolder:
     def _check_previous_run(self, run_path: str) -> None:
         previous = self._previous_run(run_path)
         if previous is None:
-            raise StoreError(f"{self.path} holds shards but no {RUN_FILE}; use --overwrite")
+            if self._holds_work():
+                raise StoreError(f"{self.path} holds shards but no {RUN_FILE}; use --overwrite")
+            return
         if previous.get("command") != self.command:
             raise StoreError(f"{self.path} holds output of `ddaug {previous.get('command')}`; "
                              f"use another folder or --overwrite")
@@ -196,30 +197,29 @@ class OutputFolder:
             raise StoreError(f"{self.path} was made with a different config ({'; '.join(diff)}); "
                              f"use another folder or --overwrite")
 
-    def _lock(self) -> None:
-        lock_path = os.path.join(self.path, f".lock-{self.rank:03d}")
-        f = open(lock_path, "a+")
-        try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            f.close()
-            if exc.errno in (errno.EAGAIN, errno.EACCES):
-                raise StoreError(f"another ddaug process (rank {self.rank}) is writing to "
-                                 f"{self.path}; wait for it or use another folder") from None
-            raise
-        self._lock_file = f
-
     def close(self) -> None:
-        if self._lock_file is not None:
-            self._lock_file.close()
-            self._lock_file = None
+        """Nothing to release: the folder holds no locks (workers coordinate by lease)."""
 
     def _names(self) -> list[str]:
         return sorted(os.listdir(self.path))
 
+    def _remove(self, name: str) -> None:
+        path = os.path.join(self.path, name)
+        if os.path.isfile(path) and not os.path.islink(path):
+            try:
+                os.remove(path)
+            except FileNotFoundError:
+                pass
+
+    def _remove_plan(self) -> None:
+        for name in self._names():
+            if work.is_own_file(name):
+                self._remove(name)
+
     def _remove_outputs(self) -> None:
         """--overwrite: remove what ddaug runs made here (the shards, done markers and temporary
-        files of this prefix and of the previous run's, the summary files), nothing else."""
+        files of this prefix and of the previous run's, the summary, plan, lease and worker
+        files), nothing else."""
         prefixes = {self.prefix}
         try:
             previous = self._previous_run(os.path.join(self.path, RUN_FILE)) or {}
@@ -230,31 +230,48 @@ class OutputFolder:
             prefixes.add(old_prefix)
         patterns = [_shard_file_re(p) for p in prefixes]
         for name in self._names():
-            if (name in (MANIFEST, FAILURES, RUN_FILE) or _SUMMARY_TMP_RE.match(name)
+            if (name in (MANIFEST, FAILURES, RUN_FILE) or _SUMMARY_TMP_RE.match(name) or work.is_own_file(name)
                     or any(p.match(name) for p in patterns)):
-                path = os.path.join(self.path, name)
-                if os.path.isfile(path) and not os.path.islink(path):
-                    os.remove(path)
+                self._remove(name)
 
-    def _clean_leftovers(self) -> None:
-        """Remove this rank's unfinished work: its temporary files, and tars whose stats (the
-        done marker) was never written because the process died between the two renames."""
-        names = set(self._names())
+    def sweep(self) -> None:
+        """Remove temporary files no worker will use: those of committed units (after putting the
+        unit's tar in place, should its committer have died first), and those of dead processes
+        of this host. Another host's files of an unfinished unit stay: that worker may be alive."""
+        names = self._names()
+        markers = {m["round"] + "-" + m["index"] for n in names
+                   if (m := self._own.match(n)) and m["ext"] == STATS_SUFFIX}
+        rolled: set[str] = set()
         for name in names:
             m = self._own.match(name)
-            if m and int(m["rank"]) == self.rank:
-                if m["ext"] in (".tar.tmp",) or m["ext"].startswith(STATS_SUFFIX + TMP_SUFFIX):
-                    os.remove(os.path.join(self.path, name))
-                elif m["ext"] == ".tar" and name[:-4] + STATS_SUFFIX not in names:
-                    os.remove(os.path.join(self.path, name))
-            m = _SUMMARY_TMP_RE.match(name)
-            if m and name.startswith(RUN_FILE) and not _alive(int(m["pid"])):
-                os.remove(os.path.join(self.path, name))
+            if m and m["token"]:
+                unit = m["round"] + "-" + m["index"]
+                if unit in markers:
+                    if unit not in rolled:
+                        work.roll_forward(self.path, self._read_stats(self._marker_path(unit)))
+                        rolled.add(unit)
+                    self._remove(name)
+                elif work.token_is_dead(self.path, m["token"]):
+                    self._remove(name)
+            elif (m := _SUMMARY_TMP_RE.match(name)) and work.token_is_dead(self.path, m["token"]):
+                self._remove(name)
+            elif name.startswith(work.LEASE_PREFIX) and name[len(work.LEASE_PREFIX):] in markers:
+                self._remove(name)  # a lease on a committed unit: its holder died before letting go
 
     # -- state ---------------------------------------------------------------------------------
     def _holds_work(self) -> bool:
         """Done markers of any prefix: run.json says which run made them."""
         return any(_ANY_STATS_RE.match(n) for n in self._names())
+
+    def marker_name(self, unit: str) -> str:
+        return shard_stem(self.prefix, unit) + STATS_SUFFIX
+
+    def _marker_path(self, unit: str) -> str:
+        return os.path.join(self.path, self.marker_name(unit))
+
+    def committed_units(self) -> set[str]:
+        return {m["round"] + "-" + m["index"] for n in self._names()
+                if (m := self._own.match(n)) and m["ext"] == STATS_SUFFIX}
 
     def _stats_files(self) -> list[str]:
         """This prefix's done markers; a stats file of another prefix or name is not ours."""
@@ -266,6 +283,8 @@ class OutputFolder:
             stats = _read_json(path)
         except (ValueError, UnicodeDecodeError) as exc:
             stats = str(exc)
+        if isinstance(stats, dict) and "round" not in stats and stats.get("rank") == 0:
+            stats["round"] = 0  # an older one-process folder: its rank-0 shards are round 0's units
         if not isinstance(stats, dict) or not all(k in stats for k in _STATS_FIELDS):
             raise StoreError(f"{path} is not a ddaug done marker; remove it (its shard is redone) "
                              f"or use --overwrite")
@@ -284,62 +303,66 @@ class OutputFolder:
             keys.update(stats.get("keys", []))
         return keys
 
-    def next_index(self) -> int:
-        indices = [s["index"] for s in self.finished() if s.get("rank") == self.rank]
-        return max(indices) + 1 if indices else 0
+    def manifest_counts(self) -> dict[str, int]:
+        """samples, text_only and failed over the done markers read so far."""
+        self._update_summary()
+        m = self._summary.manifest(self.command, self.prefix)
+        return {k: m[k] for k in ("samples", "text_only", "failed")}
 
     # -- writing -------------------------------------------------------------------------------
-    def new_shard(self, index: int) -> ShardWriter:
-        return ShardWriter(os.path.join(self.path, shard_stem(self.prefix, self.rank, index) + ".tar"))
+    def new_shard(self, unit: str) -> ShardWriter:
+        final = os.path.join(self.path, shard_stem(self.prefix, unit) + ".tar")
+        return ShardWriter(final, tmp_path=f"{final}{TMP_SUFFIX}-{process_token()}")
 
-    def commit_shard(self, index: int, writer: ShardWriter, *, covered_keys: list[str],
-                     failures: list[Failure], seconds: float) -> dict[str, Any]:
-        stem = shard_stem(self.prefix, self.rank, index)
+    def commit_shard(self, unit: str, writer: ShardWriter, *, covered_keys: list[str],
+                     failures: list[Failure], seconds: float,
+                     still_mine: Callable[[], bool] = lambda: True) -> dict[str, Any] | None:
+        """Commit the unit's shard (shards/units.py `commit`): its done marker, or None when
+        another worker committed the unit first (this attempt's files are then discarded)."""
+        stem = shard_stem(self.prefix, unit)
         if writer.samples:
-            tar_info = writer.commit()
-            shard = stem + ".tar"
+            tar_info = writer.finish()
+            shard, attempt = stem + ".tar", os.path.basename(writer.tmp_path)
         else:
-            # A chunk whose every input failed leaves no tar; its stats still mark it done.
+            # A unit whose every input failed leaves no tar; its marker still marks it done.
             writer.abort()
-            tar_info, shard = {"bytes": 0, "sha256": None}, None
-        stats = {"shard": shard, "rank": self.rank, "index": index, "samples": writer.samples,
+            tar_info, shard, attempt = {"bytes": 0, "sha256": None}, None, None
+        round_, index = (int(x) for x in unit.split("-"))
+        stats = {"shard": shard, "round": round_, "index": index, "samples": writer.samples,
                  "text_only": writer.text_only,
-                 "failed": len(failures), "seconds": round(seconds, 3), **tar_info,
+                 "failed": len(failures), "seconds": round(seconds, 3), **tar_info, "attempt": attempt,
                  "sample_keys": writer.keys, "keys": covered_keys,
                  "failures": [f.to_json() for f in failures]}
-        atomic_write_json(os.path.join(self.path, stem + STATS_SUFFIX), stats)
+        if not work.commit(self.path, stem + STATS_SUFFIX, stats, writer.tmp_path if shard else None, still_mine):
+            return None
         self.refresh_summary()
         return stats
 
     def _update_summary(self) -> None:
-        """Read the done markers that appeared since the last call (other ranks' included)."""
+        """Read the done markers that appeared since the last call (other workers' included)."""
         entries = {e.name: e.inode() for e in os.scandir(self.path)
                    if (m := self._own.match(e.name)) and m["ext"] == STATS_SUFFIX}
         if any(entries.get(name) != inode for name, inode in self._summary.seen.items()):
             self._summary = _Summary()  # a marker vanished or was replaced: start over
         for name in sorted(entries.keys() - self._summary.seen.keys()):
-            self._summary.add(self._read_stats(os.path.join(self.path, name)))
+            stats = self._read_stats(os.path.join(self.path, name))
+            work.roll_forward(self.path, stats)  # its committer may have died before placing the tar
+            self._summary.add(stats)
             self._summary.seen[name] = entries[name]
 
     def refresh_summary(self) -> None:
         """Bring manifest.json and failures.jsonl up to date with the done markers on disk.
 
-        Ranks share these files: under a folder-wide lock, whoever writes last has read every
-        done marker written before it, so a stale summary can never replace a newer one."""
-        with open(os.path.join(self.path, ".lock-summary"), "a+") as lock:
-            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
-            # Only the lock holder writes these, so any temporary copy left now is a dead
-            # writer's (killed mid-write): drop it.
-            for name in self._names():
-                if _SUMMARY_TMP_RE.match(name) and not name.startswith(RUN_FILE):
-                    os.remove(os.path.join(self.path, name))
-            self._update_summary()
-            manifest = self._summary.manifest(self.command, self.prefix)
-            atomic_write_json(os.path.join(self.path, MANIFEST), manifest)
-            self._write_run_totals(manifest)
-            lines = [json.dumps(f, ensure_ascii=False) for f in self._summary.failures()]
-            atomic_write_bytes(os.path.join(self.path, FAILURES),
-                               ("\n".join(lines) + ("\n" if lines else "")).encode("utf-8"))
+        Workers write these without a lock: each write is a complete rebuild from the markers,
+        renamed into place, and every worker rebuilds once more after it has seen the last unit
+        committed, so the last write holds every marker."""
+        self._update_summary()
+        manifest = self._summary.manifest(self.command, self.prefix)
+        atomic_write_json(os.path.join(self.path, MANIFEST), manifest)
+        self._write_run_totals(manifest)
+        lines = [json.dumps(f, ensure_ascii=False) for f in self._summary.failures()]
+        atomic_write_bytes(os.path.join(self.path, FAILURES),
+                           ("\n".join(lines) + ("\n" if lines else "")).encode("utf-8"))
 
     def _write_run_totals(self, manifest: dict[str, Any]) -> None:
         """run.json's totals: the manifest's counts and this run's own (e.g. text-only records

@@ -5,30 +5,49 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import secrets
 import threading
 from typing import Any
 
 from webdataset import TarWriter
 
 TMP_SUFFIX = ".tmp"
+# A process's temporary files end in .tmp-{token}: the pid alone is not unique once processes on
+# several hosts share a folder (a cluster file system), so a random part follows it.
+TOKEN_PATTERN = r"\d+\.[0-9a-f]{8}"
+_token: tuple[int, str] | None = None
+
+
+def process_token() -> str:
+    """`{pid}.{8 hex}`, fixed for this process (renewed in a forked child)."""
+    global _token
+    if _token is None or _token[0] != os.getpid():
+        _token = (os.getpid(), f"{os.getpid()}.{secrets.token_hex(4)}")
+    return _token[1]
+
+
 CRASH_ENV = "DDAUG_CRASH_AT"
-_crash_hits: dict[str, int] = {}
+STOP_ENV = "DDAUG_STOP_AT"
+_crash_hits: dict[tuple[str, str], int] = {}
 
 
 def crash_point(name: str) -> None:
     """Fault injection for the crash-safety tests: with DDAUG_CRASH_AT=name:n the process kills
-    itself (SIGKILL: no cleanup, no finally) the nth time it passes this point."""
-    spec = os.environ.get(CRASH_ENV)
-    if not spec:
-        return
-    target, _, nth = spec.partition(":")
-    if target != name:
-        return
-    _crash_hits[name] = _crash_hits.get(name, 0) + 1
-    if _crash_hits[name] == int(nth or 1):
-        import signal
+    itself (SIGKILL: no cleanup, no finally) the nth time it passes this point; with
+    DDAUG_STOP_AT=name:n it stops itself there (SIGSTOP, as a frozen or cut-off worker), until
+    someone sends SIGCONT."""
+    import signal
 
-        os.kill(os.getpid(), signal.SIGKILL)
+    for env, sig in ((CRASH_ENV, signal.SIGKILL), (STOP_ENV, signal.SIGSTOP)):
+        spec = os.environ.get(env)
+        if not spec:
+            continue
+        target, _, nth = spec.partition(":")
+        if target != name:
+            continue
+        hits = _crash_hits[env, name] = _crash_hits.get((env, name), 0) + 1
+        if hits == int(nth or 1):
+            os.kill(os.getpid(), sig)
 
 
 # A shard's bytes reach the disk as it grows, in the background, once this many are unsynced:
@@ -56,13 +75,19 @@ def check_plain_name(name: str, what: str) -> str:
     return name
 
 
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    """Write a small file so readers see either the old or the complete new content."""
-    tmp = f"{path}{TMP_SUFFIX}-{os.getpid()}"
+def write_temporary(path: str, data: bytes) -> str:
+    """data in this process's temporary name for path (`path.tmp-{token}`), on disk; that name."""
+    tmp = f"{path}{TMP_SUFFIX}-{process_token()}"
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
+    return tmp
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    """Write a small file so readers see either the old or the complete new content."""
+    tmp = write_temporary(path, data)
     name = os.path.basename(path)
     crash_point("stats-replace" if name.endswith(".stats.json") else name.split(".")[0] + "-replace")
     os.replace(tmp, path)
@@ -90,15 +115,17 @@ class _HashingFile:
 
 
 class ShardWriter:
-    """One shard, written under `<name>.tmp` and renamed to its final name on `commit()`.
+    """One shard, written under a temporary name (`<name>.tmp`, or tmp_path) and renamed to its
+    final name on `commit()`; `finish()` completes it on disk under the temporary name and
+    leaves placing it to the caller (shards/units.py links it into place once its unit commits).
 
     A crash at any point leaves either no file under the final name or a complete one. Members
     get a fixed mtime/owner so the same samples always give the same bytes.
     """
 
-    def __init__(self, final_path: str):
+    def __init__(self, final_path: str, tmp_path: str | None = None):
         self.final_path = final_path
-        self.tmp_path = final_path + TMP_SUFFIX
+        self.tmp_path = tmp_path or final_path + TMP_SUFFIX
         self._file = open(self.tmp_path, "wb")
         self._hashing = _HashingFile(self._file)
         self._tar = TarWriter(self._hashing, encoder=False, mtime=0, user="ddaug", group="ddaug")
@@ -135,6 +162,14 @@ class ShardWriter:
             self._sync = None
 
     def commit(self) -> dict[str, Any]:
+        info = self.finish()
+        crash_point("tar-rename")
+        os.replace(self.tmp_path, self.final_path)
+        crash_point("tar-renamed")
+        return info
+
+    def finish(self) -> dict[str, Any]:
+        """Close and fsync the temporary file; its size and sha256."""
         try:
             self._tar.close()
             self._file.flush()
@@ -146,9 +181,6 @@ class ShardWriter:
         except BaseException:
             self.abort()  # nothing under the final name, no .tmp left behind
             raise
-        crash_point("tar-rename")
-        os.replace(self.tmp_path, self.final_path)
-        crash_point("tar-renamed")
         return {"bytes": self._hashing.bytes, "sha256": self._hashing.sha256.hexdigest()}
 
     def abort(self) -> None:

@@ -293,17 +293,17 @@ def test_answer_flags_counted_and_drop_truncated(tmp_path, business_dir, no_prox
     assert json.loads(report)["flags"] == {"truncated": 1, "degenerate": 1}
 
 
-def test_ranks_split_the_input_without_overlap(tmp_path, business_dir, tiny_vlm_dir):
+def test_workers_split_the_input_without_overlap(tmp_path, business_dir, tiny_vlm_dir):
     out = tmp_path / "out"
-    for rank in (0, 1):
+    for rank in (0, 1):  # --world-size 2 joins: the second finds the first's units committed
         _caption(business_dir, out, "--vlm", tiny_vlm_dir, "--rank", rank, "--world-size", 2, "--shard-size", 2)
-    per_rank = {}
+    per_unit = {}
     for shard in glob.glob(str(out / "*.stats.json")):
         stats = json.load(open(shard))
-        rank = os.path.basename(shard).split("-")[1]
-        per_rank.setdefault(rank, set()).update(stats["keys"])
-    # blocks of --shard-size 2: each rank gets one block of two photos
-    assert set(per_rank) == {"000", "001"} and not per_rank["000"] & per_rank["001"]
-    assert len(per_rank["000"] | per_rank["001"]) == 4 == len(read_samples(out))
+        per_unit[os.path.basename(shard)] = set(stats["keys"])
+    # units of --shard-size 2: two units of two photos each, no key in both
+    first, second = per_unit.values()
+    assert len(per_unit) == 2 and len(first) == len(second) == 2 and not first & second
+    assert len(first | second) == 4 == len(read_samples(out))
     manifest = json.load(open(out / "manifest.json"))
     assert sum(s["samples"] for s in manifest["shards"]) == 4

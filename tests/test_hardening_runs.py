@@ -83,7 +83,8 @@ def test_library_calls_refuse_path_names_too(tmp_path):
 # -- class 11: a run deletes only what it made -----------------------------------------------------
 USER_FILES = ["photos-000-000000.tar", "notes.tmp", "data.tar.tmp", "keep-000-x.tmp", "mine.tar",
               "run.json.tmp-notapid", "manifest.json.tmp-xyz", "other.stats.json", "shard-000-1.tar",
-              "shard-000-000000.tar.tmp.bak", "xshard-000-000001.tar"]
+              "shard-000-000000.tar.tmp.bak", "xshard-000-000001.tar", "shard-000-000001.tar.tmp",
+              "plan-000.json.bak", "plan-1.json", ".lease-notes", ".worker-me.json"]
 
 
 def test_run_and_overwrite_delete_only_their_own_files(tmp_path, photo_dir):
@@ -92,10 +93,10 @@ def test_run_and_overwrite_delete_only_their_own_files(tmp_path, photo_dir):
     for name in USER_FILES:
         (out / name).write_bytes(b"the user's own file")
     (out / "other.stats.json").write_text('{"not": "ddaug"}')
-    # A leftover of this run's own (a shard being written when the process died) does go.
-    (out / "shard-000-000001.tar.tmp").write_bytes(b"half a tar")
+    # A leftover of this run's own (a shard being written when its process died) does go.
+    (out / "shard-000-000001.tar.tmp-999999.0badc0de").write_bytes(b"half a tar")
     invoke("augment", photo_dir, "-o", out, *FAST, "--shard-size", "2")
-    assert not (out / "shard-000-000001.tar.tmp").exists()
+    assert not (out / "shard-000-000001.tar.tmp-999999.0badc0de").exists()
     own = sorted(glob.glob(str(out / "shard-000-00000*.tar")))
     assert len(own) == 2 and invoke("inspect", *own, "--verify").exit_code == 0
     r = invoke("augment", photo_dir, "-o", out, *FAST, "--shard-size", "2")
@@ -302,7 +303,7 @@ def test_images_above_the_decode_limit_go_to_the_ledger_with_a_clear_reason(tmp_
 
 
 # -- class 14: the manifest is kept up to date incrementally ---------------------------------------
-def test_each_done_marker_is_read_once_and_ranks_retries_still_agree(tmp_path, monkeypatch):
+def test_each_done_marker_is_read_once_and_workers_retries_still_agree(tmp_path, monkeypatch):
     import ddaug.shards.store as store
     from ddaug.shards.store import Failure, OutputFolder
 
@@ -310,35 +311,36 @@ def test_each_done_marker_is_read_once_and_ranks_retries_still_agree(tmp_path, m
     real_read = store._read_json
     monkeypatch.setattr(store, "_read_json", lambda p: reads.append(os.path.basename(p)) or real_read(p))
 
-    def commit(folder, index, keys, failed=()):
-        writer = folder.new_shard(index)
+    from ddaug.shards.units import unit_name
+
+    def commit(folder, unit, keys, failed=()):
+        writer = folder.new_shard(unit)
         for k in keys:
             if k not in failed:
                 writer.write(k, {"json": json.dumps({"key": k}).encode()})
-        folder.commit_shard(index, writer, covered_keys=list(keys),
+        folder.commit_shard(unit, writer, covered_keys=list(keys),
                             failures=[Failure(k, f"/in/{k}", "decode", "broken") for k in failed], seconds=0.0)
 
     out = str(tmp_path / "out")
-    ranks = [OutputFolder(out, prefix="p", command="augment", config={}, run_info={}, rank=r) for r in (0, 1)]
-    for i in range(20):  # two ranks interleaved, every third shard with a failure
-        r = i % 2
+    workers = [OutputFolder(out, prefix="p", command="augment", config={}, run_info={}, join=True) for _ in (0, 1)]
+    for i in range(20):  # two workers interleaved, every third shard with a failure
         keys = [f"k{i:02d}-{j}" for j in range(3)]
-        commit(ranks[r], i // 2, keys, failed=keys[:1] if i % 3 == 0 else ())
+        commit(workers[i % 2], unit_name(0, i), keys, failed=keys[:1] if i % 3 == 0 else ())
     stats_reads = [n for n in reads if n.endswith(".stats.json")]
-    assert len(stats_reads) <= 2 * 20, len(stats_reads)  # each rank reads each marker once, not per commit
-    # A retry on rank 0 (a later index) that now succeeds takes the key out of the ledger.
-    commit(ranks[0], 10, ["k00-0"])
-    for f in ranks:
+    assert len(stats_reads) <= 2 * 20, len(stats_reads)  # each worker reads each marker once, not per commit
+    # A retry (a later plan round) that now succeeds takes the key out of the ledger.
+    commit(workers[0], unit_name(1, 0), ["k00-0"])
+    for f in workers:
         f.close()
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     ledger = [json.loads(line) for line in (tmp_path / "out" / "failures.jsonl").read_text().splitlines()]
     assert manifest["samples"] == 20 * 3 - 7 + 1 and manifest["failed"] == 6 == len(ledger)
     assert [s["name"] for s in manifest["shards"]][:2] == ["p-000-000000.tar", "p-000-000001.tar"]
-    # In (rank, index) order, as a from-scratch rebuild lists them; k00-0 is no longer a failure.
-    assert [f["key"] for f in ledger] == ["k06-0", "k12-0", "k18-0", "k03-0", "k09-0", "k15-0"]
+    # In (round, unit) order, as a from-scratch rebuild lists them; k00-0 is no longer a failure.
+    assert [f["key"] for f in ledger] == ["k03-0", "k06-0", "k09-0", "k12-0", "k15-0", "k18-0"]
     # A fresh process (a rerun) reading the folder from scratch writes the same summary.
     before = ((tmp_path / "out" / "manifest.json").read_bytes(), (tmp_path / "out" / "failures.jsonl").read_bytes())
-    again = OutputFolder(out, prefix="p", command="augment", config={}, run_info={}, rank=0)
+    again = OutputFolder(out, prefix="p", command="augment", config={}, run_info={})
     again.refresh_summary()
     again.close()
     assert ((tmp_path / "out" / "manifest.json").read_bytes(),

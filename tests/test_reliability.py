@@ -1,8 +1,9 @@
 """Reliability: kill -9 and resume, hostile inputs, corrupt shards as input, model output faults,
 a misbehaving chat server, security, and --retry-failures.
 
-Other reliability properties are proven beside the feature they guard: the per-rank lock
-(test_augment_cli::test_second_process_on_same_rank_is_refused), disk full
+Other reliability properties are proven beside the feature they guard: a second plain process
+on a running folder (test_augment_cli::test_second_plain_process_on_a_running_folder_is_told_to_join),
+workers killed, frozen and joining (test_elastic), disk full
 (test_augment_cli::test_disk_full_mid_run_stops_cleanly_and_rerun_completes), crafted export
 paths (test_export::test_crafted_keys_never_escape_the_output_folder), API keys kept out of
 logs and files (test_caption::test_openai_backend_end_to_end_with_a_429), corrupt shards in the
