@@ -262,7 +262,7 @@ def augment(**kw) -> None:
 
     Each image is VAE-encoded, noised to t=round(strength*1000), denoised with exactly one
     unguided UNet call (zero conditioning by default), decoded at its native size, and written
-    to webdataset shards with its conversation unchanged. Reruns resume; see README.
+    to webdataset shards with its conversation unchanged. Reruns resume; see docs/output.md.
     """
     from ddaug.augment.recipe import RecipeSettings
     from ddaug.augment.run import AugmentOptions, run_augment
@@ -294,7 +294,7 @@ def vlm_options(openai_backend: str):
     def decorate(fn):
         options = [
             click.option("--vlm", default="qwen2.5-vl-7b", show_default=True,
-                         help="transformers: a preset (see README), hub id or local folder; openai: the served "
+                         help="transformers: a preset (see docs/commands.md), hub id or local folder; openai: the served "
                               "model name."),
             click.option("--backend", type=click.Choice(["transformers", "openai"]), default="transformers",
                          show_default=True, help=f"transformers: run the VLM here; openai: {openai_backend}."),
@@ -382,7 +382,7 @@ def caption(**kw) -> None:
     Each image is shown to the VLM with an image-independent question from the chosen
     language/stage pool (a pure function of --seed and the sample key), and written to
     webdataset shards with its bytes unchanged and a [user, assistant] conversation. Reruns
-    resume; failures go to failures.jsonl. See README for real models and vLLM servers.
+    resume; failures go to failures.jsonl. See docs/commands.md for real models and vLLM servers.
     """
     from ddaug.captioning import GenerationSettings
     from ddaug.captioning.run import CaptionOptions, run_caption
@@ -601,7 +601,7 @@ Examples:
 def plan(recipe: str, as_json: bool) -> None:
     """Print what a training recipe will draw: samples per source and stage, and the epochs of
     each source that uses, before any training. The trainer loads the same file with
-    shards.load_recipe(path).dataset()."""
+    ddaug.load_recipe(path).dataset()."""
     from ddaug.shards.recipe import format_plan, load_recipe
     from ddaug.shards.recipe import plan as make_plan
 

@@ -36,7 +36,7 @@ class UserError(Exception):
 # Threads for reading/decoding and, as many again, for encoding outputs. Four kept up with one
 # GPU at 30 img/s; at 40 img/s on COCO-sized images the PNG encoding of the last batches held
 # the GPU idle at the end of each shard, and 8 threads ran 42.2 img/s against 41.3 (bench/RESULTS.md,
-# session 6). More than the machine's cores would only contend.
+# "Fused VAE norms and a host that does not wait"). More than the machine's cores would only contend.
 DEFAULT_WORKERS = max(4, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                              else os.cpu_count() or 4))  # the CPUs this process may use (taskset, SLURM)
 

@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 # before its work reaches the device; a deeper queue gives that set-up more device work to hide
 # behind. Outputs do not depend on it: batches are formed before they are queued. On 1,000
 # COCO-like images (H100, one process, warm kernels) depths 2 / 4 / 8 ran 45.6 / 48.7 / 46.9
-# img/s after load, GPU busy 80 / 85 / 81% (bench/RESULTS.md, session 7).
+# img/s after load, GPU busy 80 / 85 / 81% (bench/RESULTS.md, "A channels-last VAE, fed better").
 LAUNCH_DEPTH = 4
 
 # Model threads for a stage that launches and says how much device memory a batch takes
@@ -46,7 +46,7 @@ LAUNCH_DEPTH = 4
 # set-up. A second thread sets up the next batch while the first is still launching, as long
 # as both fit in memory together. Outputs do not depend on it: each batch's work is the same
 # on one thread or two. On 1,000 COCO-like images (H100, one process, warm kernels) one thread
-# ran 52.8 img/s after load, GPU 90% busy, and two 53.3-54.8, 92-94% (bench/RESULTS.md, session 8).
+# ran 52.8 img/s after load, GPU 90% busy, and two 53.3-54.8, 92-94% (bench/RESULTS.md, "The GPU at a block's end").
 MODEL_THREADS = 2
 
 

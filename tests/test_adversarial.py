@@ -1,4 +1,4 @@
-"""An adversarial pass over the merged hardening (issue 16), as a hostile and a careless user
+"""An adversarial pass over the hardening, as a hostile and a careless user
 would run ddaug, through the CLI. Each test is one defect that pass found."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Hostile and careless inputs, through the CLI (issue 16): exports of shard sets that share keys,
+"""Hostile and careless inputs, through the CLI: exports of shard sets that share keys,
 an output folder inside the input, records the readers used to drop or die on, names that are
 not UTF-8, FIFOs, devices and huge files. Each bad input is one ledger line; the rest is made."""
 

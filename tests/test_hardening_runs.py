@@ -1,4 +1,4 @@
-"""Hardening of runs and their output folder (issue 16): flags never name files outside -o, a run
+"""Hardening of runs and their output folder: flags never name files outside -o, a run
 deletes only what it made, user errors are one line (and leave no poisoned run.json), memory is
 bounded by a pixel cap, and the manifest is kept up to date incrementally."""
 
