@@ -318,19 +318,29 @@ def compare(a_dir: str, b_dir: str) -> str:
 
 
 def determinism(model_dir: str, in_dir: str, work: str, batch: int) -> list[str]:
-    """Do outputs depend on the process count? One process, the same again, then the inputs
-    split as 2 and as 3 ranks (run one after another on this GPU), blocks of 2 batches."""
+    """Do outputs depend on how many workers share the job? One process, the same again, then 2
+    and 3 worker processes started together on this GPU (`--join`: they take the job's units by
+    lease), units of 2 batches."""
+    import subprocess
+
     n = len(os.listdir(in_dir))
     block = 2 * batch
-    out = [f"Determinism, eager, batch {batch}, {n} images in blocks of --shard-size {block}:", ""]
+    out = [f"Determinism, batch {batch}, {n} images in units of --shard-size {block}:", ""]
     a = ddaug_run(model_dir, in_dir, os.path.join(work, "det-a"), batch, shard_size=block)
     b = ddaug_run(model_dir, in_dir, os.path.join(work, "det-b"), batch, shard_size=block)
     out.append(f"- the same run twice: {compare(a.out_dir, b.out_dir)}")
-    for world in (2, 3):
-        split = os.path.join(work, f"det-split{world}")
-        for r in range(world):
-            ddaug_run(model_dir, in_dir, split, batch, rank=r, world_size=world, shard_size=block)
-        out.append(f"- one process vs {world} ranks: {compare(a.out_dir, split)}")
+    for workers in (2, 3):
+        shared = os.path.join(work, f"det-workers{workers}")
+        cmd = [sys.executable, "-m", "ddaug", "augment", in_dir, "-o", shared, "--model", model_dir, "--device", "cuda",
+               "--batch-size", str(batch), "--shard-size", str(block), "--join", "-q"]
+        procs = [subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                 for _ in range(workers)]
+        errors = [p.communicate()[1][-500:] for p in procs if p.wait() != 0]
+        # Which process committed each unit: the pid in the name of the attempt it linked.
+        took = collections.Counter(re.search(r"tmp-(\d+)", json.load(open(m)).get("attempt") or "-0").group(1)
+                                   for m in glob.glob(os.path.join(shared, "*.stats.json")))
+        out.append(f"- one process vs {workers} workers together (units per worker {sorted(took.values())}): "
+                   f"{compare(a.out_dir, shared)}" + (f"; FAILED: {errors}" if errors else ""))
     return out + [""]
 
 

@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from ddaug.pipeline.command import UserError, package_versions
 from ddaug.shards.store import Failure, OutputFolder, StoreError
+from ddaug.shards.units import unit_name
 from ddaug.sources.items import printable
 
 from .run import readable_samples
@@ -87,7 +88,8 @@ def write_filtered(opts: "LeakageOptions", scan: "Scan") -> dict[str, Any]:
 
 def _filter_shard(folder: OutputFolder, index: int, shard: str, leave_out: set[int]) -> dict[str, Any]:
     started = time.perf_counter()
-    writer = folder.new_shard(index)
+    unit = unit_name(0, index)  # one unit per training shard, written by this one process
+    writer = folder.new_shard(unit)
     covered: list[str] = []
     failures: list[Failure] = []
     try:
@@ -99,5 +101,5 @@ def _filter_shard(folder: OutputFolder, index: int, shard: str, leave_out: set[i
     except BaseException:
         writer.abort()
         raise
-    return folder.commit_shard(index, writer, covered_keys=covered, failures=failures,
+    return folder.commit_shard(unit, writer, covered_keys=covered, failures=failures,
                                seconds=time.perf_counter() - started)

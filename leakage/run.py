@@ -3,19 +3,19 @@ past them, write the report (and with --drop, the training shards without the ma
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import tarfile
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 from tqdm import tqdm
 
 from ddaug.pipeline.command import DEFAULT_WORKERS, UserError
-from ddaug.pipeline.job import _ordered_prefetch
 from ddaug.shards.inspect import InspectError, find_shards, iter_shard
 from ddaug.shards.reading import index_shard
 from ddaug.shards.schema import IMAGE_SUFFIXES
@@ -76,6 +76,21 @@ class Scan:
     failures: list[Failure] = field(default_factory=list)
 
 
+
+def _ordered_map(pool: ThreadPoolExecutor, fn: Callable, items: Iterable, window: int) -> Iterator:
+    """pool.map in input order with a bounded look-ahead: at most `window` results in memory."""
+    pending: collections.deque[Future] = collections.deque()
+    it = iter(items)
+    for item in it:
+        pending.append(pool.submit(fn, item))
+        if len(pending) >= window:
+            break
+    while pending:
+        yield pending.popleft().result()
+        for item in it:  # one more, if any
+            pending.append(pool.submit(fn, item))
+            break
+
 def _inside(a: str, b: str) -> bool:
     a, b = os.path.realpath(a), os.path.realpath(b)
     return os.path.commonpath([a, b]) == b
@@ -126,7 +141,7 @@ def load_eval(opts: LeakageOptions, failures: list[Failure], embedder=None) -> t
     images: list[EvalImage] = []
     pictures, embeddings = [], []   # pictures wait for the model one batch at a time
     with ThreadPoolExecutor(opts.workers, thread_name_prefix="eval") as pool:
-        fingerprinted = _ordered_prefetch(pool, lambda job: _attempt(_fingerprint_ref, *job, embedder is not None),
+        fingerprinted = _ordered_map(pool, lambda job: _attempt(_fingerprint_ref, *job, embedder is not None),
                                           jobs, 4 * opts.workers)
         for (key, ref), (result, problem) in tqdm(zip(jobs, fingerprinted), total=len(jobs), unit="img",
                                                   desc="leakage eval", disable=opts.quiet, dynamic_ncols=True):
@@ -224,7 +239,7 @@ def scan_train(shards: list[str], index: EvalIndex, embedder, opts: LeakageOptio
         return job[0], _attempt(_check_train, index, embedder is not None, job[1])
 
     with bar, ThreadPoolExecutor(opts.workers, thread_name_prefix="train") as pool:
-        for train, (result, problem) in _ordered_prefetch(pool, check, _train_images(scan), 4 * opts.workers):
+        for train, (result, problem) in _ordered_map(pool, check, _train_images(scan), 4 * opts.workers):
             bar.update()
             scan.images += 1
             if problem:

@@ -9,6 +9,7 @@ import glob
 import os
 import subprocess
 import sys
+import time
 
 from PIL import Image
 
@@ -32,15 +33,23 @@ def _mixed_sizes(folder) -> None:
 
 def _ranks(inp, out, world: int, ranks=None, crash: dict[int, str] | None = None) -> dict[int, tuple[int, str]]:
     """Start the given ranks together as plain processes; crash maps a rank to a DDAUG_CRASH_AT
-    point (shards/writer.py), where that process kills itself with SIGKILL."""
+    point (shards/writer.py), where that process kills itself with SIGKILL. A rank that is to
+    crash starts first and holds a unit before the others start: on a busy machine they could
+    otherwise take every unit before it has imported torch, and it would never reach its point."""
     procs = {}
-    for r in ranks if ranks is not None else range(world):
+    order = sorted(ranks if ranks is not None else range(world), key=lambda r: r not in (crash or {}))
+    for r in order:
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
         if crash and r in crash:
             env["DDAUG_CRASH_AT"] = crash[r]
         procs[r] = subprocess.Popen([sys.executable, "-m", "ddaug", "augment", str(inp), "-o",
                                      str(out), *ARGS, "--rank", str(r), "--world-size", str(world)],
                                     env=env, stderr=subprocess.PIPE, text=True)
+        if crash and r in crash:
+            deadline = time.monotonic() + 300
+            while procs[r].poll() is None and time.monotonic() < deadline and not any(
+                    n.startswith(".lease-") for n in (os.listdir(out) if os.path.isdir(out) else [])):
+                time.sleep(0.05)
     return {r: (p.wait(timeout=600), p.stderr.read()) for r, p in procs.items()}
 
 

@@ -231,17 +231,17 @@ def test_bad_options_are_one_line(tmp_path, chats):
 
 
 def test_killed_run_leaves_no_partial_shard_and_the_rerun_completes(tmp_path, chats):
-    """kill -9 between a finished tar's rename and its done marker (shards/writer.py's crash
-    points): the rerun redoes that shard and the folder equals an uninterrupted run's."""
+    """kill -9 with a finished shard written but not committed (just before its done marker's
+    link, shards/units.py): the rerun redoes that unit and the folder equals an uninterrupted run's."""
     import signal
     import subprocess
     import sys
 
     args = ["score", chats, "-o", tmp_path / "out", "--vlm", "tiny-random", "--device", "cpu", "--shard-size", 2, "-q"]
     killed = subprocess.run([sys.executable, "-m", "ddaug", *map(str, args)], capture_output=True, text=True,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1", "DDAUG_CRASH_AT": "tar-renamed:2"}, timeout=300)
+                            env={**os.environ, "HF_HUB_OFFLINE": "1", "DDAUG_CRASH_AT": "stats-replace:2"}, timeout=300)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
-    assert "skipped 2 (already done)" in invoke(*args).output  # the shard without its done marker is redone
+    assert "skipped 2 (already done)" in invoke(*args).output  # the uncommitted unit is redone
     invoke("score", chats, "-o", tmp_path / "ref", "--vlm", "tiny-random", "--device", "cpu", "--shard-size", 2, "-q")
     got, ref = _scores(tmp_path / "out"), _scores(tmp_path / "ref")
     assert {k: m["score"]["loss"] for k, m in got.items()} == {k: m["score"]["loss"] for k, m in ref.items()}

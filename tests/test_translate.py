@@ -239,11 +239,11 @@ def test_killed_mid_run_leaves_no_partial_shard_and_the_rerun_resumes(tmp_path, 
     with ChatServer(TranslationResponder(), model="m", parallel=True) as srv:
         cmd = [sys.executable, "-m", "ddaug", "translate", data, "-o", str(out), "--to", "zh", "--model", "m",
                "--api-base", srv.url, "--shard-size", "2", "-q"]
-        env = {**os.environ, "DDAUG_CRASH_AT": "tar-rename:2"}
+        env = {**os.environ, "DDAUG_CRASH_AT": "stats-replace:2"}  # just before the second unit's commit
         killed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
         assert killed.returncode == -9, killed.stderr
         finished = sorted(p for p in os.listdir(out) if p.endswith(".tar"))
-        assert finished == ["shard-000-000000.tar"]  # the second shard died before its rename
+        assert finished == ["shard-000-000000.tar"]  # the second shard died before its commit
         resumed = invoke(*cmd[3:])  # the same command, in process
     assert "done 4, skipped 2" in resumed.output, resumed.output
     samples = read_samples(out)
