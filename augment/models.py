@@ -1,4 +1,4 @@
-"""Model presets and loading for the diffusion-flavour recipe.
+"""Model loading for the diffusion-flavour recipe (the presets are in presets.py).
 
 `--model` takes a preset name, a hub id, or a local folder in diffusers' pipeline layout
 (unet/, vae/, scheduler/, optionally text_encoder*/ tokenizer*/). Weights load from safetensors
@@ -15,37 +15,13 @@ from typing import Any
 
 import torch
 
+from .presets import PRESETS, TINY_TRAINED, ModelSpec
+
 log = logging.getLogger(__name__)
 
-SDXL_BASE = "stabilityai/stable-diffusion-xl-base-1.0"
-SSD_1B = "segmind/SSD-1B"
 # SDXL's scheduler config (its scheduler/scheduler_config.json, Euler), shared by the tiny families.
 SDXL_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                      steps_offset=1, timestep_spacing="leading", prediction_type="epsilon")
-TINY_TRAINED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiny", "weights")
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    base: str                      # hub id or folder in pipeline layout (vae/, scheduler/, ...)
-    unet: str | None = None        # a separate UNet repo/folder (the LCM UNets ship alone)
-    scheduler: str = "auto"        # auto | euler | lcm
-    note: str = ""
-
-
-PRESETS: dict[str, ModelSpec] = {
-    "sdxl": ModelSpec(SDXL_BASE, note="SDXL base 1.0"),
-    "ssd-1b": ModelSpec(SSD_1B, note="Segmind SSD-1B (distilled SDXL)"),
-    "lcm-sdxl": ModelSpec(SDXL_BASE, unet="latent-consistency/lcm-sdxl", scheduler="lcm",
-                          note="LCM-distilled SDXL UNet; VAE and config from SDXL base"),
-    "lcm-ssd-1b": ModelSpec(SSD_1B, unet="latent-consistency/lcm-ssd-1b", scheduler="lcm",
-                            note="LCM-distilled SSD-1B UNet; VAE and config from SSD-1B"),
-    "tiny": ModelSpec(TINY_TRAINED, note="tiny SDXL-shaped model trained on offline photos (augment/tiny); "
-                                         "keeps the picture, for demos and fidelity tests"),
-    "tiny-random": ModelSpec("tiny-random", note="tiny SDXL-shaped random model built in code (offline demos/tests)"),
-    "tiny-random-lcm": ModelSpec("tiny-random-lcm", scheduler="lcm",
-                                 note="tiny-random with an LCM-style UNet (time_cond_proj_dim)"),
-}
 
 
 class ModelLoadError(Exception):

@@ -12,6 +12,7 @@ from ddaug.pipeline.command import RunOptions, UserError, execute
 from ddaug.pipeline.job import JobSummary
 
 from .models import ModelLoadError, load_components, resolve_spec
+from .presets import DEFAULT_MAX_PIXELS
 from .recipe import DTYPES, DiffusionFlavour, RecipeSettings
 from .stage import AugmentStage
 
@@ -21,11 +22,6 @@ log = logging.getLogger(__name__)
 # sizes) took 131 s cold on an H100, and a compiled 1,000-image COCO-like run was no faster than
 # eager once compiled (bench/RESULTS.md, session 5). It runs the fused Triton norms instead
 # (augment/groupnorm.py): a few seconds of JIT, faster from the first batch (session 6).
-
-
-# The memory bound (README "Output folder"): a model call never holds more than what 16 images
-# of 1024² need, which is what --batch-size auto takes on an 80 GB GPU.
-DEFAULT_MAX_PIXELS = 4096 * 4096
 
 
 @dataclass
