@@ -1,6 +1,8 @@
-"""A fresh `ddaug caption --backend openai` process loads no model library (torch, diffusers,
-transformers: seconds of start-up for a job that only sends HTTP requests), and the shards it
-writes without webdataset are the bytes webdataset's own TarWriter would write."""
+"""Start-up of fresh processes: `ddaug caption --backend openai` loads no model library (torch,
+diffusers, transformers: seconds of start-up for a job that only sends HTTP requests), the
+shards it writes without webdataset are the bytes webdataset's own TarWriter would write, and
+`ddaug augment` loads only the diffusers model classes it uses. (Outputs equal to what the stock
+imports give: tests/test_tiny_model.py and tests/test_reference.py.)"""
 
 from __future__ import annotations
 
@@ -21,10 +23,15 @@ from ddaug.captioning.server import ChatServer
 MODEL_LIBRARIES = ("torch", "diffusers", "transformers", "accelerate", "webdataset")
 
 
+def _modules(stderr: str) -> set[str]:
+    """The modules a `python -X importtime` log names."""
+    return {line.rsplit("|", 1)[1].strip() for line in stderr.splitlines()
+            if line.startswith("import time:") and line.count("|") == 2}
+
+
 def _imported(stderr: str) -> set[str]:
     """Top-level packages named in a `python -X importtime` log."""
-    return {line.rsplit("|", 1)[1].strip().split(".")[0] for line in stderr.splitlines()
-            if line.startswith("import time:") and line.count("|") == 2}
+    return {name.split(".")[0] for name in _modules(stderr)}
 
 
 def _caption(inputs, out, url: str, *extra: str) -> subprocess.CompletedProcess:
@@ -90,3 +97,25 @@ def test_shards_are_the_bytes_webdataset_writes(captioned):
         writer.close()
         with open(shard, "rb") as f:
             assert f.read() == again.getvalue(), shard
+
+
+# Model classes of diffusers.models' sub-packages that `augment` never uses; `from diffusers
+# import UNet2DConditionModel` would load them all.
+UNUSED_DIFFUSERS_MODULES = ("models/unets/unet_1d.py", "models/unets/unet_3d_condition.py",
+                            "models/transformers/transformer_flux.py", "models/autoencoders/autoencoder_kl_cogvideox.py")
+
+
+def test_augment_imports_only_the_diffusers_model_classes_it_uses(tmp_path, photo_dir):
+    import diffusers
+
+    unused = [m for m in UNUSED_DIFFUSERS_MODULES if os.path.exists(os.path.join(os.path.dirname(diffusers.__file__), m))]
+    assert unused  # this diffusers has them, so their absence below means something
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "ddaug", "augment", str(photo_dir), "-o",
+                           str(tmp_path / "out"), "--model", "tiny", "--device", "cpu", "-q"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "augment: done 4, skipped 0 (already done), failed 0, 1 new shard(s)" in proc.stderr
+    modules = _modules(proc.stderr)
+    assert {"diffusers.models.unets.unet_2d_condition", "diffusers.models.autoencoders.autoencoder_kl"} <= modules
+    loaded = [m for m in unused if "diffusers." + m.removesuffix(".py").replace("/", ".") in modules]
+    assert not loaded, loaded
