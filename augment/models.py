@@ -57,16 +57,17 @@ class _DeferredPackage(types.ModuleType):
     (e.g. a diffusers pipeline importing another model class): then it is the package diffusers
     made, with the submodules already loaded reused."""
 
-    _lock = threading.Lock()
+    _lock = threading.RLock()  # one package's __init__ may ask another deferred one for a name
 
     def __getattr__(self, name: str) -> Any:
         with self._lock:
             spec = self.__dict__.pop("_deferred_spec", None)
             if spec is not None:
                 spec.loader.exec_module(self)
-        if spec is None:
-            raise AttributeError(f"module {self.__name__!r} has no attribute {name!r}")
-        return getattr(self, name)
+        try:
+            return self.__dict__[name]
+        except KeyError:
+            raise AttributeError(f"module {self.__name__!r} has no attribute {name!r}") from None
 
 
 def _defer_package_init(name: str) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import heapq
 import json
 import os
 import platform
@@ -78,6 +79,15 @@ def serve(port: int, latency: float, model: str) -> None:
     httpd.daemon_threads = True
     print("ready", flush=True)
     httpd.serve_forever()
+
+
+def perfect_client_seconds(latency: float, first: int, n: int, concurrency: int) -> float:
+    """How long a client that always keeps `concurrency` requests in flight would take for the
+    simulator's requests first..first+n-1 (the server draws each one's latency from its number)."""
+    slots = [0.0] * concurrency
+    for i in range(first, first + n):
+        heapq.heappush(slots, heapq.heappop(slots) + latency * random.Random(i).uniform(0.5, 1.5))
+    return max(slots)
 
 
 def _share(rate: float, ideal: float) -> str:
@@ -192,6 +202,7 @@ def main() -> None:
                               stdout=subprocess.PIPE, text=True)
     work = tempfile.mkdtemp(prefix="ddaug-capsrv-")
     rows, spread = [], []
+    served = 0  # requests the simulator has answered: the next one's latency follows from it
     try:
         assert server.stdout.readline().strip() == "ready"
         in_dir = os.path.join(work, "in")
@@ -205,14 +216,17 @@ def main() -> None:
             ideal = c / args.latency if args.latency else float("inf")
             shares = []
             for rep in range(args.repeat):
+                perfect = perfect_client_seconds(args.latency, served, n, c) if args.latency else 0.0
                 out = os.path.join(work, f"out{c}")
                 load = os.getloadavg()[0]
                 done, secs, wall, rss, where = run_client(sub, out, f"http://127.0.0.1:{port}/v1", c,
                                                           args.shard_size, args.extra.split())
+                served += n
                 shares.append(done / wall / ideal)
                 rows.append(f"| {c} | {done} | {rep + 1} | {load:.2f} | {wall:.1f} | {done / wall:.1f} | "
                             f"{_share(done / wall, ideal)} | {secs:.1f} | {done / secs:.1f} | "
-                            f"{_share(done / secs, ideal)} | {rss / 1024:.0f} | {where} |")
+                            f"{_share(done / secs, ideal)} | {_share(n / perfect, ideal) if perfect else 'n/a'} | "
+                            f"{rss / 1024:.0f} | {where} |")
                 print(rows[-1], flush=True)
                 shutil.rmtree(out, ignore_errors=True)
             if args.latency:
@@ -232,10 +246,11 @@ def main() -> None:
              f"{' '.join(map(str, args.concurrency))} --images {' '.join(map(str, images))} --size {args.size} "
              f"--shard-size {args.shard_size} --repeat {args.repeat}" + (f" --extra '{args.extra}'" if args.extra else "") + "`",
              "- end to end: from the ddaug process's start to its exit (imports, server check, reading, "
-             "the last shard's commit); job: the run's own `done ... in Xs`",
+             "the last shard's commit); job: the run's own `done ... in Xs`; perfect C-slot client: the rate of a "
+             "client that keeps C requests in flight from the first to the last, for the same latency draws",
              "", "| concurrency | images | run | load avg (1 min) | process seconds | end-to-end req/s | of C/latency | "
-             "job seconds | job req/s | of C/latency | peak RSS MiB | -v: where the time went |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|", *rows, "", *spread, ""]
+             "job seconds | job req/s | of C/latency | perfect C-slot client | peak RSS MiB | -v: where the time went |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|", *rows, "", *spread, ""]
     emit(lines, args.results)
 
 
