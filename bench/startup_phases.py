@@ -13,6 +13,7 @@ processes of each and reports wall and CPU seconds per phase, with the load aver
     python bench/startup_phases.py /tmp/sdxl --repeat 3             # run it twice: cold, then warm cache
     rm -rf ~/.triton/cache && python bench/startup_phases.py /tmp/sdxl
     python bench/startup_phases.py /tmp/sdxl --profile 30           # cProfile of the load, top 30
+    python bench/startup_phases.py --chain --repeat 3               # what each heavy import adds
 """
 
 from __future__ import annotations
@@ -35,6 +36,48 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from results import emit  # noqa: E402
 
 WAYS = ("stock", "selective")
+
+# What each import adds to a fresh process after the ones above it: the heavy chains that every
+# diffusers model class pulls in, then the model classes themselves.
+CHAIN = [("import torch", "import torch"),
+         ("torch._dynamo (diffusers.utils.torch_utils)", "import torch._dynamo"),
+         ("transformers' PreTrainedModel (diffusers.loaders.lora_base)", "from transformers import PreTrainedModel"),
+         ("scipy.stats (diffusers.loaders.single_file_utils)", "import scipy.stats"),
+         ("the rest of diffusers.utils", "import diffusers.utils")]
+CLASSES = {"stock": "from diffusers import AutoencoderKL, UNet2DConditionModel",
+           "selective": "from ddaug.augment.models import diffusers_model_classes; diffusers_model_classes()"}
+
+
+def chain_process(way: str) -> None:
+    steps = []
+    for name, stmt in CHAIN + [(f"the two model classes, {way}", CLASSES[way])]:
+        c, n = time.process_time(), len(sys.modules)
+        exec(stmt, {})
+        steps.append((name, time.process_time() - c, len(sys.modules) - n))
+    print(json.dumps(steps), flush=True)
+
+
+def chain(args) -> None:
+    """CPU seconds and modules that each import in CHAIN adds, in fresh processes."""
+    runs: dict[str, list] = {way: [] for way in WAYS}
+    for _ in range(args.repeat):
+        for way in WAYS:
+            proc = subprocess.run([sys.executable, __file__, "--chain-one", way], capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise SystemExit(proc.stderr[-3000:])
+            runs[way].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    rows = []
+    for i, (name, _, modules) in enumerate(runs["selective"][0]):
+        ways = WAYS if i == len(CHAIN) else ("selective",)
+        for way in ways:
+            cpu = [run[i][1] for run in runs[way]]
+            label = runs[way][0][i][0]
+            rows.append(f"| {label} | {min(cpu):.2f}-{max(cpu):.2f} | {runs[way][0][i][2]} |")
+    emit([f"## What each import adds to a fresh augment process ({datetime.date.today()})",
+          f"- {os.cpu_count()} CPU cores (shared), load average {os.getloadavg()[0]:.2f} at the end, python "
+          f"{platform.python_version()}; command: `python bench/startup_phases.py --chain --repeat {args.repeat}`",
+          "", "| import (who asks for it) | CPU seconds (range) | modules added |", "|---|---|---|", *rows, ""],
+         args.results)
 
 
 def one_process(args) -> None:
@@ -102,11 +145,17 @@ def main() -> None:
     ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     ap.add_argument("--imports", choices=WAYS, default="selective", help=argparse.SUPPRESS)
     ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--chain-one", choices=WAYS, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--chain", action="store_true", help="what each heavy import adds, in fresh processes")
     ap.add_argument("--repeat", type=int, default=1, help="fresh processes of each import way")
     ap.add_argument("--side", type=int, default=512, help="the first batch's image side")
     ap.add_argument("--profile", type=int, default=0, help="print cProfile's top N of the load phase (one process)")
     ap.add_argument("--results", default=None)
     args = ap.parse_args()
+    if args.chain_one:
+        return chain_process(args.chain_one)
+    if args.chain:
+        return chain(args)
     if args.device is None:
         import torch
 
@@ -135,9 +184,12 @@ def main() -> None:
         walls = [w for w, _ in runs[way]]
         imports = [p[1][1] for _, p in runs[way]]
         imports_cpu = [p[1][2] for _, p in runs[way]]
+        to_loaded = [sum(c for _, _, c in p[:3]) for _, p in runs[way]]  # the phases' sum: load moves
         summary.append(f"- {way}: whole process median {statistics.median(walls):.2f} s (range {min(walls):.2f}-"
                        f"{max(walls):.2f}); import ddaug + model classes median {statistics.median(imports):.2f} s wall, "
-                       f"{statistics.median(imports_cpu):.2f} s CPU (range {min(imports_cpu):.2f}-{max(imports_cpu):.2f})")
+                       f"{statistics.median(imports_cpu):.2f} s CPU (range {min(imports_cpu):.2f}-{max(imports_cpu):.2f}); "
+                       f"imports + load, CPU median {statistics.median(to_loaded):.2f} s (range {min(to_loaded):.2f}-"
+                       f"{max(to_loaded):.2f})")
     import diffusers
     import torch
 
