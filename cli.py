@@ -11,25 +11,24 @@ import sys
 
 import click
 
-from ddaug.augment.models import PRESETS
-from ddaug.augment.run import DEFAULT_MAX_PIXELS
+from ddaug.augment.presets import DEFAULT_MAX_PIXELS, PRESETS
 
 log = logging.getLogger("ddaug")
 
 
-def _known_errors() -> tuple[type[Exception], ...]:
-    from ddaug.augment.models import ModelLoadError
-    from ddaug.captioning import VLMLoadError
-    from ddaug.pipeline.command import UserError
-    from ddaug.shards.export import ExportError
-    from ddaug.shards.inspect import InspectError
-    from ddaug.shards.loader import LoaderError
-    from ddaug.shards.questions import QuestionError
-    from ddaug.shards.store import StoreError
-    from ddaug.sources import SourceError
+# The user-fixable errors, by the module that defines each. Only modules already imported are
+# looked up: an exception cannot come from a module that never loaded, and importing them all
+# to catch one would load torch (seconds) into a command that does not use it.
+USER_ERRORS = {"ddaug.pipeline.command": "UserError", "ddaug.shards.store": "StoreError",
+               "ddaug.sources.readers": "SourceError", "ddaug.shards.inspect": "InspectError",
+               "ddaug.augment.models": "ModelLoadError", "ddaug.captioning.vlm": "VLMLoadError",
+               "ddaug.shards.questions": "QuestionError", "ddaug.shards.loader": "LoaderError",
+               "ddaug.shards.export": "ExportError"}
 
-    return (UserError, StoreError, SourceError, InspectError, ModelLoadError, VLMLoadError, QuestionError,
-            LoaderError, ExportError)
+
+def _known_errors() -> tuple[type[Exception], ...]:
+    loaded = (getattr(sys.modules.get(module), name, None) for module, name in USER_ERRORS.items())
+    return tuple(cls for cls in loaded if cls is not None)
 
 
 def user_errors(fn):
@@ -47,13 +46,29 @@ def _setup_logging(verbose: int) -> None:
     level = logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", force=True)
     if verbose < 2:
-        # diffusers/transformers warn about benign things on every load (dtype casts, custom
-        # timestep schedules); keep the terminal for what the user needs.
+        quiet_model_libraries()
+
+
+# The environment variables diffusers, transformers and huggingface_hub read when they load.
+QUIET_LIBRARY_ENV = {"DIFFUSERS_VERBOSITY": "error", "TRANSFORMERS_VERBOSITY": "error",
+                     "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+
+
+def quiet_model_libraries() -> None:
+    """diffusers/transformers warn about benign things on every load (dtype casts, custom
+    timestep schedules); keep the terminal for what the user needs. Through their environment
+    variables (a value the user set wins), so that a command that never loads them, such as
+    caption against a server, does not import them (seconds of start-up) just to quiet them."""
+    for name, value in QUIET_LIBRARY_ENV.items():
+        os.environ.setdefault(name, value)
+    if "diffusers" in sys.modules:  # loaded already (a caller in the same process): set it now
         from diffusers.utils import logging as dlog
-        from transformers.utils import logging as tlog
 
         dlog.set_verbosity_error()
         dlog.disable_progress_bar()
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as tlog
+
         tlog.set_verbosity_error()
         tlog.disable_progress_bar()
 
@@ -391,10 +406,12 @@ def caption(**kw) -> None:
     vlm = _check_vlm(kw["vlm"], kw["backend"])
     generation = GenerationSettings(max_new_tokens=kw["max_new_tokens"], temperature=kw["temperature"],
                                     top_p=kw["top_p"], seed=run.seed)
+    # With a server the dtype is the server's; choosing one here would load torch for nothing.
+    dtype = _dtype(kw["dtype"], run.device) if kw["backend"] == "transformers" else kw["dtype"] or CaptionOptions.dtype
     opts = CaptionOptions(vlm=vlm, backend=kw["backend"], task=kw["task"], lang=kw["lang"], stage=kw["stage"],
                           questions_file=kw["questions_file"], max_pixels=kw["max_pixels"],
                           lossless=kw["send_lossless"],
-                          generation=generation, dtype=_dtype(kw["dtype"], run.device),
+                          generation=generation, dtype=dtype,
                           trust_remote_code=kw["trust_remote_code"], domain=kw["domain"],
                           drop_truncated=kw["drop_truncated"], api_base=kw["api_base"],
                           concurrency=kw["concurrency"], timeout=kw["timeout"], max_retries=kw["max_retries"],

@@ -1,4 +1,4 @@
-"""Model presets and loading for the diffusion-flavour recipe.
+"""Model loading for the diffusion-flavour recipe (the presets are in presets.py).
 
 `--model` takes a preset name, a hub id, or a local folder in diffusers' pipeline layout
 (unet/, vae/, scheduler/, optionally text_encoder*/ tokenizer*/). Weights load from safetensors
@@ -7,45 +7,25 @@ only. Text encoders are loaded only for `--cond empty`.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
+import sys
+import threading
+import types
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from .presets import PRESETS, TINY_TRAINED, ModelSpec
+
 log = logging.getLogger(__name__)
 
-SDXL_BASE = "stabilityai/stable-diffusion-xl-base-1.0"
-SSD_1B = "segmind/SSD-1B"
 # SDXL's scheduler config (its scheduler/scheduler_config.json, Euler), shared by the tiny families.
 SDXL_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                      steps_offset=1, timestep_spacing="leading", prediction_type="epsilon")
-TINY_TRAINED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiny", "weights")
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    base: str                      # hub id or folder in pipeline layout (vae/, scheduler/, ...)
-    unet: str | None = None        # a separate UNet repo/folder (the LCM UNets ship alone)
-    scheduler: str = "auto"        # auto | euler | lcm
-    note: str = ""
-
-
-PRESETS: dict[str, ModelSpec] = {
-    "sdxl": ModelSpec(SDXL_BASE, note="SDXL base 1.0"),
-    "ssd-1b": ModelSpec(SSD_1B, note="Segmind SSD-1B (distilled SDXL)"),
-    "lcm-sdxl": ModelSpec(SDXL_BASE, unet="latent-consistency/lcm-sdxl", scheduler="lcm",
-                          note="LCM-distilled SDXL UNet; VAE and config from SDXL base"),
-    "lcm-ssd-1b": ModelSpec(SSD_1B, unet="latent-consistency/lcm-ssd-1b", scheduler="lcm",
-                            note="LCM-distilled SSD-1B UNet; VAE and config from SSD-1B"),
-    "tiny": ModelSpec(TINY_TRAINED, note="tiny SDXL-shaped model trained on offline photos (augment/tiny); "
-                                         "keeps the picture, for demos and fidelity tests"),
-    "tiny-random": ModelSpec("tiny-random", note="tiny SDXL-shaped random model built in code (offline demos/tests)"),
-    "tiny-random-lcm": ModelSpec("tiny-random-lcm", scheduler="lcm",
-                                 note="tiny-random with an LCM-style UNet (time_cond_proj_dim)"),
-}
 
 
 class ModelLoadError(Exception):
@@ -62,6 +42,55 @@ class DiffusionComponents:
     tokenizer: Any = None
     tokenizer_2: Any = None
     names: dict[str, str] = field(default_factory=dict)  # provenance: model, unet, vae, scheduler
+
+
+# -- diffusers' model classes ---------------------------------------------------------------------
+# diffusers.models' sub-packages import every class they hold as soon as one is asked for: all
+# ~100 transformer models (unet_2d_blocks needs two of them), every UNet, every VAE. ddaug needs
+# UNet2DConditionModel and AutoencoderKL, so they are imported from their defining modules under
+# these packages, whose own __init__ then runs only when something asks a package for a name.
+DEFERRED_PACKAGES = ("diffusers.models.autoencoders", "diffusers.models.transformers", "diffusers.models.unets")
+
+
+class _DeferredPackage(types.ModuleType):
+    """A package whose __init__ runs the first time it is asked for a name it does not hold yet
+    (e.g. a diffusers pipeline importing another model class): then it is the package diffusers
+    made, with the submodules already loaded reused."""
+
+    _lock = threading.RLock()  # one package's __init__ may ask another deferred one for a name
+
+    def __getattr__(self, name: str) -> Any:
+        with self._lock:
+            spec = self.__dict__.pop("_deferred_spec", None)
+            if spec is not None:
+                spec.loader.exec_module(self)
+        try:
+            return self.__dict__[name]
+        except KeyError:
+            raise AttributeError(f"module {self.__name__!r} has no attribute {name!r}") from None
+
+
+def _defer_package_init(name: str) -> None:
+    if name in sys.modules:
+        return
+    spec = importlib.util.find_spec(name)
+    if spec is None or spec.submodule_search_locations is None:
+        return  # another diffusers layout: import as usual
+    module = _DeferredPackage(name)
+    module.__spec__, module.__loader__, module.__file__ = spec, spec.loader, spec.origin
+    module.__path__, module.__package__ = list(spec.submodule_search_locations), name
+    module.__dict__["_deferred_spec"] = spec
+    sys.modules[name] = module
+
+
+def diffusers_model_classes() -> tuple[type, type]:
+    """UNet2DConditionModel and AutoencoderKL, the very classes diffusers' own imports give."""
+    for name in DEFERRED_PACKAGES:
+        _defer_package_init(name)
+    from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
+    from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
+
+    return UNet2DConditionModel, AutoencoderKL
 
 
 # -- tiny random models ---------------------------------------------------------------------------
@@ -94,7 +123,9 @@ def _tiny_clip_tokenizer(folder: str):
 def build_tiny_random(lcm: bool = False, text_encoders: bool = False, workdir: str | None = None) -> DiffusionComponents:
     """SDXL-shaped UNet (text_time added conditioning, cross-attention), an 8x-downsampling
     AutoencoderKL and SDXL's scheduler config, with seeded random weights."""
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, LCMScheduler, UNet2DConditionModel
+    from diffusers import EulerDiscreteScheduler, LCMScheduler
+
+    UNet2DConditionModel, AutoencoderKL = diffusers_model_classes()
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
@@ -197,8 +228,9 @@ def load_components(spec: ModelSpec, *, vae: str | None = None, text_encoders: b
         comps.scheduler = _scheduler_for(spec.scheduler, comps.scheduler, comps.unet)
         comps.names["scheduler"] = type(comps.scheduler).__name__
         return comps
-    from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.schedulers import SchedulerMixin
+
+    UNet2DConditionModel, AutoencoderKL = diffusers_model_classes()
 
     device_map = device if device and device != "cpu" else None
     unet_kw = {"torch_dtype": dtype, "device_map": device_map}

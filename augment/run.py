@@ -12,6 +12,7 @@ from ddaug.pipeline.command import RunOptions, UserError, execute
 from ddaug.pipeline.job import JobSummary
 
 from .models import ModelLoadError, load_components, resolve_spec
+from .presets import DEFAULT_MAX_PIXELS
 from .recipe import DTYPES, DiffusionFlavour, RecipeSettings
 from .stage import AugmentStage
 
@@ -22,11 +23,6 @@ log = logging.getLogger(__name__)
 # eager once compiled (bench/RESULTS.md, "COCO-like photos: per-shape costs and canvases of 64
 # and 128"). It runs the fused Triton norms instead (augment/groupnorm.py): a few seconds of JIT,
 # faster from the first batch (bench/RESULTS.md, "Fused VAE norms and a host that does not wait").
-
-
-# The memory bound (README "Output folder"): a model call never holds more than what 16 images
-# of 1024² need, which is what --batch-size auto takes on an 80 GB GPU.
-DEFAULT_MAX_PIXELS = 4096 * 4096
 
 
 @dataclass

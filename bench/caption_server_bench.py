@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import heapq
 import json
 import os
 import platform
@@ -23,6 +24,7 @@ import random
 import re
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -30,7 +32,6 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 import checkout  # noqa: E402,F401  (ddaug from this checkout, installed or not)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -81,6 +82,19 @@ def serve(port: int, latency: float, model: str) -> None:
     httpd.serve_forever()
 
 
+def perfect_client_seconds(latency: float, first: int, n: int, concurrency: int) -> float:
+    """How long a client that always keeps `concurrency` requests in flight would take for the
+    simulator's requests first..first+n-1 (the server draws each one's latency from its number)."""
+    slots = [0.0] * concurrency
+    for i in range(first, first + n):
+        heapq.heappush(slots, heapq.heappop(slots) + latency * random.Random(i).uniform(0.5, 1.5))
+    return max(slots)
+
+
+def _share(rate: float, ideal: float) -> str:
+    return f"{rate / ideal:.1%}" if ideal != float("inf") else "n/a (latency 0: client ceiling)"
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -109,14 +123,14 @@ def make_inputs(folder: str, n: int, size: tuple[int, int]) -> float:
 
 RSS_WRAPPER = ("import atexit, resource, sys; sys.argv[0] = 'ddaug'; "
                "atexit.register(lambda: print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "
-               "file=sys.stderr)); from cli import main; main()")
+               "file=sys.stderr)); from ddaug.cli import main; main()")
 
 
 def run_client(in_dir: str, out_dir: str, api_base: str, concurrency: int, shard_size: int, extra: list[str]):
     cmd = [sys.executable, "-c", RSS_WRAPPER, "-v", "caption", in_dir, "-o", out_dir, "--backend", "openai",
            "--api-base", api_base, "--vlm", "sim", "--concurrency", str(concurrency), "--shard-size",
            str(shard_size), "-q", *extra]
-    env = dict(os.environ, PYTHONPATH=ROOT, NO_PROXY="127.0.0.1", no_proxy="127.0.0.1")
+    env = dict(os.environ, NO_PROXY="127.0.0.1", no_proxy="127.0.0.1")  # ddaug as installed (or PYTHONPATH)
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - t0
@@ -135,7 +149,7 @@ def downsize_cpu(results: str | None, passes: int = 25) -> None:
 
     import torch
 
-    from ddaug.captioning.images import TORCH_RESIZE, load_caption_image
+    from ddaug.captioning.images import load_caption_image, torch_resize
 
     work = tempfile.mkdtemp(prefix="ddaug-downsize-")
     rows = []
@@ -159,7 +173,7 @@ def downsize_cpu(results: str | None, passes: int = 25) -> None:
         shutil.rmtree(work, ignore_errors=True)
     emit([f"## caption request image path, CPU per image on one core ({datetime.date.today()})",
           "- command: `python bench/caption_server_bench.py --downsize-cpu`",
-          f"- resize: {'torch uint8 antialiased bicubic (AVX2 kernel)' if TORCH_RESIZE else 'Pillow BILINEAR'}; "
+          f"- resize: {'torch uint8 antialiased bicubic (AVX2 kernel)' if torch_resize() else 'Pillow BILINEAR'}; "
           f"CPU capability {torch.backends.cpu.get_cpu_capability()}, {os.cpu_count()} cores", "",
           "| input | ms CPU per image |", "|---|---|", *rows, ""], results)
 
@@ -173,6 +187,7 @@ def main() -> None:
     ap.add_argument("--images", type=int, nargs="+", default=None, help="per --concurrency entry")
     ap.add_argument("--size", default="1024x1024", help="input WxH (JPEG q92)")
     ap.add_argument("--shard-size", type=int, default=1000)
+    ap.add_argument("--repeat", type=int, default=1, help="runs per --concurrency entry (the spread is reported)")
     ap.add_argument("--extra", default="", help="more ddaug caption flags, e.g. '--max-pixels 1048576'")
     ap.add_argument("--downsize-cpu", action="store_true", help="only measure the client's per-image CPU")
     ap.add_argument("--results", default=None)
@@ -187,7 +202,8 @@ def main() -> None:
     server = subprocess.Popen([sys.executable, __file__, "--serve", "--port", str(port), "--latency", str(args.latency)],
                               stdout=subprocess.PIPE, text=True)
     work = tempfile.mkdtemp(prefix="ddaug-capsrv-")
-    rows = []
+    rows, spread = [], []
+    served = 0  # requests the simulator has answered: the next one's latency follows from it
     try:
         assert server.stdout.readline().strip() == "ready"
         in_dir = os.path.join(work, "in")
@@ -198,16 +214,25 @@ def main() -> None:
                 os.makedirs(sub)
                 for name in sorted(os.listdir(in_dir))[:n]:
                     os.link(os.path.join(in_dir, name), os.path.join(sub, name))
-            out = os.path.join(work, f"out{c}")
-            done, secs, wall, rss, where = run_client(sub, out, f"http://127.0.0.1:{port}/v1", c, args.shard_size,
-                                                      args.extra.split())
-            rate = done / secs
             ideal = c / args.latency if args.latency else float("inf")
-            share = f"{rate / ideal:.1%}" if args.latency else "n/a (latency 0: client ceiling)"
-            rows.append(f"| {c} | {done} | {secs:.1f} | {rate:.1f} | {ideal:.1f} | {share} | {rss / 1024:.0f} | "
-                        f"{where} |")
-            print(rows[-1], flush=True)
-            shutil.rmtree(out, ignore_errors=True)
+            shares = []
+            for rep in range(args.repeat):
+                perfect = perfect_client_seconds(args.latency, served, n, c) if args.latency else 0.0
+                out = os.path.join(work, f"out{c}")
+                load = os.getloadavg()[0]
+                done, secs, wall, rss, where = run_client(sub, out, f"http://127.0.0.1:{port}/v1", c,
+                                                          args.shard_size, args.extra.split())
+                served += n
+                shares.append(done / wall / ideal)
+                rows.append(f"| {c} | {done} | {rep + 1} | {load:.2f} | {wall:.1f} | {done / wall:.1f} | "
+                            f"{_share(done / wall, ideal)} | {secs:.1f} | {done / secs:.1f} | "
+                            f"{_share(done / secs, ideal)} | {_share(n / perfect, ideal) if perfect else 'n/a'} | "
+                            f"{rss / 1024:.0f} | {where} |")
+                print(rows[-1], flush=True)
+                shutil.rmtree(out, ignore_errors=True)
+            if args.latency:
+                spread.append(f"- C={c}: end to end {min(shares):.1%} to {max(shares):.1%} of C/latency "
+                              f"(median {statistics.median(shares):.1%}) over {len(shares)} run(s)")
     finally:
         server.terminate()
         server.wait()
@@ -220,9 +245,13 @@ def main() -> None:
              f"pillow {PIL.__version__}; server: a threading HTTP server in its own process on the same machine",
              f"- command: `python bench/caption_server_bench.py --latency {args.latency:g} --concurrency "
              f"{' '.join(map(str, args.concurrency))} --images {' '.join(map(str, images))} --size {args.size} "
-             f"--shard-size {args.shard_size}" + (f" --extra '{args.extra}'" if args.extra else "") + "`",
-             "", "| concurrency | images | job seconds | req/s | ideal C/latency | of ideal | peak RSS MiB | "
-             "-v: where the time went |", "|---|---|---|---|---|---|---|---|", *rows, ""]
+             f"--shard-size {args.shard_size} --repeat {args.repeat}" + (f" --extra '{args.extra}'" if args.extra else "") + "`",
+             "- end to end: from the ddaug process's start to its exit (imports, server check, reading, "
+             "the last shard's commit); job: the run's own `done ... in Xs`; perfect C-slot client: the rate of a "
+             "client that keeps C requests in flight from the first to the last, for the same latency draws",
+             "", "| concurrency | images | run | load avg (1 min) | process seconds | end-to-end req/s | of C/latency | "
+             "job seconds | job req/s | of C/latency | perfect C-slot client | peak RSS MiB | -v: where the time went |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|", *rows, "", *spread, ""]
     emit(lines, args.results)
 
 

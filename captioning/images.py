@@ -15,12 +15,12 @@ transformers backend gets the decoded, capped picture (LANCZOS).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from PIL import Image
 
 from ddaug.pipeline.images import FORMAT_MEMBER_EXT, check_decodes, fail_decode, read_storable
@@ -35,8 +35,12 @@ JPEG_QUALITY = 95
 # Without AVX2 torch's generic kernel is slower than Pillow and wakes the OpenMP pool, whose idle
 # workers then spin through the rest of each image's work (counted CPU time), so Pillow resizes
 # there. Pillow lends its pixel memory through Arrow (11.2+); pyarrow, a dependency already, reads it.
-TORCH_RESIZE = (torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
-                and hasattr(Image.Image, "__arrow_c_array__"))
+# Asked on the first downsize: a run that sends every image as it is (the default) never loads torch.
+@functools.cache
+def torch_resize() -> bool:
+    import torch
+
+    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") and hasattr(Image.Image, "__arrow_c_array__")
 
 
 @dataclass
@@ -92,8 +96,9 @@ def downsize_for_request(img: Image.Image, size: tuple[int, int]) -> Image.Image
     BICUBIC on average, at 2/3 of its cost; BOX, cheaper still, leaves moire on fine detail),
     after an integer box reduction to at most twice the size (reducing_gap: far cheaper for
     large reductions)."""
-    if TORCH_RESIZE and img.mode == "RGB":
+    if img.mode == "RGB" and torch_resize():
         import pyarrow as pa  # here: a run that never downsizes does not load it
+        import torch
 
         try:
             flat = torch.from_dlpack(pa.array(img).values)

@@ -145,6 +145,9 @@ def run_caption(run: RunOptions, opts: CaptionOptions) -> JobSummary:
     if opts.lossless and opts.backend == "openai":
         config["request_encoding"] = "png"  # absent by default, so folders made before it still match
     if opts.backend == "openai":
+        # The model runs on the server: this process needs no device, and placing it on one
+        # would load torch (seconds of start-up) for nothing.
+        run = replace(run, device="cpu")
         # Requests go out at load time, up to the job's look-ahead (2 batches): batches of 2C keep
         # C in flight while a shard is drained, fsynced and committed (captioning/stage.py).
         run = replace(run, batch_size=max(run.batch_size or DEFAULT_BATCH_SIZE, 2 * opts.concurrency))

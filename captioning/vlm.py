@@ -1,7 +1,8 @@
 """The transformers backend: any AutoModelForImageTextToText + AutoProcessor with a chat template.
 
 `--vlm` takes a preset, a hub id or a local folder. Weights load from safetensors only; remote
-code runs only when the user passes --trust-remote-code.
+code runs only when the user passes --trust-remote-code. torch and transformers load when a
+model does: the openai backend uses this module's settings and prompts without them.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import torch
 from PIL import Image
 
 from .replies import Reply
@@ -87,6 +87,7 @@ _TINY_TEMPLATE = (
 def save_tiny_vlm(folder: str, seed: int = 0) -> str:
     """Build a tiny Qwen2-VL (2 text layers, 2 vision blocks) with a byte-level BPE tokenizer
     trained in process, and save model + processor with save_pretrained (safetensors)."""
+    import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import (PreTrainedTokenizerFast, Qwen2VLConfig, Qwen2VLForConditionalGeneration,
                               Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor)
@@ -148,19 +149,20 @@ def missing_package(exc: ImportError) -> str:
     return m.group(1) if m else (exc.name or str(exc).splitlines()[0]).split(".")[0]
 
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}  # torch dtypes, by name: torch loads with a model
 
 
-def load_vlm(name: str, *, device: torch.device | str, dtype: str, trust_remote_code: bool = False):
+def load_vlm(name: str, *, device: "str", dtype: str, trust_remote_code: bool = False):
     """(processor, model) of a preset, hub id or folder, on device in eval mode; VLMLoadError
     with one line when it cannot be loaded or has no chat template."""
+    import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     path = resolve_vlm(name)
     try:
         processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
         model = AutoModelForImageTextToText.from_pretrained(
-            path, dtype=DTYPES[dtype], use_safetensors=True, trust_remote_code=trust_remote_code)
+            path, dtype=getattr(torch, DTYPES[dtype]), use_safetensors=True, trust_remote_code=trust_remote_code)
     except ImportError as exc:  # a family's optional dependency (SmolVLM: num2words)
         raise VLMLoadError(f"cannot load VLM {name!r}: it needs the Python package "
                            f"{missing_package(exc)} (pip install {missing_package(exc)})") from None
@@ -179,6 +181,8 @@ class TransformersVLM:
 
     def __init__(self, name: str, *, device: str, dtype: str, settings: GenerationSettings,
                  trust_remote_code: bool = False):
+        import torch
+
         self.model_name = name
         self.settings = settings
         self.device = torch.device(device)
@@ -207,26 +211,28 @@ class TransformersVLM:
         batch = self.processor(text=texts, images=[[p.image] for p in prompts], return_tensors="pt", padding=True)
         return batch.to(self.device)
 
-    @torch.inference_mode()
     def generate(self, prompts: list[Prompt], max_new_tokens: int | None = None) -> list[Reply]:
-        t0 = time.monotonic()
-        batch = self._inputs(prompts)
-        kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens or self.settings.max_new_tokens,
-                                  "pad_token_id": self.pad_id}
-        if self.settings.greedy:
-            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        else:
-            torch.manual_seed(self.settings.seed)
-            kwargs.update(do_sample=True, temperature=self.settings.temperature, top_p=self.settings.top_p)
-        out = self.model.generate(**batch, **kwargs)
-        new = out[:, batch["input_ids"].shape[1]:].cpu()
-        seconds = (time.monotonic() - t0) / len(prompts)
-        prompt_tokens = batch["attention_mask"].sum(dim=1).tolist()
-        replies = []
-        for row, n_prompt in zip(new.tolist(), prompt_tokens):
-            stop = next((i for i, t in enumerate(row) if t in self.eos_ids), None)
-            tokens = row if stop is None else row[:stop]
-            text = self.processor.tokenizer.decode(tokens, skip_special_tokens=True).strip()
-            replies.append(Reply(text, "length" if stop is None else "stop", int(n_prompt),
-                                 len(tokens) + (stop is not None), seconds))
-        return replies
+        import torch
+
+        with torch.inference_mode():
+            t0 = time.monotonic()
+            batch = self._inputs(prompts)
+            kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens or self.settings.max_new_tokens,
+                                      "pad_token_id": self.pad_id}
+            if self.settings.greedy:
+                kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+            else:
+                torch.manual_seed(self.settings.seed)
+                kwargs.update(do_sample=True, temperature=self.settings.temperature, top_p=self.settings.top_p)
+            out = self.model.generate(**batch, **kwargs)
+            new = out[:, batch["input_ids"].shape[1]:].cpu()
+            seconds = (time.monotonic() - t0) / len(prompts)
+            prompt_tokens = batch["attention_mask"].sum(dim=1).tolist()
+            replies = []
+            for row, n_prompt in zip(new.tolist(), prompt_tokens):
+                stop = next((i for i, t in enumerate(row) if t in self.eos_ids), None)
+                tokens = row if stop is None else row[:stop]
+                text = self.processor.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+                replies.append(Reply(text, "length" if stop is None else "stop", int(n_prompt),
+                                     len(tokens) + (stop is not None), seconds))
+            return replies

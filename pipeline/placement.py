@@ -31,6 +31,8 @@ def _env_int(name: str) -> int | None:
 def check_device(device: str) -> str:
     """The device as torch spells it, or DeviceError saying why this machine cannot use it.
     Checked before the output folder is touched, so a typo costs nothing."""
+    if device == "cpu":  # every machine has one; asking torch would load it (seconds) for nothing
+        return device
     import torch
 
     try:

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import secrets
+import tarfile
 import threading
 from typing import Any
-
-from webdataset import TarWriter
 
 TMP_SUFFIX = ".tmp"
 # A process's temporary files end in .tmp-{token}: the pid alone is not unique once processes on
@@ -114,6 +114,27 @@ class _HashingFile:
         self._f.flush()
 
 
+class TarStream:
+    """webdataset's tar layout, written with the standard library: one member `key.suffix` per
+    file, in sorted suffix order, mode 0444, a fixed owner and mtime 0, so the same samples give
+    the same bytes, those of `webdataset.TarWriter(encoder=False, mtime=0)`. webdataset itself
+    imports torch when it is installed: seconds of start-up for a job that only writes tars."""
+
+    def __init__(self, fileobj, user: str = "ddaug", group: str = "ddaug"):
+        self._tar = tarfile.open(fileobj=fileobj, mode="w|")
+        self.user, self.group = user, group
+
+    def write(self, key: str, files: dict[str, bytes]) -> None:
+        for suffix in sorted(files):
+            info = tarfile.TarInfo(f"{key}.{suffix}")
+            info.size, info.mtime, info.mode = len(files[suffix]), 0, 0o444
+            info.uname, info.gname = self.user, self.group
+            self._tar.addfile(info, io.BytesIO(files[suffix]))
+
+    def close(self) -> None:
+        self._tar.close()
+
+
 class ShardWriter:
     """One shard, written under a temporary name (`<name>.tmp`, or tmp_path) and renamed to its
     final name on `commit()`; `finish()` completes it on disk under the temporary name and
@@ -128,7 +149,7 @@ class ShardWriter:
         self.tmp_path = tmp_path or final_path + TMP_SUFFIX
         self._file = open(self.tmp_path, "wb")
         self._hashing = _HashingFile(self._file)
-        self._tar = TarWriter(self._hashing, encoder=False, mtime=0, user="ddaug", group="ddaug")
+        self._tar = TarStream(self._hashing)
         self.samples = 0
         self.text_only = 0  # samples with a json member only (records without images)
         self.keys: list[str] = []
@@ -138,7 +159,7 @@ class ShardWriter:
 
     def write(self, key: str, files: dict[str, bytes]) -> None:
         """files maps member suffix ("png", "0.png", "json") to bytes."""
-        self._tar.write({"__key__": key, **files})
+        self._tar.write(key, files)
         crash_point("tar-write")
         self.samples += 1
         self.text_only += set(files) == {"json"}

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import warnings
 
-import numpy as np
 from PIL import Image, ImageOps
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
@@ -31,11 +30,15 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         return Image.alpha_composite(background, rgba).convert("RGB")
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         # 16/32-bit integer grayscale: scale the used range to 8 bits instead of clipping to white.
+        import numpy as np  # here: most inputs are 8-bit, and a caption run needs numpy for nothing else
+
         arr = np.asarray(img, dtype=np.float64)
         top = 65535.0 if mode.startswith("I;16") else max(float(arr.max()), 1.0)
         arr8 = np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
         return Image.fromarray(arr8, mode="L").convert("RGB")
     if mode == "F":
+        import numpy as np
+
         arr = np.asarray(img, dtype=np.float64)
         lo, hi = float(np.nanmin(arr)), float(np.nanmax(arr))
         scale = 255.0 / (hi - lo) if hi > lo else 0.0
