@@ -129,7 +129,7 @@ def test_a_shard_folder_named_twice_is_exported_once(tmp_path, photo_dir):
 
 
 def test_energon_export_of_sets_sharing_keys_is_one_line_and_links_nothing(tmp_path, photo_dir):
-    # The README's own case (two runs over one input set) share keys. Energon's prepare refused
+    # docs/training.md's own case (two runs over one input set) share keys. Energon's prepare refused
     # them after the tars were linked, and its message said to run `--fix-duplicates`, which
     # rewrites the linked tars in place: the user's own shards.
     img2img, vae = _chat_shards(tmp_path), _chat_shards(tmp_path, "--mode", "vae")

@@ -221,7 +221,7 @@ stages:
 
 
 def test_readme_training_script_under_accelerate_two_processes(shard_sets, tmp_path):
-    """The README's example: 2 processes on CPU, a 10:1 mix over two shard sets, a stage switch."""
+    """docs/training.md's example: 2 processes on CPU, a 10:1 mix over two shard sets, a stage switch."""
     import subprocess
     import sys
 

@@ -1,4 +1,4 @@
-"""examples/premise_photos.py, the first step of the README's premise run: two crop folders
+"""examples/premise_photos.py, the first step of docs/gap.md's premise run: two crop folders
 with disjoint photo content, business PNG and general JPEG, the same on every run."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Every reader the README names loads ddaug data with 1- and 2-image samples, a text-only
+"""Every reader docs/training.md names loads ddaug data with 1- and 2-image samples, a text-only
 sample and mixed JPEG/PNG members, and gets every turn and every image: HF datasets (through
 `export --format hf`), Megatron-Energon (the shipped sample type and cooker, `energon info`, `lint`
 and `preview`), plain webdataset, the ddaug loader, and the LLaMA-Factory / ms-swift exports."""
