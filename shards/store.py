@@ -14,6 +14,7 @@ skips them; manifest and ledger are rebuilt from the markers, so they always agr
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -149,6 +150,7 @@ class OutputFolder:
             raise StoreError(f"cannot create output folder {self.path}: {exc.strerror}") from None
         if not os.access(self.path, os.W_OK | os.X_OK):
             raise StoreError(f"output folder {self.path} is not writable")
+        self._check_hard_links()
         live = work.live_workers(self.path)
         if live and overwrite:
             raise StoreError(f"--overwrite: {len(live)} worker(s) are still writing to {self.path}; "
@@ -170,6 +172,23 @@ class OutputFolder:
         if not keep or not os.path.exists(run_path):
             atomic_write_json(run_path, {"command": self.command, "config": self.config, **run_info})
         self.sweep()
+
+    def _check_hard_links(self) -> None:
+        """Commits and leases are hard links (shards/units.py): without them no unit could ever
+        commit, and the error would name a temporary file and promise a rerun that fails again."""
+        probe = os.path.join(self.path, f".links-{process_token()}")
+        with open(probe, "wb"):
+            pass
+        try:
+            os.link(probe, probe + ".2")
+            os.unlink(probe + ".2")
+        except OSError as exc:
+            if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS):
+                raise
+            raise StoreError(f"output folder {self.path} is on a file system without hard links, which ddaug "
+                             f"needs to commit shards; write to a local disk or NFS/Lustre/GPFS/CephFS") from None
+        finally:
+            os.unlink(probe)
 
     def _previous_run(self, run_path: str) -> dict[str, Any] | None:
         if not os.path.exists(run_path):

@@ -204,6 +204,17 @@ def test_disk_full_when_the_folder_is_set_up_is_one_line(tmp_path, photo_dir, mo
     one_line_error(r, "No space left on device", str(tmp_path / "out"))
 
 
+def test_a_folder_without_hard_links_is_refused_in_one_line_before_any_work(tmp_path, photo_dir, monkeypatch):
+    def no_links(src, dst, *args, **kwargs):  # vfat, SMB, FUSE mounts of object stores
+        raise OSError(errno.EPERM, "Operation not permitted", src, None, dst)
+
+    monkeypatch.setattr(os, "link", no_links)
+    r = invoke("augment", photo_dir, "-o", tmp_path / "out", *FAST, expect_ok=False)
+    one_line_error(r, str(tmp_path / "out"), "without hard links")
+    assert ".tmp-" not in r.output and "rerun" not in r.output, r.output
+    assert not [n for n in os.listdir(tmp_path / "out") if n.startswith(".")]  # no probe left behind
+
+
 def test_inspect_names_a_corrupt_manifest_or_ledger(tmp_path, augmented):
     for name, content in [("manifest.json", b"{\"shards\": [1, 2"), ("manifest.json", b"[]"),
                           ("manifest.json", b"\xff\xfe\x00"), ("failures.jsonl", b"{\"key\": 1}\nnot json\n"),
