@@ -128,9 +128,24 @@ def _alive(pid: int) -> bool:
 HOST = socket.gethostname()
 
 
+def _pid_space() -> str:
+    """Which pids this process can see: the kernel's boot and the pid namespace. Cloned VMs and
+    containers often share a hostname, and a pid free here may be running there; they never
+    share this."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
+            return f"{f.read().strip()}/{os.readlink('/proc/self/ns/pid')}"
+    except OSError:  # not Linux: the hostname alone tells hosts apart
+        return ""
+
+
+PID_SPACE = _pid_space()
+
+
 def _dead_here(info: dict) -> bool:
     """A process of this host that is gone: its leases need not wait out the timeout."""
-    return info.get("host") == HOST and isinstance(info.get("pid"), int) and not _alive(info["pid"])
+    return (info.get("host") == HOST and info.get("pid_space") == PID_SPACE and isinstance(info.get("pid"), int)
+            and not _alive(info["pid"]))
 
 
 # -- the plan ------------------------------------------------------------------------------------------
@@ -331,8 +346,9 @@ class Worker:
     def _write_file(self, state: str = "running") -> None:
         with self._lock:
             current = sorted(self.held)
-        record = {"worker": self.id, "host": HOST, "pid": os.getpid(), "label": self.label, "state": state,
-                  "started": self.started, "timeout": self.timeout, "committed": self.committed, "current": current}
+        record = {"worker": self.id, "host": HOST, "pid_space": PID_SPACE, "pid": os.getpid(), "label": self.label,
+                  "state": state, "started": self.started, "timeout": self.timeout, "committed": self.committed,
+                  "current": current}
         with self._file_lock:  # the heartbeat thread and the main thread share the temporary name
             atomic_write_json(self.path, record)
 
@@ -392,8 +408,8 @@ class Worker:
         """Take the unit's lease: free, or stale and renamed away by this worker."""
         path = lease_path(self.folder, name)
         token = secrets.token_hex(8)
-        body = (json.dumps({"worker": self.id, "host": HOST, "pid": os.getpid(), "token": token,
-                            "timeout": self.timeout, "taken": time.time()}) + "\n").encode()
+        body = (json.dumps({"worker": self.id, "host": HOST, "pid_space": PID_SPACE, "pid": os.getpid(),
+                            "token": token, "timeout": self.timeout, "taken": time.time()}) + "\n").encode()
         if not link_exclusive(path, body):
             got = _lease_info(path)  # aged by its holder's timeout, which sets its heartbeat
             if got is None or not _stale(got[0], got[1], now, got[0].get("timeout", self.timeout)):
@@ -554,7 +570,7 @@ def token_is_dead(folder: str, token: str) -> bool:
     try:
         info = _read_json(os.path.join(folder, f"{WORKER_PREFIX}{token}.json"))
     except (FileNotFoundError, ValueError, UnicodeDecodeError):
-        info = {"host": HOST, "pid": pid}
+        info = {"host": HOST, "pid_space": PID_SPACE, "pid": pid}
     if not isinstance(info, dict):
         return False
     return info.get("state") == "exited" or _dead_here(info)

@@ -329,3 +329,28 @@ def test_inspect_shows_progress_per_unit_and_per_worker(tmp_path, photo_dir):
     assert "expired  unit 000-000002 by worker 77.0badc0de (host elsewhere, pid 77), heartbeat 30" in r.output
     assert "pending  000-000000, 000-000003" in r.output
     assert f"worker   {worker.id} host" in r.output and "running: 0 unit(s) committed, current 000-000001" in r.output
+
+
+def test_a_live_worker_of_another_machine_with_the_same_hostname_is_not_taken_for_dead(tmp_path, photo_dir):
+    """Cloned VMs and containers often share a hostname: a pid that is free here may be running
+    there. Its lease must wait out the timeout, and its unfinished shard must stay."""
+    import socket
+
+    out = tmp_path / "out"
+    invoke("augment", photo_dir, "-o", out, *FAST, "--shard-size", "1", "--plan-only")
+    dead_pid = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+    there = {"host": socket.gethostname(), "pid": int(dead_pid), "pid_space": "another machine", "timeout": 120}
+    token = f"{dead_pid}.0badc0de"
+    (out / f".worker-{token}.json").write_text(json.dumps({**there, "worker": token, "state": "running"}))
+    (out / ".lease-000-000000").write_text(json.dumps({**there, "worker": token, "token": "t"}))
+    partial = out / f"shard-000-000000.tar.tmp-{token}"
+    partial.write_bytes(b"half a shard")
+
+    r = invoke("inspect", out, "--json")
+    (progress,) = json.loads(r.output)["progress"].values()
+    assert [u["unit"] for u in progress["leased"]] == ["000-000000"] and not progress["expired"], progress
+    assert [w["state"] for w in progress["workers"]] == ["running"], progress
+    r = invoke("augment", photo_dir, "-o", out, *FAST, "--shard-size", "1", expect_ok=False)
+    assert "being written by 1 other worker(s)" in r.output, r.output
+    assert partial.exists()
