@@ -267,7 +267,7 @@ class OutputFolder:
                 unit = m["round"] + "-" + m["index"]
                 if unit in markers:
                     if unit not in rolled:
-                        work.roll_forward(self.path, self._read_stats(self._marker_path(unit)))
+                        self._roll_forward(self._read_stats(self._marker_path(unit)))
                         rolled.add(unit)
                     self._remove(name)
                 elif work.token_is_dead(self.path, m["token"]):
@@ -276,6 +276,15 @@ class OutputFolder:
                 self._remove(name)
             elif name.startswith(work.LEASE_PREFIX) and name[len(work.LEASE_PREFIX):] in markers:
                 self._remove(name)  # a lease on a committed unit: its holder died before letting go
+
+    def _roll_forward(self, stats: dict[str, Any]) -> None:
+        try:
+            work.roll_forward(self.path, stats)
+        except FileNotFoundError:  # the tar was removed by hand: every later command would stop here
+            marker = shard_stem(self.prefix, work.unit_name(stats["round"], stats["index"])) + STATS_SUFFIX
+            raise StoreError(f"{os.path.join(self.path, stats['shard'])} is missing, though its done marker "
+                             f"{marker} says it was written; remove the marker (its shard is redone) "
+                             f"or use --overwrite") from None
 
     # -- state ---------------------------------------------------------------------------------
     def _holds_work(self) -> bool:
@@ -365,7 +374,7 @@ class OutputFolder:
             self._summary = _Summary()  # a marker vanished or was replaced: start over
         for name in sorted(entries.keys() - self._summary.seen.keys()):
             stats = self._read_stats(os.path.join(self.path, name))
-            work.roll_forward(self.path, stats)  # its committer may have died before placing the tar
+            self._roll_forward(stats)  # its committer may have died before placing the tar
             self._summary.add(stats)
             self._summary.seen[name] = entries[name]
 

@@ -215,6 +215,18 @@ def test_a_folder_without_hard_links_is_refused_in_one_line_before_any_work(tmp_
     assert not [n for n in os.listdir(tmp_path / "out") if n.startswith(".")]  # no probe left behind
 
 
+def test_a_shard_removed_by_hand_is_named_and_redone_once_its_marker_goes(tmp_path, augmented):
+    out, src = _copy(augmented, tmp_path), augmented / "photos"
+    ref = read_samples(out)
+    os.remove(out / "shard-000-000000.tar")
+    r = invoke("augment", src, "-o", out, *FAST, "--shard-size", "2", expect_ok=False)
+    one_line_error(r, str(out / "shard-000-000000.tar"), "is missing", "shard-000-000000.stats.json")
+    assert ".tmp-" not in r.output and "rerun" not in r.output, r.output
+    os.remove(out / "shard-000-000000.stats.json")
+    invoke("augment", src, "-o", out, *FAST, "--shard-size", "2")
+    assert read_samples(out) == ref
+
+
 def test_inspect_names_a_corrupt_manifest_or_ledger(tmp_path, augmented):
     for name, content in [("manifest.json", b"{\"shards\": [1, 2"), ("manifest.json", b"[]"),
                           ("manifest.json", b"\xff\xfe\x00"), ("failures.jsonl", b"{\"key\": 1}\nnot json\n"),
