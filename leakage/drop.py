@@ -101,5 +101,8 @@ def _filter_shard(folder: OutputFolder, index: int, shard: str, leave_out: set[i
     except BaseException:
         writer.abort()
         raise
-    return folder.commit_shard(unit, writer, covered_keys=covered, failures=failures,
-                               seconds=time.perf_counter() - started)
+    stats = folder.commit_shard(unit, writer, covered_keys=covered, failures=failures,
+                                seconds=time.perf_counter() - started)
+    if stats is None:  # another run into this folder committed it first: its copy is the one kept
+        stats = next(s for s in folder.finished() if s["round"] == 0 and s["index"] == index)
+    return stats

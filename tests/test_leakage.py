@@ -290,3 +290,36 @@ def test_drop_killed_mid_shard_leaves_no_partial_shard_and_resumes(leak_set, tmp
     original = {**read_samples(root / "train" / "web"), **read_samples(root / "train" / "augmented")}
     kept = read_samples(tmp_path / "clean")
     assert set(kept) == set(original) - set(expected) and all(kept[k] == original[k] for k in kept)
+
+
+def test_two_drops_into_one_folder_at_once_both_finish_with_one_copy(leak_set, tmp_path):
+    """The same command started twice (two terminals, a retried job step): the one that finds a
+    filtered shard committed by the other uses it instead of crashing."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root, expected, _ = leak_set
+    def cmd(report):
+        return [sys.executable, "-m", "ddaug", "leakage", "--train", str(root / "train" / "web"), "--eval",
+                str(root / "eval"), "-o", str(tmp_path / report), "--drop", str(tmp_path / "clean"), "-q"]
+
+    first = subprocess.Popen(cmd("report"), env={**os.environ, "DDAUG_STOP_AT": "stats-replace:1"},
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(1200):  # frozen just before committing its first filtered shard
+            with open(f"/proc/{first.pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "T":
+                    break
+            time.sleep(0.05)
+        second = subprocess.run(cmd("report2"), capture_output=True, text=True)
+        assert second.returncode == 0, second.stderr[-2000:]
+    finally:
+        first.send_signal(signal.SIGCONT)
+    out, err = first.communicate(timeout=120)
+    assert first.returncode == 0 and "Traceback" not in err, err[-2000:]
+    assert not [n for n in os.listdir(tmp_path / "clean") if ".tmp" in n]
+    kept = read_samples(tmp_path / "clean")
+    original = read_samples(root / "train" / "web")
+    assert set(kept) == set(original) - set(expected) and all(kept[k] == original[k] for k in kept)
