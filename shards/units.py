@@ -285,12 +285,15 @@ def lease_path(folder: str, name: str) -> str:
 
 
 def _lease_info(path: str) -> tuple[dict, float] | None:
-    """A lease's content and last heartbeat, or None when it is gone (or being replaced)."""
+    """A lease's content and last heartbeat, or None when it is gone (or being replaced). One
+    that does not parse is aged by its time alone: no worker beats it, so it goes stale."""
     try:
         mtime = os.stat(path).st_mtime
         info = _read_json(path)
-    except (FileNotFoundError, ValueError, UnicodeDecodeError):
+    except FileNotFoundError:
         return None
+    except (ValueError, UnicodeDecodeError):
+        info = {}
     return (info if isinstance(info, dict) else {}), mtime
 
 

@@ -354,3 +354,18 @@ def test_a_live_worker_of_another_machine_with_the_same_hostname_is_not_taken_fo
     r = invoke("augment", photo_dir, "-o", out, *FAST, "--shard-size", "1", expect_ok=False)
     assert "being written by 1 other worker(s)" in r.output, r.output
     assert partial.exists()
+
+
+def test_an_unreadable_lease_is_aged_like_any_other_and_its_unit_done(tmp_path, photo_dir):
+    """An empty or garbled lease (touched by hand, a file server's crash) must not hold its unit
+    forever: every worker would wait for it without end."""
+    out = tmp_path / "out"
+    invoke("augment", photo_dir, "-o", out, *FAST, "--shard-size", "1", "--plan-only")
+    (out / ".lease-000-000000").write_bytes(b"")
+    old = time.time() - 60
+    os.utime(out / ".lease-000-000000", (old, old))
+    done = subprocess.run([sys.executable, "-m", "ddaug", "augment", str(photo_dir), "-o", str(out), *FAST,
+                           "--shard-size", "1", "--lease-timeout", "30", "--join"], capture_output=True, text=True,
+                          timeout=60, env={**os.environ, **ENV})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (out / "shard-000-000000.stats.json").exists()
