@@ -256,7 +256,8 @@ class OutputFolder:
     def sweep(self) -> None:
         """Remove temporary files no worker will use: those of committed units (after putting the
         unit's tar in place, should its committer have died first), and those of dead processes
-        of this host. Another host's files of an unfinished unit stay: that worker may be alive."""
+        of this host (shards, summaries, leases, worker files, plans, probes). Another host's
+        files of an unfinished unit stay: that worker may be alive."""
         names = self._names()
         markers = {m["round"] + "-" + m["index"] for n in names
                    if (m := self._own.match(n)) and m["ext"] == STATS_SUFFIX}
@@ -274,6 +275,8 @@ class OutputFolder:
                     self._remove(name)
             elif (m := _SUMMARY_TMP_RE.match(name)) and work.token_is_dead(self.path, m["token"]):
                 self._remove(name)
+            elif (token := work.temporary_token(name)) and work.token_is_dead(self.path, token):
+                self._remove(name)  # a lease's, worker file's or plan's copy, or a probe, of a dead process
             elif name.startswith(work.LEASE_PREFIX) and name[len(work.LEASE_PREFIX):] in markers:
                 self._remove(name)  # a lease on a committed unit: its holder died before letting go
 

@@ -51,6 +51,10 @@ WORKER_PREFIX = ".worker-"
 _LEASE_RE = re.compile(rf"^\.lease-(?P<unit>\d{{3}}-\d{{6}})(?:\.stale-{TOKEN_PATTERN})?$")
 _WORKER_RE = re.compile(rf"^\.worker-(?P<id>{TOKEN_PATTERN})\.json(?:\.tmp-{TOKEN_PATTERN})?$")
 _PLAN_TMP_RE = re.compile(rf"^plan-\d{{3}}\.json\.tmp-{TOKEN_PATTERN}$")
+# A process's temporary copies of the job's own files and its probes, named with its token: a
+# dead process's are removed by the next sweep (it was killed while writing one).
+_PROCESS_TMP_RE = re.compile(rf"^(?:(?:\.lease-\d{{3}}-\d{{6}}|\.worker-{TOKEN_PATTERN}\.json|plan-\d{{3}}\.json)"
+                             rf"\.tmp-|\.clock-|\.links-)(?P<token>{TOKEN_PATTERN})(?:\.2)?$")
 
 
 class PlanError(Exception):
@@ -83,7 +87,14 @@ class Unit:
 
 def is_own_file(name: str) -> bool:
     """Plan, lease and worker files (and their temporary copies): what --overwrite removes."""
-    return bool(PLAN_RE.match(name) or _PLAN_TMP_RE.match(name) or _LEASE_RE.match(name) or _WORKER_RE.match(name))
+    return bool(PLAN_RE.match(name) or _PLAN_TMP_RE.match(name) or _LEASE_RE.match(name) or _WORKER_RE.match(name)
+                or _PROCESS_TMP_RE.match(name))
+
+
+def temporary_token(name: str) -> str | None:
+    """The token of the process that made this temporary job file or probe, else None."""
+    m = _PROCESS_TMP_RE.match(name)
+    return m["token"] if m else None
 
 
 def link_exclusive(path: str, data: bytes) -> bool:
@@ -116,13 +127,21 @@ def folder_now(folder: str) -> float:
 
 
 def _alive(pid: int) -> bool:
+    """Whether pid runs on this host. A killed process its parent has not reaped yet (a zombie,
+    e.g. under a launcher that waits for its other children first) still answers a signal, but
+    will never renew a lease or finish a file: it counts as gone."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0]  # the field after the command name
+    except (OSError, IndexError):  # no /proc (macOS) or it just went: the signal's answer stands
+        return True
+    return state not in (b"Z", b"X")
 
 
 HOST = socket.gethostname()

@@ -108,7 +108,9 @@ def test_workers_killed_at_random_and_one_joining_late_write_what_one_writes(tmp
     inp, ref = mixed
     out = tmp_path / "out"
     rnd = random.Random(os.environ.get("DDAUG_TEST_SEED", "elastic"))
-    args = ["augment", inp, "-o", out, *ARGS, "--join", "--lease-timeout", "5"]
+    # A killed worker on this host is seen dead at once; the long timeout keeps a live worker's
+    # lease from expiring on a machine too busy to run its heartbeat thread on time.
+    args = ["augment", inp, "-o", out, *ARGS, "--join", "--lease-timeout", "60"]
     procs = [_start(*args, log=tmp_path / f"w{i}.log") for i in range(4)]
     victims = rnd.sample(range(4), 2)
     for v in victims:  # each at a random moment once it holds a unit (or once the job is over)
@@ -219,9 +221,11 @@ def test_caption_openai_workers_killed_and_joining(tmp_path, business):
         ref = tmp_path / "ref"
         invoke(*common[:2], "-o", ref, *common[2:])
         out = tmp_path / "out"
-        args = [*common, "-o", out, "--join", "--lease-timeout", "5"]
+        args = [*common, "-o", out, "--join", "--lease-timeout", "60"]
         procs = [_start(*args, log=tmp_path / f"w{i}.log") for i in range(3)]
         _wait(lambda: _leases_of(out, procs[1].pid) or procs[1].poll() is not None)
+        # Not reaped until the end (a zombie, as under a launcher that waits for its other
+        # children first): the others must see it gone at once, its lease and its files too.
         procs[1].kill()
         late = _start(*args, log=tmp_path / "late.log")
         for i, p in enumerate([procs[0], procs[2], late]):
