@@ -35,7 +35,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import checkout  # noqa: E402,F401  (ddaug from this checkout, installed or not)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from results import emit  # noqa: E402
+from results import emit, run_ddaug  # noqa: E402
 
 ANSWER = ("The image shows a product photo on a plain background, with soft studio light and a "
           "small caption in the lower corner.")
@@ -130,17 +130,9 @@ def run_client(in_dir: str, out_dir: str, api_base: str, concurrency: int, shard
     cmd = [sys.executable, "-c", RSS_WRAPPER, "-v", "caption", in_dir, "-o", out_dir, "--backend", "openai",
            "--api-base", api_base, "--vlm", "sim", "--concurrency", str(concurrency), "--shard-size",
            str(shard_size), "-q", *extra]
-    env = dict(os.environ, NO_PROXY="127.0.0.1", no_proxy="127.0.0.1")  # ddaug as installed (or PYTHONPATH)
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    wall = time.perf_counter() - t0
-    out = proc.stdout + proc.stderr
-    if proc.returncode != 0:
-        raise SystemExit(f"ddaug failed ({proc.returncode}):\n{out[-3000:]}")
-    m = re.search(r"done (\d+), .*? in ([\d.]+)s", out)
+    out, wall, done, seconds, where = run_ddaug(cmd)
     rss = int(re.search(r"PEAK_RSS_KB (\d+)", out).group(1))
-    where = re.search(r"where the time went: (.*)", out)
-    return int(m.group(1)), float(m.group(2)), wall, rss, where.group(1).strip() if where else ""
+    return done, seconds, wall, rss, where
 
 
 def downsize_cpu(results: str | None, passes: int = 25) -> None:

@@ -17,7 +17,6 @@ import datetime
 import json
 import os
 import platform
-import re
 import shutil
 import socket
 import subprocess
@@ -27,7 +26,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from results import emit  # noqa: E402
+from results import emit, run_ddaug  # noqa: E402
 
 ANSWER = ("The picture shows a cat sitting on a red sofa near the window, with a cup of coffee on the "
           "table and a blue sky outside; the light is soft and the room looks calm and quiet in the morning.")
@@ -74,16 +73,8 @@ def make_dataset(folder: str, n: int) -> str:
 def run_client(dataset: str, out: str, api_base: str, concurrency: int) -> tuple[int, float, float, str]:
     cmd = [sys.executable, "-m", "ddaug", "-v", "translate", dataset, "-o", out, "--to", "zh", "--model", "sim",
            "--api-base", api_base, "--concurrency", str(concurrency), "-q"]
-    env = dict(os.environ, NO_PROXY="127.0.0.1", no_proxy="127.0.0.1")
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    wall = time.perf_counter() - t0
-    text = proc.stdout + proc.stderr
-    if proc.returncode != 0:
-        raise SystemExit(f"ddaug failed ({proc.returncode}):\n{text[-3000:]}")
-    m = re.search(r"done (\d+), .*? in ([\d.]+)s", text)
-    where = re.search(r"where the time went: (.*)", text)
-    return int(m.group(1)), float(m.group(2)), wall, where.group(1).strip() if where else ""
+    _, wall, done, seconds, where = run_ddaug(cmd)
+    return done, seconds, wall, where
 
 
 def main() -> None:
