@@ -213,6 +213,24 @@ def business(tmp_path, photos):
     return d
 
 
+def test_a_killed_worker_not_yet_reaped_is_gone_at_once(tmp_path, mixed):
+    """A worker killed while its parent has not reaped it (a zombie: it still answers a signal)
+    holds nothing: a plain rerun is not told to --join it, takes its unit at once (the lease
+    timeout is an hour) and leaves none of its temporary files."""
+    inp, ref = mixed
+    out = tmp_path / "out"
+    args = ["augment", inp, "-o", out, *ARGS, "--lease-timeout", "3600"]
+    victim = _start(*args, log=tmp_path / "victim.log", env_extra={"DDAUG_STOP_AT": "tar-write:1"})
+    assert _wait(lambda: _stopped(victim.pid)), (tmp_path / "victim.log").read_text()
+    assert _leases_of(out, victim.pid)
+    victim.kill()  # not waited for yet: a zombie
+    assert _wait(lambda: open(f"/proc/{victim.pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z")
+    rerun = _start(*args, log=tmp_path / "rerun.log")
+    assert rerun.wait(timeout=300) == 0, (tmp_path / "rerun.log").read_text()
+    victim.wait()
+    _assert_like_one_worker(out, ref)
+
+
 def test_caption_openai_workers_killed_and_joining(tmp_path, business):
     answer = lambda image, text, n: Reply(f"A picture {image.width} pixels wide.")  # noqa: E731
     with ChatServer(answer, model="m", parallel=True) as srv:
